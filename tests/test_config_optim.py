@@ -1,0 +1,75 @@
+"""TrainConfig validation and the learning-rate schedules."""
+import math
+
+import pytest
+
+from trainer_core.config import TrainConfig
+from trainer_core.optim import learning_rate
+
+PATHS = dict(transformer_path="t.safetensors", vae_path="ae.safetensors", clip_path="clip_l.safetensors",
+             t5_path="t5.safetensors", dataset_dir="data")
+
+
+def config(**kw):
+    return TrainConfig(**{**PATHS, **kw})
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("rank", 0, "rank: 0"),
+    ("learning_rate", 0.0, "learning_rate: 0.0"),
+    ("learning_rate", float("nan"), "learning_rate: nan"),
+    ("total_steps", 0, "total_steps: 0"),
+    ("resolutions", "512,700", "resolutions: 700 is not a positive multiple of 64"),
+    ("resolutions", "512,abc", "resolutions: '512,abc' is not a list of whole numbers"),
+    ("optimizer", "sgd", "optimizer: 'sgd'; choose one of"),
+    ("timestep_sampling", "cosmic", "timestep_sampling: 'cosmic'"),
+    ("output_name", "../escape", "output_name: '../escape' cannot be a file name"),
+    ("output_name", "a/b", "output_name: 'a/b' cannot be a file name"),
+    ("output_name", "bad:name", "output_name: 'bad:name' cannot be a file name"),
+    ("dataset_dir", "", "dataset_dir: empty"),
+])
+def test_bad_settings_name_the_field(field, value, message):
+    with pytest.raises(ValueError, match=None) as e:
+        config(**{field: value})
+    assert message in str(e.value)
+
+
+def test_unknown_keys_are_rejected():
+    with pytest.raises(ValueError, match="unknown setting.*learning_rat\\b"):
+        TrainConfig.from_dict({**PATHS, "learning_rat": 1e-4})
+
+
+def test_resolutions_parse_from_text():
+    assert config(resolutions="512, 768,1024").resolutions == (512, 768, 1024)
+    assert config(resolutions=1024).resolutions == (1024,)
+
+
+def test_toml_paths_are_relative_to_the_file(tmp_path):
+    (tmp_path / "run.toml").write_text('\n'.join(f'{k} = "{v}"' for k, v in PATHS.items()) + '\nrank = 4\n')
+    cfg = TrainConfig.from_toml(tmp_path / "run.toml")
+    assert cfg.rank == 4 and cfg.dataset_dir == str(tmp_path / "data")
+
+
+def test_warmup_then_constant():
+    cfg = config(learning_rate=1e-3, warmup_steps=4)
+    lrs = [learning_rate(s, cfg) for s in range(8)]
+    assert lrs[:4] == sorted(lrs[:4]) and lrs[0] < lrs[3] < 1e-3
+    assert lrs[4:] == [1e-3] * 4
+
+
+def test_cosine_reaches_its_floor_and_holds_it():
+    cfg = config(learning_rate=1.0, lr_schedule="cosine", total_steps=100, min_lr_ratio=0.1)
+    lrs = [learning_rate(s, cfg) for s in range(150)]
+    assert lrs[0] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+    assert lrs[100] == pytest.approx(0.1) and lrs[149] == pytest.approx(0.1)
+
+
+def test_cosine_restarts_and_cyclic_go_back_up():
+    for schedule in ("cosine_restarts", "cyclic"):
+        cfg = config(learning_rate=1.0, lr_schedule=schedule, total_steps=90, lr_cycles=3)
+        lrs = [learning_rate(s, cfg) for s in range(90)]
+        rises = sum(1 for a, b in zip(lrs, lrs[1:]) if b > a + 1e-6)
+        assert rises >= 2, schedule
+        assert min(lrs) < 0.05 and max(lrs) == pytest.approx(1.0)
+        assert all(math.isfinite(x) for x in lrs)

@@ -1,0 +1,111 @@
+"""The loop really trains, resumes exactly, and never loses a good state to a bad step."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from trainer_core import lora
+from trainer_core.checkpoints import load_training_state
+from trainer_core.demo import demo_config, write_demo_dataset
+from trainer_core.plan import mean_losses
+from trainer_core.trainer import NonFiniteLossError, Trainer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    return write_demo_dataset(tmp_path_factory.mktemp("data"), count=2, size=64)
+
+
+def make_trainer(tiny_flux, dataset, tmp_path, **changes):
+    config = demo_config(tiny_flux, dataset, tmp_path / "out", steps=100).replace(resolutions=(64,), **changes)
+    return Trainer.from_config(config)
+
+
+def test_overfitting_two_images_brings_the_loss_down(tiny_flux, dataset, tmp_path):
+    trainer = make_trainer(tiny_flux, dataset, tmp_path, learning_rate=3e-3, lr_schedule="constant", warmup_steps=0)
+    trainer.train(160)
+    first, last = mean_losses(trainer.losses)
+    assert last < 0.7 * first, (first, last)
+
+
+def test_snapshot_restore_continues_exactly(tiny_flux, dataset, tmp_path):
+    straight = make_trainer(tiny_flux, dataset, tmp_path)
+    straight.train(6)
+
+    split = make_trainer(tiny_flux, dataset, tmp_path)
+    split.train(3)
+    state = split.snapshot()
+    split.train(2)  # wander off, then come back
+    split.restore(state)
+    split.train(3)
+
+    assert split.step == straight.step == 6
+    assert split.losses == pytest.approx(straight.losses, rel=1e-5)
+    for k, v in lora.lora_state(straight.transformer).items():
+        torch.testing.assert_close(lora.lora_state(split.transformer)[k], v)
+
+
+def test_a_failing_step_leaves_no_trace(tiny_flux, dataset, tmp_path, monkeypatch):
+    trainer = make_trainer(tiny_flux, dataset, tmp_path)
+    trainer.train(2)
+    before = trainer.snapshot()
+
+    monkeypatch.setattr(trainer, "_loss", lambda batch: torch.tensor(float("nan"), requires_grad=True))
+    with pytest.raises(NonFiniteLossError, match="at step 3.*after step 2.*learning rate"):
+        trainer.train(5)
+    monkeypatch.undo()
+
+    assert trainer.step == 2 and trainer.cursor == before.cursor and len(trainer.losses) == 2
+    for k, v in before.lora.items():
+        assert torch.equal(lora.lora_state(trainer.transformer)[k], v)
+    # and it carries on as if nothing happened
+    reference = make_trainer(tiny_flux, dataset, tmp_path)
+    reference.train(4)
+    trainer.train(2)
+    assert trainer.losses == pytest.approx(reference.losses, rel=1e-5)
+
+
+def test_should_stop_stops_between_steps(tiny_flux, dataset, tmp_path):
+    trainer = make_trainer(tiny_flux, dataset, tmp_path)
+    done = trainer.train(10, should_stop=lambda: trainer.step >= 3)
+    assert done == 3 and trainer.step == 3
+
+
+def _cli_config(tiny_flux, dataset, folder: Path, steps: int) -> Path:
+    cfg = demo_config(tiny_flux, dataset, folder / "out", steps=8).replace(resolutions=(64,))
+    lines = []
+    for key, value in cfg.to_dict().items():
+        lines.append(f"{key} = {list(value) if isinstance(value, tuple) else repr(value).lower() if isinstance(value, bool) else repr(value)}")
+    lines += ["[plan]", f"steps = {steps}", "save_every = 3", "prompts = []"]
+    path = folder / "run.toml"
+    path.write_text("\n".join(lines).replace("'", '"'))
+    return path
+
+
+def _cli(*args):
+    proc = subprocess.run([sys.executable, "-m", "trainer_core", *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def test_save_load_in_a_new_process_continues_exactly(tiny_flux, dataset, tmp_path):
+    """N steps, save, a new process loads and does M more == N+M in one go (the CLI auto-resumes)."""
+    one_go = _cli_config(tiny_flux, dataset, tmp_path / "a", steps=6)
+    _cli("train", str(one_go))
+    interrupted = _cli_config(tiny_flux, dataset, tmp_path / "b", steps=3)
+    _cli("train", str(interrupted))
+    resumed = _cli_config(tiny_flux, dataset, tmp_path / "b", steps=6)
+    _cli("train", str(resumed))
+
+    a = load_file(tmp_path / "a/out/flux_tiny_demo_000006.safetensors")
+    b = load_file(tmp_path / "b/out/flux_tiny_demo_000006.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k].float(), b[k].float(), rtol=1e-4, atol=1e-6)
+    state, _ = load_training_state(tmp_path / "b/out/flux_tiny_demo_000006.state.safetensors")
+    assert state.step == 6 and len(state.losses) == 6

@@ -1,0 +1,165 @@
+"""Files that must never be half-written: atomic safetensors writes, and the training state on disk.
+
+A write goes to a temporary file in the destination folder, is fsynced, then renamed over the target, so a crash,
+a full disk or a cancel leaves the previous file intact and never a partial file under the real name.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+STATE_FORMAT = "flux-lora-trainer/state/1"
+STATE_SUFFIX = ".state.safetensors"
+_TMP_MARK = ".tmp-"
+
+
+def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
+    """Run `write(tmp_path)`, then fsync and rename tmp_path to `path`; on any failure `path` is untouched."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OSError(f"cannot create the folder {path.parent} for {path.name}: {e.strerror or e}; check the path and its permissions") from e
+    tmp = path.with_name(f".{path.name}{_TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise OSError(e.errno, f"could not write {path}: {e.strerror or e}; free disk space or fix the folder's permissions, "
+                                   "earlier files were left as they were") from e
+        raise
+    try:  # make the rename itself durable
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError:
+        pass  # some filesystems (Windows, network mounts) cannot fsync a folder; the rename is still atomic
+    return path
+
+
+def save_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> Path:
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+
+
+def file_fingerprint(path: str | Path) -> str:
+    """A quick identity for a model file: sha256 of its safetensors header and size (hashing 20 GB would take minutes)."""
+    path = Path(path)
+    h = hashlib.sha256()
+    if path.is_dir():
+        for p in sorted(path.rglob("*")):
+            if p.is_file() and p.suffix in (".json", ".safetensors"):
+                h.update(p.name.encode())
+                h.update(_header_bytes(p) if p.suffix == ".safetensors" else p.read_bytes())
+    else:
+        h.update(_header_bytes(path))
+        h.update(str(path.stat().st_size).encode())
+    return h.hexdigest()[:16]
+
+
+def _header_bytes(path: Path) -> bytes:
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        return f.read(min(n, 100_000_000))
+
+
+@dataclass
+class TrainingState:
+    """Everything a run needs to continue exactly: LoRA, optimizer, RNG, data position, history."""
+
+    step: int
+    epoch: int
+    cursor: int  # index of the next batch within the epoch's order
+    lora: dict[str, torch.Tensor]
+    optimizer: dict
+    rng: dict[str, torch.Tensor]
+    losses: list[float]
+    lrs: list[float]
+    fingerprint: dict[str, str]  # settings that must match to resume (rank, blocks, base architecture, ...)
+    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+    def clone(self) -> "TrainingState":
+        return copy.deepcopy(self)
+
+
+def save_training_state(path: str | Path, state: TrainingState, config: dict | None = None) -> Path:
+    tensors = {f"lora.{k}": v for k, v in state.lora.items()}
+    tensors.update({f"rng.{k}": v for k, v in state.rng.items()})
+    scalars = {}
+    for pid, values in state.optimizer["state"].items():
+        for name, value in values.items():
+            if torch.is_tensor(value):
+                tensors[f"optimizer.{pid}.{name}"] = value
+            else:
+                scalars[f"{pid}.{name}"] = value
+    header = {
+        "step": state.step, "epoch": state.epoch, "cursor": state.cursor, "id": state.id,
+        "losses": state.losses, "lrs": state.lrs, "fingerprint": state.fingerprint,
+        "param_groups": state.optimizer["param_groups"], "optimizer_scalars": scalars, "config": config or {},
+    }
+    return save_safetensors(path, tensors, {"format": STATE_FORMAT, "state": json.dumps(header)})
+
+
+def load_training_state(path: str | Path) -> tuple[TrainingState, dict]:
+    """-> (state, the config dict it was saved with). Raises ValueError naming the file if it is not a state file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"training state {path} does not exist; pick a *{STATE_SUFFIX} file written by SaveCheckpoint")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            if meta.get("format") != STATE_FORMAT:
+                raise ValueError(f"{path} is not a training state of this trainer (a LoRA file?); pick a *{STATE_SUFFIX} file")
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except SafetensorError as e:
+        raise ValueError(f"{path} is damaged or incomplete ({e}); pick an earlier state file") from e
+    header = json.loads(meta["state"])
+    opt_state: dict[int, dict] = {}
+    for key, value in tensors.items():
+        if key.startswith("optimizer."):
+            _, pid, name = key.split(".", 2)
+            opt_state.setdefault(int(pid), {})[name] = value
+    for key, value in header["optimizer_scalars"].items():
+        pid, name = key.split(".", 1)
+        opt_state.setdefault(int(pid), {})[name] = value
+    state = TrainingState(
+        step=header["step"], epoch=header["epoch"], cursor=header["cursor"], id=header["id"],
+        lora={k[5:]: v for k, v in tensors.items() if k.startswith("lora.")},
+        rng={k[4:]: v for k, v in tensors.items() if k.startswith("rng.")},
+        optimizer={"state": opt_state, "param_groups": header["param_groups"]},
+        losses=header["losses"], lrs=header["lrs"], fingerprint=header["fingerprint"],
+    )
+    return state, header["config"]
+
+
+def latest_state_file(folder: str | Path, stem: str) -> Path | None:
+    """The newest complete state file `<stem>_<step>.state.safetensors` in `folder`; temporary files never match."""
+    best, best_step = None, -1
+    for p in Path(folder).glob(f"{stem}*{STATE_SUFFIX}"):
+        if p.name.startswith("."):
+            continue
+        try:
+            with safe_open(str(p), framework="pt") as f:
+                meta = f.metadata() or {}
+            step = json.loads(meta["state"])["step"] if meta.get("format") == STATE_FORMAT else -1
+        except (SafetensorError, KeyError, ValueError, OSError):
+            continue  # damaged: skip it and fall back to an older one
+        if step > best_step:
+            best, best_step = p, step
+    return best

@@ -1,0 +1,81 @@
+"""Command line: `python -m trainer_core train CONFIG.toml` and `python -m trainer_core demo`."""
+from __future__ import annotations
+
+import argparse
+import logging
+import resource
+import sys
+import time
+from pathlib import Path
+
+log = logging.getLogger("trainer_core")
+
+
+def _train(args) -> None:
+    import tomllib
+
+    from .checkpoints import latest_state_file, load_training_state
+    from .config import TrainConfig
+    from .plan import RunPlan, execute
+    from .trainer import Trainer
+
+    path = Path(args.config)
+    values = tomllib.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    plan = RunPlan.from_dict(values.pop("plan", {}))
+    config = TrainConfig.from_toml(path)  # validates (and names) every setting before any model loads
+    if args.resume:
+        resume = Path(args.resume)
+    else:  # after a crash or a cancel, pick up from the newest complete state instead of starting over
+        resume = None if args.fresh else latest_state_file(config.output_dir, config.output_name)
+    trainer = Trainer.from_config(config)
+    if resume is not None:
+        state, _ = load_training_state(resume)
+        trainer.restore(state)
+        log.info("resumed from %s at step %d", resume, trainer.step)
+    result = execute(trainer, plan)
+    for p in result.loras:
+        print(f"LoRA: {p}")
+    print(f"loss plot: {result.loss_plot}")
+    if result.grid:
+        print(f"XY grid: {result.grid}")
+
+
+def _demo(args) -> None:
+    from .demo import run_demo
+    from .plan import mean_losses
+
+    t0 = time.perf_counter()
+    trainer, result = run_demo(args.out, steps=args.steps)
+    first, last = mean_losses(trainer.losses)
+    print(f"\ndemo finished in {time.perf_counter() - t0:.1f} s, peak memory "
+          f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
+    print(f"mean loss of the first 20 steps {first:.4f}, of the last 20 steps {last:.4f}")
+    for p in result.loras:
+        print(f"LoRA checkpoint: {p}")
+    print(f"training state:  {result.states[-1]}")
+    print(f"samples:         {Path(result.samples[0]).parent}")
+    print(f"loss plot:       {result.loss_plot}")
+    print(f"XY grid:         {result.grid}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m trainer_core", description="Flux.1 LoRA trainer")
+    sub = parser.add_subparsers(dest="command", required=True)
+    train = sub.add_parser("train", help="train from a TOML config (TrainConfig fields at top level, a [plan] table)")
+    train.add_argument("config")
+    train.add_argument("--resume", help="a *.state.safetensors file to continue from (default: the newest in output_dir)")
+    train.add_argument("--fresh", action="store_true", help="ignore saved states and start from step 0")
+    train.set_defaults(run=_train)
+    demo = sub.add_parser("demo", help="train a tiny random Flux on a generated dataset, end to end, on the CPU")
+    demo.add_argument("--out", default="demo_output", help="folder for the model, data and results")
+    demo.add_argument("--steps", type=int, default=200)
+    demo.set_defaults(run=_demo)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        args.run(args)
+    except (ValueError, FileNotFoundError) as e:
+        # a user's mistake: the message says what and where; a traceback would only hide it
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0

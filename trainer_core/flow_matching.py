@@ -1,0 +1,86 @@
+"""Flow-matching math for Flux: latent packing, position ids, timestep sampling, the noisy input and its target.
+
+Kept apart from the model (diffusers' transformer is architecture only) and from the loop, so sampling and
+training share one definition of every formula.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+TIMESTEP_SAMPLINGS = ("shift", "sigmoid", "logit_normal", "uniform")
+
+
+def pack_latents(latents: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) latents -> (B, H/2 * W/2, C*4) tokens of 2x2 patches, as Flux consumes them."""
+    b, c, h, w = latents.shape
+    x = latents.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
+    return x.reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def unpack_latents(tokens: torch.Tensor, latent_height: int, latent_width: int) -> torch.Tensor:
+    """Inverse of `pack_latents`: (B, H/2 * W/2, C*4) -> (B, C, H, W)."""
+    b, _, d = tokens.shape
+    x = tokens.view(b, latent_height // 2, latent_width // 2, d // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
+    return x.reshape(b, d // 4, latent_height, latent_width)
+
+
+def image_ids(latent_height: int, latent_width: int, device=None, dtype=torch.float32) -> torch.Tensor:
+    """(H/2 * W/2, 3) rotary position ids of the packed image tokens: (0, row, column)."""
+    h, w = latent_height // 2, latent_width // 2
+    ids = torch.zeros(h, w, 3, device=device, dtype=dtype)
+    ids[..., 1] += torch.arange(h, device=device, dtype=dtype)[:, None]
+    ids[..., 2] += torch.arange(w, device=device, dtype=dtype)[None, :]
+    return ids.reshape(h * w, 3)
+
+
+def text_ids(sequence_length: int, device=None, dtype=torch.float32) -> torch.Tensor:
+    """(L, 3) position ids of the text tokens: all zero in Flux."""
+    return torch.zeros(sequence_length, 3, device=device, dtype=dtype)
+
+
+def sample_sigmas(
+    batch_size: int,
+    method: str,
+    generator: torch.Generator | None = None,
+    shift: float = 3.1582,
+    sigmoid_scale: float = 1.0,
+    logit_mean: float = 0.0,
+    logit_std: float = 1.0,
+) -> torch.Tensor:
+    """Training noise levels sigma in (0, 1), one per sample.
+
+    `shift` warps a sigmoid-of-normal draw toward high noise the way kohya's `shift` mode does
+    (sigma' = shift * s / (1 + (shift - 1) * s)); `logit_normal` is SD3's; `uniform` is the plain baseline.
+    """
+    if method == "uniform":
+        return torch.rand(batch_size, generator=generator)
+    if method == "logit_normal":
+        return torch.sigmoid(torch.randn(batch_size, generator=generator) * logit_std + logit_mean)
+    s = torch.sigmoid(sigmoid_scale * torch.randn(batch_size, generator=generator))
+    if method == "sigmoid":
+        return s
+    if method == "shift":
+        return shift * s / (1 + (shift - 1) * s)
+    raise ValueError(f"timestep_sampling: unknown method {method!r}; choose one of {', '.join(TIMESTEP_SAMPLINGS)}")
+
+
+def noisy_input_and_target(x0: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor):
+    """Rectified-flow interpolation x_t = (1 - sigma) x0 + sigma noise; the model predicts the velocity noise - x0."""
+    s = sigmas.view(-1, *([1] * (x0.dim() - 1))).to(x0.dtype)
+    return (1 - s) * x0 + s * noise, noise - x0
+
+
+def resolution_shift_mu(image_seq_len: int, base_seq_len=256, max_seq_len=4096, base_shift=0.5, max_shift=1.15) -> float:
+    """Flux's resolution-dependent shift: mu grows linearly with the number of image tokens."""
+    m = (max_shift - base_shift) / (max_seq_len - base_seq_len)
+    return image_seq_len * m + (base_shift - m * base_seq_len)
+
+
+def sampling_sigmas(num_steps: int, image_seq_len: int) -> torch.Tensor:
+    """num_steps + 1 decreasing noise levels from 1 to 0 for Euler sampling, time-shifted as Flux-dev does."""
+    mu = resolution_shift_mu(image_seq_len)
+    t = torch.linspace(1.0, 0.0, num_steps + 1)
+    shifted = math.exp(mu) / (math.exp(mu) + (1 / t[:-1] - 1))
+    return torch.cat([shifted, torch.zeros(1)])

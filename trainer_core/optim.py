@@ -1,0 +1,68 @@
+"""Optimizers and learning-rate schedules.
+
+The learning rate is a pure function of the step (as in nanoGPT's `get_lr`), so a resumed run needs only the step
+to be back on its schedule, and no scheduler object has to be saved.
+"""
+from __future__ import annotations
+
+import math
+from typing import Iterable
+
+import torch
+
+from .config import TrainConfig
+
+
+def learning_rate(step: int, config: TrainConfig) -> float:
+    """LR for optimizer step `step` (0-based): linear warmup, then the chosen schedule over `total_steps`.
+
+    Past `total_steps` the schedule holds its final value, so training on beyond the plan never errors.
+    """
+    peak = config.learning_rate
+    if step < config.warmup_steps:
+        return peak * (step + 1) / (config.warmup_steps + 1)
+    if config.lr_schedule == "constant":
+        return peak
+    span = max(1, config.total_steps - config.warmup_steps)
+    progress = min(1.0, (step - config.warmup_steps) / span)  # 0 -> 1 over the schedule
+    floor = peak * config.min_lr_ratio
+    if config.lr_schedule == "cosine":
+        phase = progress  # half a cosine: peak down to the floor
+    elif config.lr_schedule == "cosine_restarts":
+        phase = 1.0 if progress >= 1.0 else (progress * config.lr_cycles) % 1.0
+    else:  # cyclic: a whole cosine period per cycle, down to the floor and back up
+        phase = 2.0 * ((progress * config.lr_cycles) % 1.0)
+    return floor + (peak - floor) * 0.5 * (1.0 + math.cos(math.pi * phase))
+
+
+def make_optimizer(params: Iterable[torch.nn.Parameter], config: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+    params = list(params)
+    lr, wd = config.learning_rate, config.weight_decay
+    if config.optimizer == "adamw":
+        # the fused kernel is one launch for all parameters; it exists for CUDA and CPU alike in torch >= 2.4
+        fused = all(p.dtype in (torch.float32, torch.bfloat16, torch.float16) for p in params)
+        return torch.optim.AdamW(params, lr=lr, weight_decay=wd, fused=fused)
+    if config.optimizer == "adamw8bit":
+        try:
+            import bitsandbytes as bnb
+        except ImportError as e:
+            raise ValueError(
+                "optimizer: adamw8bit needs the bitsandbytes package (pip install bitsandbytes, CUDA only); "
+                "or choose adamw or adafactor"
+            ) from e
+        if device.type != "cuda":
+            raise ValueError("optimizer: adamw8bit runs on CUDA GPUs only; choose adamw or adafactor on this device")
+        return bnb.optim.AdamW8bit(params, lr=lr, weight_decay=wd)
+    if config.optimizer == "adafactor":
+        from transformers.optimization import Adafactor
+
+        # an explicit LR (no relative step) so our schedule drives it like the others
+        return Adafactor(params, lr=lr, weight_decay=wd, scale_parameter=False, relative_step=False, warmup_init=False)
+    from prodigyopt import Prodigy
+
+    return Prodigy(params, lr=lr, weight_decay=wd)
+
+
+def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr

@@ -1,0 +1,104 @@
+"""What a run does around the loop: train in stretches, save after each, sample, plot, and draw the XY grid.
+
+The CLI's `train` and `demo` both go through `execute`, so a config file and the demo behave alike.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tqdm import tqdm
+
+from . import plots
+from .checkpoints import STATE_SUFFIX, atomic_write
+from .trainer import StepInfo, Trainer, strength_grid
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    steps: int = 3000  # train until the run has done this many steps in all
+    save_every: int = 750  # a LoRA file, a sample and a grid row every this many steps
+    save_state: bool = True  # also write the full training state at each save, to resume from
+    prompts: tuple[str, ...] = ()  # validation prompts; the grid uses the first
+    strengths: tuple[float, ...] = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
+    sample_steps: int = 20
+    sample_guidance: float = 3.5
+    sample_width: int = 512
+    sample_height: int = 512
+    sample_seed: int = 0
+    validation_base: str = ""  # "" = the training base
+
+    def __post_init__(self):
+        object.__setattr__(self, "prompts", tuple(self.prompts))
+        object.__setattr__(self, "strengths", tuple(float(s) for s in self.strengths))
+        if self.steps < 1:
+            raise ValueError(f"plan.steps: {self.steps}; use 1 or more")
+        if self.save_every < 1:
+            raise ValueError(f"plan.save_every: {self.save_every}; use 1 or more (e.g. 750)")
+        for name in ("sample_width", "sample_height"):
+            if getattr(self, name) % 16:
+                raise ValueError(f"plan.{name}: {getattr(self, name)} is not a multiple of 16")
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "RunPlan":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"[plan]: unknown setting(s) {', '.join(unknown)}; valid: {', '.join(sorted(known))}")
+        return cls(**values)
+
+
+@dataclass
+class RunResult:
+    loras: list[Path] = field(default_factory=list)
+    states: list[Path] = field(default_factory=list)
+    samples: list[Path] = field(default_factory=list)
+    loss_plot: Path | None = None
+    grid: Path | None = None
+
+
+def execute(trainer: Trainer, plan: RunPlan) -> RunResult:
+    cfg = trainer.config
+    out = Path(cfg.output_dir)
+    result = RunResult()
+    checkpoints: list[tuple[int, dict]] = []
+    sample = dict(seed=plan.sample_seed, steps=plan.sample_steps, guidance=plan.sample_guidance,
+                  width=plan.sample_width, height=plan.sample_height, base_path=plan.validation_base or None)
+    with tqdm(total=plan.steps, initial=min(trainer.step, plan.steps), desc="training", unit="step") as bar:
+        while trainer.step < plan.steps:
+            next_save = (trainer.step // plan.save_every + 1) * plan.save_every
+            trainer.train(min(next_save, plan.steps) - trainer.step, on_step=lambda info: _advance(bar, info))
+            stem = f"{cfg.output_name}_{trainer.step:06d}"
+            result.loras.append(trainer.save_lora(out / f"{stem}.safetensors"))
+            state = trainer.snapshot()
+            if plan.save_state:
+                result.states.append(trainer.save_state(out / f"{stem}{STATE_SUFFIX}", state))
+            checkpoints.append((trainer.step, state.lora))
+            for i, image in enumerate(trainer.sample(plan.prompts, **sample) if plan.prompts else []):
+                result.samples.append(save_png(image, out / "samples" / f"{stem}_{i}.png"))
+    result.loss_plot = out / f"{cfg.output_name}_loss.png"
+    plots.loss_plot(trainer.losses, trainer.lrs, [s for s, _ in checkpoints], path=result.loss_plot)
+    if plan.prompts and checkpoints:
+        grid = strength_grid(trainer, checkpoints, plan.strengths, plan.prompts[0], **sample)
+        result.grid = save_png(grid, out / f"{cfg.output_name}_xy_grid.png")
+    return result
+
+
+def save_png(image, path: Path) -> Path:
+    return atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
+
+
+def mean_losses(losses: list[float], window: int = 20) -> tuple[float, float]:
+    """(mean of the first `window` losses, mean of the last `window`): the figure that says training worked."""
+    window = max(1, min(window, len(losses) // 2))
+    return sum(losses[:window]) / window, sum(losses[-window:]) / window
+
+
+def _advance(bar: tqdm, info: StepInfo) -> None:
+    bar.set_postfix(loss=f"{info.loss:.4f}", lr=f"{info.lr:.2e}", refresh=False)
+    bar.update(1)

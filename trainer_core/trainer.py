@@ -1,0 +1,354 @@
+"""The training run: models, cached data, LoRA and optimizer, and a loop that reads top to bottom.
+
+A `Trainer` owns the live state of one run. `snapshot()` copies that state out and `restore()` puts a copy back,
+which is what lets ComfyUI re-run a loop from any earlier point and what makes save / load / continue exact.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from . import caching, data, lora, models, plots, sampling
+from .checkpoints import TrainingState, file_fingerprint, save_training_state
+from .config import TrainConfig
+from .flow_matching import image_ids, noisy_input_and_target, pack_latents, sample_sigmas, text_ids
+from .optim import learning_rate, make_optimizer, set_learning_rate
+
+log = logging.getLogger(__name__)
+
+# the fields a saved state must agree on with the run it is restored into
+_FINGERPRINT_FIELDS = ("rank", "alpha", "blocks", "optimizer", "batch_size", "gradient_accumulation", "seed")
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; the LoRA weights are those of the last good step."""
+
+
+@dataclass
+class StepInfo:
+    step: int  # optimizer steps done so far in the run
+    loss: float
+    lr: float
+    seconds: float  # wall time of this step
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device: {name!r} but no CUDA GPU is available; use 'auto' or 'cpu'")
+    return device
+
+
+class Trainer:
+    def __init__(self, config: TrainConfig, transformer, vae, text_encoders, dataset: caching.CachedDataset, device=None):
+        self.config = config
+        self.device = torch.device(device) if device is not None else resolve_device(config.device)
+        self.dtype = torch.bfloat16 if config.mixed_precision == "bf16" else torch.float32
+        self.vae = vae
+        self.text_encoders = text_encoders
+        self.dataset = dataset
+        self._prompt_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._validation = None  # (path, transformer) of another base to judge samples on
+
+        torch.manual_seed(config.seed)  # LoRA init
+        lora.add_lora(transformer, config.rank, config.alpha, dropout=config.lora_dropout, blocks=config.blocks)
+        if config.gradient_checkpointing:
+            transformer.enable_gradient_checkpointing()
+        self.transformer = transformer.to(self.device)
+        self.params = lora.lora_parameters(transformer)
+        self.optimizer = make_optimizer(self.params, config, self.device)
+        # one CPU generator for noise, timesteps, flips and caption dropout: device-independent and saved with the state
+        self.generator = torch.Generator().manual_seed(config.seed)
+        self.step, self.epoch, self.cursor = 0, 0, 0
+        self.losses: list[float] = []
+        self.lrs: list[float] = []
+        self._order = data.batches(dataset.records, config.batch_size, config.seed, self.epoch)
+
+    # ------------------------------------------------------------------ construction from files
+    @classmethod
+    def from_config(cls, config: TrainConfig, on_progress: Callable[[str, int, int], None] | None = None) -> "Trainer":
+        device = resolve_device(config.device)
+        dtype = torch.bfloat16 if config.mixed_precision == "bf16" else torch.float32
+        records = data.scan_dataset(config.dataset_dir, config.trigger_word, config.resolutions, config.repeats)
+        text_encoders = models.load_text_encoders(
+            config.clip_path, config.t5_path, config.tokenizer_dir or None, dtype=dtype, device=device,
+            max_sequence_length=config.max_sequence_length,
+            clip_tokenizer_dir=config.clip_tokenizer_dir or None, t5_tokenizer_dir=config.t5_tokenizer_dir or None,
+        )
+        vae = models.load_vae(config.vae_path, dtype=dtype, device=device)
+        identity = "|".join([file_fingerprint(config.vae_path), file_fingerprint(config.clip_path),
+                             file_fingerprint(config.t5_path), str(dtype), str(config.max_sequence_length)])
+        dataset = caching.cache_dataset(
+            records, vae, text_encoders, cache_dir=config.cache_dir or None, flip=config.flip_augment,
+            encoder_identity=identity,
+            on_progress=(lambda done, total: on_progress("caching", done, total)) if on_progress else None,
+        )
+        # the encoders leave the GPU once the data is cached; they stay in RAM for validation prompts
+        vae.to("cpu"), text_encoders.to("cpu")
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        transformer = models.load_transformer(config.transformer_path, dtype=dtype, device="cpu", fp8_base=config.fp8_base)
+        return cls(config, transformer, vae, text_encoders, dataset, device)
+
+    # ------------------------------------------------------------------ the loop
+    def train(
+        self,
+        num_steps: int,
+        on_step: Callable[[StepInfo], None] | None = None,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> int:
+        """Run up to `num_steps` optimizer steps; returns how many were done.
+
+        A step either completes or leaves no trace: if it raises (a cancel, an error, a NaN loss) the data position
+        and random state are put back and the LoRA weights are those of the last completed step.
+        """
+        cfg = self.config
+        self.transformer.train()
+        done = 0
+        with torch.inference_mode(False), torch.enable_grad():
+            while done < num_steps:
+                if should_stop is not None and should_stop():
+                    break
+                t0 = time.perf_counter()
+                position = self._position()
+                try:
+                    lr = learning_rate(self.step, cfg)
+                    set_learning_rate(self.optimizer, lr)
+                    self.optimizer.zero_grad(set_to_none=True)
+                    loss_sum = torch.zeros((), device=self.device)
+                    for _ in range(cfg.gradient_accumulation):
+                        loss = self._loss(self._next_batch()) / cfg.gradient_accumulation
+                        loss.backward()
+                        loss_sum += loss.detach()
+                    if cfg.max_grad_norm > 0:
+                        torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
+                    # the one host sync per step: the progress display needs the loss, and a NaN must stop
+                    # the run before the optimizer writes it into the weights
+                    loss_value = loss_sum.item()
+                    if not math.isfinite(loss_value):
+                        raise NonFiniteLossError(
+                            f"the loss became {loss_value} at step {self.step + 1}; the LoRA was kept as it was after "
+                            f"step {self.step}. Likely causes: learning_rate {cfg.learning_rate:g} too high, or fp16 "
+                            "overflow; lower the learning rate or use mixed_precision bf16, then continue"
+                        )
+                    self.optimizer.step()
+                except BaseException:
+                    self.optimizer.zero_grad(set_to_none=True)
+                    self._set_position(position)
+                    raise
+                self.optimizer.zero_grad(set_to_none=True)
+                self.step += 1
+                done += 1
+                self.losses.append(loss_value)
+                self.lrs.append(lr)
+                if on_step is not None:
+                    on_step(StepInfo(self.step, loss_value, lr, time.perf_counter() - t0))
+        return done
+
+    def _next_batch(self) -> list[int]:
+        if self.cursor >= len(self._order):
+            self.epoch, self.cursor = self.epoch + 1, 0
+            self._order = data.batches(self.dataset.records, self.config.batch_size, self.config.seed, self.epoch)
+        batch = self._order[self.cursor]
+        self.cursor += 1
+        return batch
+
+    def _loss(self, batch: list[int]) -> torch.Tensor:
+        cfg, g = self.config, self.generator
+        n = len(batch)
+        flip = torch.rand(n, generator=g) < 0.5 if self.dataset.flipped else torch.zeros(n, dtype=torch.bool)
+        drop = torch.rand(n, generator=g) < cfg.caption_dropout
+        samples = [(self.dataset.flipped if f else self.dataset.samples)[i] for i, f in zip(batch, flip.tolist())]
+        empty_embeds, empty_pooled = self.dataset.empty_prompt
+        latents = torch.stack([s.latents for s in samples])  # (B, C, h, w), one bucket per batch
+        prompt_embeds = torch.stack([empty_embeds if d else s.prompt_embeds for s, d in zip(samples, drop.tolist())])
+        pooled = torch.stack([empty_pooled if d else s.pooled for s, d in zip(samples, drop.tolist())])
+
+        x0 = pack_latents(latents.float())  # (B, h/2 * w/2, C*4)
+        noise = torch.randn(x0.shape, generator=g)
+        sigmas = sample_sigmas(n, cfg.timestep_sampling, g, shift=cfg.timestep_shift)
+        x_t, target = noisy_input_and_target(x0, noise, sigmas)
+
+        dev, dt = self.device, self.dtype
+        h, w = latents.shape[-2:]
+        guidance = torch.full((n,), cfg.guidance, device=dev) if self.transformer.config.guidance_embeds else None
+        with torch.autocast(dev.type, dtype=dt, enabled=dt != torch.float32):
+            pred = self.transformer(
+                hidden_states=x_t.to(dev, dt),
+                encoder_hidden_states=prompt_embeds.to(dev, dt),
+                pooled_projections=pooled.to(dev, dt),
+                timestep=sigmas.to(dev, dt),
+                img_ids=image_ids(h, w, device=dev),
+                txt_ids=text_ids(prompt_embeds.shape[1], device=dev),
+                guidance=guidance,
+                return_dict=False,
+            )[0]
+        return F.mse_loss(pred.float(), target.to(dev).float())
+
+    # ------------------------------------------------------------------ state
+    def _position(self) -> tuple:
+        return self.epoch, self.cursor, self.generator.get_state(), torch.get_rng_state()
+
+    def _set_position(self, position: tuple) -> None:
+        epoch, cursor, gen_state, cpu_state = position
+        if epoch != self.epoch:
+            self._order = data.batches(self.dataset.records, self.config.batch_size, self.config.seed, epoch)
+        self.epoch, self.cursor = epoch, cursor
+        self.generator.set_state(gen_state)
+        torch.set_rng_state(cpu_state)
+
+    def fingerprint(self) -> dict[str, str]:
+        fp = {name: str(getattr(self.config, name)) for name in _FINGERPRINT_FIELDS}
+        tc = self.transformer.config
+        fp["architecture"] = f"{tc.num_layers}x{tc.num_single_layers}x{tc.num_attention_heads * tc.attention_head_dim}"
+        return fp
+
+    def snapshot(self) -> TrainingState:
+        rng = {"generator": self.generator.get_state(), "torch_cpu": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            rng["torch_cuda"] = torch.cuda.get_rng_state(self.device)
+        opt = self.optimizer.state_dict()
+        opt = {
+            "state": {pid: {k: v.detach().cpu().clone() if torch.is_tensor(v) else v for k, v in s.items()}
+                      for pid, s in opt["state"].items()},
+            "param_groups": [dict(g) for g in opt["param_groups"]],
+        }
+        return TrainingState(
+            step=self.step, epoch=self.epoch, cursor=self.cursor, lora=lora.lora_state(self.transformer),
+            optimizer=opt, rng=rng, losses=list(self.losses), lrs=list(self.lrs), fingerprint=self.fingerprint(),
+        )
+
+    def restore(self, state: TrainingState) -> None:
+        mismatched = {k: (v, state.fingerprint.get(k)) for k, v in self.fingerprint().items() if state.fingerprint.get(k) != v}
+        if mismatched:
+            detail = ", ".join(f"{k}: run has {a}, state has {b}" for k, (a, b) in mismatched.items())
+            raise ValueError(f"this training state belongs to a different run ({detail}); set those fields as the state had them")
+        state = state.clone()  # the optimizer keeps the tensors it is given; the caller's state must stay untouched
+        lora.load_lora_state(self.transformer, state.lora)
+        self.optimizer.load_state_dict(state.optimizer)
+        self.generator.set_state(state.rng["generator"])
+        torch.set_rng_state(state.rng["torch_cpu"])
+        if "torch_cuda" in state.rng and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state.rng["torch_cuda"], self.device)
+        self.step, self.epoch, self.cursor = state.step, state.epoch, state.cursor
+        self._order = data.batches(self.dataset.records, self.config.batch_size, self.config.seed, self.epoch)
+        self.losses, self.lrs = list(state.losses), list(state.lrs)
+
+    # ------------------------------------------------------------------ outputs
+    def lora_metadata(self) -> dict[str, str]:
+        cfg = self.config
+        return {
+            "ss_base_model_version": "flux1",
+            "ss_network_module": "networks.lora_flux",
+            "ss_network_dim": str(cfg.rank),
+            "ss_network_alpha": str(cfg.alpha),
+            "ss_steps": str(self.step),
+            "ss_resolution": ",".join(str(r) for r in cfg.resolutions),
+            "ss_num_train_images": str(len({r.path for r in self.dataset.records})),
+            "ss_learning_rate": str(cfg.learning_rate),
+            "ss_optimizer": cfg.optimizer,
+            "ss_seed": str(cfg.seed),
+            "ss_guidance_scale": str(cfg.guidance),
+            "ss_timestep_sampling": cfg.timestep_sampling,
+            "ss_discrete_flow_shift": str(cfg.timestep_shift),
+            "ss_sd_model_name": Path(cfg.transformer_path).name,
+            "ss_sd_model_hash": file_fingerprint(cfg.transformer_path),
+            "ss_tag_frequency": "",
+            "trigger_word": cfg.trigger_word,
+            "training_guidance": str(cfg.guidance),
+        }
+
+    def save_lora(self, path: str | Path) -> Path:
+        path = Path(path)
+        lora.save_kohya_lora(path, self.transformer, self.lora_metadata())
+        log.info("saved LoRA at step %d to %s", self.step, path)
+        return path
+
+    def save_state(self, path: str | Path, state: TrainingState | None = None) -> Path:
+        return save_training_state(path, state or self.snapshot(), self.config.to_dict())
+
+    def encode_prompts(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, L, D) and (B, D) embeddings; each prompt is encoded once per run (the encoders run on the CPU)."""
+        missing = [p for p in dict.fromkeys(prompts) if p not in self._prompt_cache]
+        if missing:
+            embeds, pooled = self.text_encoders.encode(missing)
+            for i, p in enumerate(missing):
+                self._prompt_cache[p] = (embeds[i], pooled[i])
+        return (torch.stack([self._prompt_cache[p][0] for p in prompts]),
+                torch.stack([self._prompt_cache[p][1] for p in prompts]))
+
+    def sample(self, prompts: Sequence[str], *, strength: float = 1.0, seed: int = 0, steps: int = 20,
+               guidance: float = 3.5, width: int = 512, height: int = 512, lora_state: dict | None = None,
+               base_path: str | None = None, callback=None) -> list:
+        """Images for `prompts` with the LoRA at `strength` (0 = the base model exactly).
+
+        `lora_state` samples with another checkpoint's LoRA weights (the XY grid); the run's own are put back after.
+        `base_path` judges the LoRA on another base (train on Flux-dev2pro, look at it on Flux-dev): the training
+        base waits in RAM meanwhile, so the GPU never holds two bases.
+        """
+        embeds, pooled = self.encode_prompts(list(prompts))
+        other_base = bool(base_path) and Path(base_path).resolve() != Path(self.config.transformer_path).resolve()
+        model = self._validation_model(base_path) if other_base else self.transformer
+        own = lora.lora_state(self.transformer) if lora_state is not None and not other_base else None
+        if other_base:
+            self.transformer.to("cpu")
+            model.to(self.device)
+        self.vae.to(self.device)
+        try:
+            if lora_state is not None or other_base:
+                lora.load_lora_state(model, lora_state if lora_state is not None else lora.lora_state(self.transformer))
+            with torch.inference_mode(False), torch.no_grad():
+                return sampling.sample_images(
+                    model, self.vae, embeds.to(self.device, self.dtype), pooled.to(self.device, self.dtype),
+                    width=width, height=height, steps=steps, guidance=guidance, seed=seed, strength=strength,
+                    callback=callback,
+                )
+        finally:
+            lora.set_lora_strength(model, 1.0)
+            if own is not None:
+                lora.load_lora_state(self.transformer, own)
+            if other_base:
+                model.to("cpu")
+                self.transformer.to(self.device)
+            self.vae.to("cpu")
+
+    def _validation_model(self, path: str):
+        """The other base with an adapter shaped like ours, loaded once and kept in RAM."""
+        if self._validation is None or self._validation[0] != path:
+            self._validation = None  # let the previous one go before loading the next
+            model = models.load_transformer(path, dtype=self.dtype, device="cpu", fp8_base=self.config.fp8_base)
+            lora.add_lora(model, self.config.rank, self.config.alpha, blocks=self.config.blocks)
+            model.requires_grad_(False)
+            self._validation = (path, model)
+        return self._validation[1]
+
+    def release(self) -> None:
+        """Drop the models so their memory returns at once (a new run replaces this one)."""
+        self.transformer = self.vae = self.text_encoders = self.optimizer = self._validation = None
+        self.params = []
+        self._prompt_cache.clear()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def strength_grid(trainer: Trainer, checkpoints: Sequence[tuple[int, dict]], strengths: Sequence[float], prompt: str,
+                  **sample_kwargs):
+    """The LoRA-strength x training-step comparison: rows are (step, LoRA state) checkpoints, columns strengths.
+
+    The prompt is encoded once and each cell only rescales the adapter, so no file is read per cell.
+    """
+    rows = [
+        [trainer.sample([prompt], strength=s, lora_state=state, **sample_kwargs)[0] for s in strengths]
+        for _, state in checkpoints
+    ]
+    return plots.xy_grid(rows, [f"step {step}" for step, _ in checkpoints], [f"{s:g}" for s in strengths],
+                         title=prompt)
