@@ -129,6 +129,11 @@ class TrainConfig:
         need(math.isfinite(self.guidance) and self.guidance >= 0, f"guidance: {self.guidance}; use 1.0 for training Flux-dev")
         need(self.mixed_precision in MIXED_PRECISIONS, f"mixed_precision: {self.mixed_precision!r}; choose bf16 or fp32")
         need(self.blocks_to_swap >= 0, f"blocks_to_swap: {self.blocks_to_swap}; use 0 or more")
+        need(
+            self.blocks_to_swap == 0 or self.gradient_checkpointing,
+            "blocks_to_swap needs gradient_checkpointing on (swapped weights cannot wait in RAM while backward "
+            "still needs them); turn gradient_checkpointing on or set blocks_to_swap to 0",
+        )
         need(bool(self.output_name.strip()), "output_name: empty; give a file name stem such as my_lora")
         check_output_name(self.output_name)
 

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from . import caching, data, lora, models, plots, sampling
+from .block_swap import BlockSwap
 from .checkpoints import TrainingState, file_fingerprint, save_training_state
 from .config import TrainConfig
 from .flow_matching import image_ids, noisy_input_and_target, pack_latents, sample_sigmas, text_ids
@@ -63,7 +64,9 @@ class Trainer:
         lora.add_lora(transformer, config.rank, config.alpha, dropout=config.lora_dropout, blocks=config.blocks)
         if config.gradient_checkpointing:
             transformer.enable_gradient_checkpointing()
-        self.transformer = transformer.to(self.device)
+        self.transformer = transformer
+        self._swaps: dict[int, BlockSwap] = {}  # per model (training base, validation base) when blocks_to_swap > 0
+        self._to_device(transformer)
         self.params = lora.lora_parameters(transformer)
         self.optimizer = make_optimizer(self.params, config, self.device)
         # one CPU generator for noise, timesteps, flips and caption dropout: device-independent and saved with the state
@@ -300,8 +303,8 @@ class Trainer:
         model = self._validation_model(base_path) if other_base else self.transformer
         own = lora.lora_state(self.transformer) if lora_state is not None and not other_base else None
         if other_base:
-            self.transformer.to("cpu")
-            model.to(self.device)
+            self._to_cpu(self.transformer)
+            self._to_device(model)
         self.vae.to(self.device)
         try:
             if lora_state is not None or other_base:
@@ -317,14 +320,29 @@ class Trainer:
             if own is not None:
                 lora.load_lora_state(self.transformer, own)
             if other_base:
-                model.to("cpu")
-                self.transformer.to(self.device)
+                self._to_cpu(model)
+                self._to_device(self.transformer)
             self.vae.to("cpu")
+
+    def _to_device(self, model) -> None:
+        if not self.config.blocks_to_swap:
+            model.to(self.device)
+            return
+        if id(model) not in self._swaps:
+            self._swaps[id(model)] = BlockSwap(model, self.config.blocks_to_swap, self.device)
+        self._swaps[id(model)].attach()  # everything but the swapped blocks' frozen weights
+
+    def _to_cpu(self, model) -> None:
+        if id(model) in self._swaps:
+            self._swaps[id(model)].detach()
+        model.to("cpu")
 
     def _validation_model(self, path: str):
         """The other base with an adapter shaped like ours, loaded once and kept in RAM."""
         if self._validation is None or self._validation[0] != path:
-            self._validation = None  # let the previous one go before loading the next
+            if self._validation is not None:  # let the previous one go before loading the next
+                self._swaps.pop(id(self._validation[1]), None)
+                self._validation = None
             model = models.load_transformer(path, dtype=self.dtype, device="cpu", fp8_base=self.config.fp8_base)
             lora.add_lora(model, self.config.rank, self.config.alpha, blocks=self.config.blocks)
             model.requires_grad_(False)
@@ -334,6 +352,7 @@ class Trainer:
     def release(self) -> None:
         """Drop the models so their memory returns at once (a new run replaces this one)."""
         self.transformer = self.vae = self.text_encoders = self.optimizer = self._validation = None
+        self._swaps.clear()
         self.params = []
         self._prompt_cache.clear()
         if torch.cuda.is_available():

@@ -1,0 +1,363 @@
+"""LoRA on a tiny Flux transformer: targeting, strength, state round trips, and the kohya file as ComfyUI applies it."""
+import copy
+
+import pytest
+import torch
+from diffusers import FluxTransformer2DModel
+from peft import LoraConfig
+from peft.tuners.lora import LoraLayer
+from safetensors.torch import load_file, save_file
+
+from trainer_core import lora
+from trainer_core.flow_matching import image_ids, text_ids
+from trainer_core.models import Fp8Linear, diffusers_to_bfl
+
+CONFIG = dict(
+    patch_size=1, in_channels=64, num_layers=2, num_single_layers=2, attention_head_dim=16, num_attention_heads=2,
+    joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=True, axes_dims_rope=(4, 6, 6),
+)
+RANK, ALPHA = 4, 6.0
+
+
+def tiny_transformer(dtype=torch.float32) -> FluxTransformer2DModel:
+    torch.manual_seed(0)
+    return FluxTransformer2DModel(**CONFIG).to(dtype).eval()
+
+
+def randomise_lora_b(transformer, std=0.05, seed=1) -> None:
+    """peft inits B to zero; a random B makes the LoRA do something."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in transformer.modules():
+            if isinstance(m, LoraLayer):
+                w = m.lora_B["default"].weight
+                w.copy_(torch.randn(w.shape, generator=g) * std)
+
+
+def lora_transformer(blocks="all", include_modulation=True, seed=0, std=0.05) -> FluxTransformer2DModel:
+    model = tiny_transformer()
+    torch.manual_seed(seed)
+    lora.add_lora(model, RANK, ALPHA, blocks=blocks, include_modulation=include_modulation)
+    randomise_lora_b(model, std=std)
+    return model
+
+
+@pytest.fixture(scope="module")
+def inputs() -> dict:
+    g = torch.Generator().manual_seed(2)
+    return dict(
+        hidden_states=torch.randn(1, 16, 64, generator=g),  # 8x8 latent -> 16 packed tokens
+        encoder_hidden_states=torch.randn(1, 5, 32, generator=g),
+        pooled_projections=torch.randn(1, 32, generator=g),
+        timestep=torch.tensor([0.6]),
+        guidance=torch.tensor([3.5]),
+        img_ids=image_ids(8, 8),
+        txt_ids=text_ids(5),
+    )
+
+
+def forward(model, inputs, dtype=torch.float32) -> torch.Tensor:
+    """(1, 16, 64) float32 prediction, computed in `dtype`."""
+    cast = {k: v.to(dtype) if v.is_floating_point() else v for k, v in inputs.items()}
+    return model(**cast, return_dict=False)[0].float()
+
+
+def run(model, inputs, dtype=torch.float32) -> torch.Tensor:
+    with torch.no_grad():
+        return forward(model, inputs, dtype)
+
+
+def block_linear_names(model) -> set[str]:
+    return {n for n, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear) and n.startswith(("transformer_blocks.", "single_transformer_blocks."))}
+
+
+def lora_layer_names(model) -> set[str]:
+    return {n for n, m in model.named_modules() if isinstance(m, LoraLayer)}
+
+
+# --------------------------------------------------------------------------------------------- targeting, validation
+def test_targets_every_block_linear_and_nothing_else():
+    model = tiny_transformer()
+    expected = block_linear_names(model)
+    lora.add_lora(model, RANK, ALPHA)
+    assert lora_layer_names(model) == expected
+    assert {"proj_out", "norm_out.linear", "x_embedder", "context_embedder"}.isdisjoint(lora_layer_names(model))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert {id(p) for p in trainable} == {id(p) for p in lora.lora_parameters(model)}
+    assert len(trainable) == 2 * len(expected)
+
+
+def test_block_selection_and_modulation_switch():
+    model = tiny_transformer()
+    lora.add_lora(model, RANK, ALPHA, blocks="double:1,single:0", include_modulation=False)
+    names = lora_layer_names(model)
+    assert {".".join(n.split(".")[:2]) for n in names} == {"transformer_blocks.1", "single_transformer_blocks.0"}
+    assert "transformer_blocks.1.attn.to_q" in names and "single_transformer_blocks.0.proj_mlp" in names
+    assert not any(n.endswith(("norm1.linear", "norm1_context.linear", "norm.linear")) for n in names)
+
+
+@pytest.mark.parametrize("blocks, expected", [
+    ("all", {"double": [0, 1, 2], "single": [0, 1, 2, 3]}),
+    ("double", {"double": [0, 1, 2], "single": []}),
+    ("double:1-2, single:3", {"double": [1, 2], "single": [3]}),
+    (["single:0-1", "single:3"], {"double": [], "single": [0, 1, 3]}),
+])
+def test_parse_blocks(blocks, expected):
+    assert lora.parse_blocks(blocks, {"double": 3, "single": 4}) == expected
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    (dict(rank=0), "rank"), (dict(rank=33), "rank"), (dict(rank=2.5), "rank"),
+    (dict(alpha=0), "alpha"), (dict(alpha=-1.0), "alpha"), (dict(dropout=1.0), "dropout"),
+    (dict(blocks="double:2"), "blocks"), (dict(blocks="double:1-0"), "blocks"), (dict(blocks="triple"), "blocks"),
+    (dict(blocks="all:1"), "blocks"), (dict(blocks=""), "blocks"),
+])
+def test_invalid_settings_name_the_field(kwargs, field):
+    model = tiny_transformer()
+    # rank 32 is the narrowest targeted width (32 hidden), so 33 is the first rank too big
+    with pytest.raises(ValueError, match=rf"^{field}:"):
+        lora.add_lora(model, **{"rank": RANK, "alpha": ALPHA, **kwargs})
+    assert not lora_layer_names(model)
+    lora.add_lora(model, rank=32, alpha=1.0)  # the widest valid rank is accepted
+
+
+def test_init_is_seeded_peft_default_in_float32_whatever_the_base_dtype():
+    states = []
+    for dtype, seed in [(torch.float32, 3), (torch.bfloat16, 3), (torch.float32, 4)]:
+        model = tiny_transformer(dtype)
+        torch.manual_seed(seed)
+        lora.add_lora(model, RANK, ALPHA)
+        states.append(lora.lora_state(model))
+    same, bf16, other = states
+    assert all(v.dtype == torch.float32 for v in same.values())
+    assert all(torch.equal(same[k], bf16[k]) for k in same)
+    assert all(not v.any() for k, v in same.items() if ".lora_B." in k)
+    assert any(not torch.equal(same[k], other[k]) for k in same if ".lora_A." in k)
+
+
+# --------------------------------------------------------------------------------------------- strength
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_strength_zero_is_the_base_model_exactly(inputs, dtype):
+    model = tiny_transformer(dtype)
+    base = run(model, inputs, dtype)
+    lora.add_lora(model, RANK, ALPHA)
+    randomise_lora_b(model)
+    lora.set_lora_strength(model, 0.0)
+    assert torch.equal(run(model, inputs, dtype), base)
+    lora.set_lora_strength(model, 1.0)
+    assert not torch.equal(run(model, inputs, dtype), base)
+
+
+def test_strength_scales_the_effect_linearly_and_leaves_weights(inputs):
+    model = tiny_transformer()
+    base = run(model, inputs)
+    lora.add_lora(model, RANK, ALPHA)
+    randomise_lora_b(model, std=0.002)  # small LoRA: the network is close to linear in it
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    full = run(model, inputs)
+    lora.set_lora_strength(model, 0.5)
+    half = run(model, inputs)
+    assert (half - base).norm() < (full - base).norm()
+    assert (half - base - 0.5 * (full - base)).norm() < 0.05 * (full - base).norm()
+    lora.set_lora_strength(model, 1.0)
+    assert torch.equal(run(model, inputs), full)
+    assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
+
+
+# --------------------------------------------------------------------------------------------- peft-named state
+def test_lora_state_round_trip_and_strictness(inputs):
+    model = lora_transformer()
+    state = lora.lora_state(model)
+    assert "transformer_blocks.0.attn.to_q.lora_A.weight" in state
+    assert all(v.device.type == "cpu" for v in state.values())
+    fresh = lora_transformer(seed=9, std=0.0)
+    lora.load_lora_state(fresh, state)
+    assert torch.equal(run(fresh, inputs), run(model, inputs))
+
+    missing = {k: v for k, v in state.items() if not k.startswith("single_transformer_blocks.1.proj_out.")}
+    with pytest.raises(ValueError, match=r"missing: single_transformer_blocks\.1\.proj_out\.lora_A\.weight"):
+        lora.load_lora_state(fresh, missing)
+    with pytest.raises(ValueError, match=r"unexpected: proj_out\.lora_A\.weight"):
+        lora.load_lora_state(fresh, {**state, "proj_out.lora_A.weight": torch.zeros(RANK, 32)})
+    other_rank = tiny_transformer()
+    lora.add_lora(other_rank, RANK * 2, ALPHA)
+    with pytest.raises(ValueError, match="shape"):
+        lora.load_lora_state(other_rank, state)
+
+
+# --------------------------------------------------------------------------------------------- kohya file
+def diffusers_weights(model, merged: bool) -> dict[str, torch.Tensor]:
+    """The model's diffusers-named weights, with peft's LoRA merged in (on a copy, as merge_and_unload does) or not."""
+    if merged:
+        model = copy.deepcopy(model)
+        for m in model.modules():
+            if isinstance(m, LoraLayer):
+                m.merge()
+    return {k.replace(".base_layer", ""): v.float() for k, v in model.state_dict().items() if "lora_" not in k}
+
+
+def comfyui_apply(bfl: dict, kohya: dict, strength: float) -> tuple[dict, set]:
+    """ComfyUI's LoraLoader on BFL weights: `lora_unet_` + BFL name minus `.weight`, dots to underscores;
+    W += strength * (alpha / down.shape[0]) * up @ down, alpha defaulting to the rank. Returns the keys it skipped."""
+    out, skipped = dict(bfl), set(kohya)
+    for key in bfl:
+        name = "lora_unet_" + key.removesuffix(".weight").replace(".", "_")
+        if f"{name}.lora_up.weight" not in kohya:
+            continue
+        up, down = kohya[f"{name}.lora_up.weight"].float(), kohya[f"{name}.lora_down.weight"].float()
+        alpha = kohya[f"{name}.alpha"].item() if f"{name}.alpha" in kohya else down.shape[0]
+        out[key] = out[key] + strength * (alpha / down.shape[0]) * (up @ down)
+        skipped -= {f"{name}.lora_up.weight", f"{name}.lora_down.weight", f"{name}.alpha"}
+    return out, skipped
+
+
+def assert_comfyui_matches_peft(model, kohya: dict, strength: float) -> None:
+    base = diffusers_to_bfl(diffusers_weights(model, merged=False))
+    merged = diffusers_to_bfl(diffusers_weights(model, merged=True))
+    applied, skipped = comfyui_apply(base, kohya, strength)
+    assert skipped == set(), "keys ComfyUI would skip with 'lora key not loaded'"
+    for key in base:
+        torch.testing.assert_close(applied[key], merged[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+@pytest.mark.parametrize("blocks, include_modulation", [("all", True), ("double:1,single:0", False)])
+@pytest.mark.parametrize("strength", [1.0, 0.6])
+def test_kohya_file_applied_by_comfyui_rule_equals_peft_merge(blocks, include_modulation, strength):
+    model = lora_transformer(blocks, include_modulation)
+    lora.set_lora_strength(model, strength)
+    kohya = lora.kohya_state_dict(model, dtype=torch.float32)  # the file holds strength 1; ComfyUI applies its own
+    assert "lora_unet_double_blocks_1_img_attn_qkv.lora_down.weight" in kohya
+    assert kohya["lora_unet_single_blocks_0_linear1.lora_down.weight"].shape == (4 * RANK, 32)
+    assert kohya["lora_unet_double_blocks_1_txt_attn_qkv.alpha"].item() == 3 * ALPHA
+    assert kohya["lora_unet_single_blocks_0_linear2.alpha"].item() == ALPHA
+    assert ("lora_unet_double_blocks_1_img_mod_lin.alpha" in kohya) == include_modulation
+    assert_comfyui_matches_peft(model, kohya, strength)
+    # a file module exactly for each BFL Linear the LoRA changes
+    merged = diffusers_to_bfl(diffusers_weights(model, merged=True))
+    base = diffusers_to_bfl(diffusers_weights(model, merged=False))
+    changed = {"lora_unet_" + k.removesuffix(".weight").replace(".", "_")
+               for k in base if not torch.equal(base[k], merged[k])}
+    assert changed == {k.split(".")[0] for k in kohya}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kohya_file_round_trip(tmp_path, inputs, dtype):
+    model = lora_transformer()
+    path = tmp_path / "loras" / "x.safetensors"
+    lora.save_kohya_lora(path, model, {"trigger_word": "sks", "ss_steps": "750"}, dtype=dtype)
+    assert [p.name for p in path.parent.iterdir()] == ["x.safetensors"]  # no temp file left behind
+    assert all(v.dtype == dtype for k, v in load_file(path).items() if not k.endswith(".alpha"))
+
+    fresh = lora_transformer(seed=7, std=0.0)
+    lora.set_lora_strength(fresh, 0.3)  # loading must not depend on the strength in use
+    metadata = lora.load_kohya_lora(path, fresh)
+    lora.set_lora_strength(fresh, 1.0)
+    assert metadata["trigger_word"] == "sks" and metadata["ss_steps"] == "750"
+    assert metadata["ss_network_dim"] == str(RANK) and float(metadata["ss_network_alpha"]) == ALPHA
+    base, want, got = run(tiny_transformer(), inputs), run(model, inputs), run(fresh, inputs)
+    if dtype == torch.float32:
+        assert torch.equal(got, want)
+    else:
+        assert (got - want).abs().max() < 0.01 * (want - base).abs().max()
+
+
+def test_group_members_without_lora_get_zero_blocks(tmp_path, inputs):
+    def partial_adapter(seed):
+        model = tiny_transformer()
+        torch.manual_seed(seed)
+        model.add_adapter(LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=r"transformer_blocks\.0\.attn\.to_[qv]"))
+        randomise_lora_b(model, seed=seed)
+        return model
+
+    model = partial_adapter(1)
+    kohya = lora.kohya_state_dict(model, dtype=torch.float32)
+    assert {k.split(".")[0] for k in kohya} == {"lora_unet_double_blocks_0_img_attn_qkv"}
+    up = kohya["lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight"]
+    assert up.shape == (96, 3 * RANK) and not up[32:64].any()
+    assert_comfyui_matches_peft(model, kohya, 1.0)
+
+    save_file(kohya, tmp_path / "partial.safetensors")
+    fresh = partial_adapter(2)
+    lora.load_kohya_lora(tmp_path / "partial.safetensors", fresh)
+    assert torch.equal(run(fresh, inputs), run(model, inputs))
+
+
+def test_loads_other_tools_dense_fused_lora(tmp_path):
+    """sd-scripts trains one LoRA on the fused qkv / linear1 (dense up); it loads exactly, each part sharing down."""
+    g = torch.Generator().manual_seed(5)
+    kohya = lora.kohya_state_dict(lora_transformer(), dtype=torch.float32)
+    for name, out in [("lora_unet_double_blocks_0_img_attn_qkv", 96), ("lora_unet_single_blocks_1_linear1", 224)]:
+        kohya[f"{name}.lora_down.weight"] = torch.randn(RANK, 32, generator=g)
+        kohya[f"{name}.lora_up.weight"] = torch.randn(out, RANK, generator=g) * 0.05
+        kohya[f"{name}.alpha"] = torch.tensor(2.0)
+    del kohya["lora_unet_double_blocks_1_img_mlp_0.alpha"]  # no alpha: scale 1, as in ComfyUI
+    kohya = {k: v for k, v in kohya.items() if "single_blocks_0_" not in k}  # adapter Linears the file lacks
+    save_file(kohya, tmp_path / "dense.safetensors")
+
+    model = lora_transformer(seed=3)
+    lora.load_kohya_lora(tmp_path / "dense.safetensors", model)
+    assert_comfyui_matches_peft(model, kohya, 1.0)
+    assert not any(m.lora_B["default"].weight.any() for n, m in model.named_modules()
+                   if isinstance(m, LoraLayer) and n.startswith("single_transformer_blocks.0."))
+
+
+def test_load_kohya_errors_name_file_and_keys(tmp_path):
+    model = lora_transformer()
+    kohya = lora.kohya_state_dict(model, dtype=torch.float32)
+    with pytest.raises(FileNotFoundError, match="nope.safetensors"):
+        lora.load_kohya_lora(tmp_path / "nope.safetensors", model)
+
+    extra = {**kohya, "lora_te1_text_model_encoder_layers_0_mlp_fc1.alpha": torch.tensor(1.0),
+             "lora_unet_final_layer_linear.lora_down.weight": torch.zeros(RANK, 32),
+             "lora_unet_double_blocks_5_img_mlp_0.alpha": torch.tensor(1.0)}
+    save_file(extra, tmp_path / "extra.safetensors")
+    with pytest.raises(ValueError, match=r"extra\.safetensors: 3 keys .*lora_te1_text.*double_blocks_5.*final_layer"):
+        lora.load_kohya_lora(tmp_path / "extra.safetensors", model)
+
+    key = "lora_unet_double_blocks_0_txt_attn_qkv.lora_up.weight"
+    dense = {**kohya, key: kohya[key] + 0.01}
+    save_file(dense, tmp_path / "dense.safetensors")
+    before = lora.lora_state(model)
+    with pytest.raises(ValueError, match=rf"dense\.safetensors: {key} is not block-diagonal"):
+        lora.load_kohya_lora(tmp_path / "dense.safetensors", model)
+    assert all(torch.equal(v, before[k]) for k, v in lora.lora_state(model).items())  # nothing half-loaded
+
+    other_rank = tiny_transformer()
+    lora.add_lora(other_rank, RANK + 1, ALPHA)
+    save_file(kohya, tmp_path / "ok.safetensors")
+    with pytest.raises(ValueError, match="has rank"):
+        lora.load_kohya_lora(tmp_path / "ok.safetensors", other_rank)
+
+    no_modulation = tiny_transformer()
+    lora.add_lora(no_modulation, RANK, ALPHA, include_modulation=False)
+    with pytest.raises(ValueError, match=r"mod_lin has a LoRA on .*norm1.*which the adapter does not cover"):
+        lora.load_kohya_lora(tmp_path / "ok.safetensors", no_modulation)
+
+
+def test_save_rejects_non_string_metadata(tmp_path):
+    with pytest.raises(TypeError, match="ss_steps"):
+        lora.save_kohya_lora(tmp_path / "x.safetensors", lora_transformer(), {"ss_steps": 750})
+    assert not list(tmp_path.iterdir())
+
+
+# --------------------------------------------------------------------------------------------- fp8 storage base
+def test_lora_trains_on_an_fp8_storage_base(inputs):
+    model = tiny_transformer(torch.bfloat16)
+    for name in block_linear_names(model):  # as models.load_transformer(..., fp8_base=True) builds it
+        old = model.get_submodule(name)
+        new = Fp8Linear(old.in_features, old.out_features, bias=True, compute_dtype=torch.bfloat16)
+        new.weight = torch.nn.Parameter(old.weight.to(torch.float8_e4m3fn), requires_grad=False)
+        new.bias = old.bias
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, new)
+    base = run(model, inputs, torch.bfloat16)
+    lora.add_lora(model, RANK, ALPHA)
+    assert lora_layer_names(model) == block_linear_names(tiny_transformer())
+    assert all(p.dtype == torch.float32 and p.requires_grad for p in lora.lora_parameters(model))
+    randomise_lora_b(model)
+    lora.set_lora_strength(model, 0.0)
+    assert torch.equal(run(model, inputs, torch.bfloat16), base)
+    lora.set_lora_strength(model, 1.0)
+    forward(model, inputs, torch.bfloat16).square().mean().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in lora.lora_parameters(model))

@@ -1,0 +1,194 @@
+"""VAE latents and text embeddings, computed once per distinct image and caption, optionally cached on disk.
+
+Nothing cached refers to the models, so the caller can free the VAE and the text encoders before training
+(T5-XXL alone is ~9.5 GB in bf16).
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, NamedTuple, Protocol, TypeVar
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from .checkpoints import save_safetensors
+from .data import ImageRecord, load_image
+
+if TYPE_CHECKING:
+    from diffusers import AutoencoderKL
+
+logger = logging.getLogger(__name__)
+
+CACHE_VERSION = 1  # part of every disk-cache key: bump it when what is stored changes
+
+Key = TypeVar("Key", bound=Hashable)
+Tensors = dict[str, torch.Tensor]
+
+
+class TextEncoder(Protocol):
+    def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> prompt_embeds (B, L, D), pooled (B, D')."""
+        ...
+
+
+@dataclass
+class CachedSample:
+    """One `ImageRecord`, encoded; every tensor on the CPU.
+
+    latents: (C, H/8, W/8) float32, (mode of the VAE posterior - shift_factor) * scaling_factor. The mode, not a
+        sample, so that the cache is deterministic and a disk cache stays valid.
+    prompt_embeds: (L, D) and pooled: (D',) in the text encoders' dtype.
+    """
+
+    latents: torch.Tensor
+    prompt_embeds: torch.Tensor
+    pooled: torch.Tensor
+    caption: str
+    bucket: tuple[int, int]
+
+
+@dataclass
+class CachedDataset:
+    records: list[ImageRecord]  # what was encoded, for `data.batches`
+    samples: list[CachedSample]  # samples[i] encodes records[i]; repeats share their tensors
+    flipped: list[CachedSample] | None  # flipped[i]: samples[i] with the image mirrored, same text; None without flip
+    empty_prompt: tuple[torch.Tensor, torch.Tensor]  # (L, D), (D',) embeddings of "", swapped in for caption dropout
+
+
+class _ImageKey(NamedTuple):
+    path: Path
+    bucket: tuple[int, int]
+    flip: bool
+
+
+def cache_dataset(
+    records: Sequence[ImageRecord],
+    vae: AutoencoderKL,
+    text_encoders: TextEncoder,
+    cache_dir: str | Path | None = None,
+    flip: bool = False,
+    batch_size: int = 1,
+    encoder_identity: str = "",
+    on_progress: Callable[[int, int], None] | None = None,
+) -> CachedDataset:
+    """Encode every distinct (image, bucket, flip) with the VAE and every distinct caption, plus "", once.
+
+    With `cache_dir`, each result is also a safetensors file there, named by a hash of `encoder_identity` and
+    either the image file's bytes, bucket and flip (latents) or the caption (text). A later call with the same
+    data and identity reads them back without calling the models; a damaged file is recomputed with a warning.
+    `encoder_identity` must identify the models (e.g. fingerprints of their files and the dtype) so that another
+    model's cache is never used.
+
+    `batch_size` images of one bucket, or captions, go through a model together. `on_progress(done, total)` is
+    called as items complete. Tensors come back as ordinary tensors even under `torch.inference_mode`.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size: {batch_size} must be at least 1")
+    if cache_dir is not None and not encoder_identity:
+        raise ValueError(
+            "cache_dir is set but encoder_identity is empty: pass a string that identifies the VAE and text"
+            " encoders (e.g. fingerprints of their files and the dtype) so that another model's cache is never reused"
+        )
+    record_of = {_ImageKey(r.path, r.bucket, f): r for r in records for f in ((False, True) if flip else (False,))}
+    captions = list(dict.fromkeys(["", *(r.caption for r in records)]))
+
+    latent_files = text_files = None
+    if cache_dir is not None:
+        cache_dir = Path(cache_dir)
+        digests = {path: hashlib.sha256(path.read_bytes()).hexdigest() for path in {key.path for key in record_of}}
+        latent_files = {
+            k: cache_dir / f"latents-{_hash(encoder_identity, digests[k.path], k.bucket, k.flip)}.safetensors"
+            for k in record_of
+        }
+        text_files = {c: cache_dir / f"text-{_hash(encoder_identity, c)}.safetensors" for c in captions}
+
+    done, total = 0, len(record_of) + len(captions)
+
+    def advance(n: int) -> None:
+        nonlocal done
+        done += n
+        if on_progress is not None:
+            on_progress(done, total)
+
+    def encode_images(keys: list[_ImageKey]) -> list[Tensors]:
+        pixels = torch.stack([load_image(record_of[k], flip=k.flip) for k in keys])  # (B, 3, H, W)
+        z = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.mode().float()  # (B, C, H/8, W/8)
+        z = (z - (vae.config.shift_factor or 0.0)) * vae.config.scaling_factor
+        return [{"latents": x} for x in z.cpu()]
+
+    def encode_text(prompts: list[str]) -> list[Tensors]:
+        prompt_embeds, pooled = text_encoders.encode(prompts)
+        return [{"prompt_embeds": e, "pooled": p} for e, p in zip(prompt_embeds.cpu(), pooled.cpu())]
+
+    # ComfyUI runs nodes under inference_mode, whose tensors the training step could not save for backward
+    with torch.inference_mode(False), torch.no_grad():
+        latents = _load_or_compute(
+            "latents", list(record_of), encode_images, lambda k: k.bucket, batch_size, latent_files, advance
+        )
+        text = _load_or_compute("captions", captions, encode_text, lambda c: None, batch_size, text_files, advance)
+
+    def sample(record: ImageRecord, flipped: bool) -> CachedSample:
+        z = latents[_ImageKey(record.path, record.bucket, flipped)]["latents"]
+        t = text[record.caption]
+        return CachedSample(z, t["prompt_embeds"], t["pooled"], record.caption, record.bucket)
+
+    return CachedDataset(
+        records=list(records),
+        samples=[sample(r, False) for r in records],
+        flipped=[sample(r, True) for r in records] if flip else None,
+        empty_prompt=(text[""]["prompt_embeds"], text[""]["pooled"]),
+    )
+
+
+def _load_or_compute(
+    what: str,
+    keys: list[Key],
+    compute: Callable[[list[Key]], list[Tensors]],
+    group: Callable[[Key], Hashable],
+    batch_size: int,
+    files: dict[Key, Path] | None,
+    advance: Callable[[int], None],
+) -> dict[Key, Tensors]:
+    """Each key's tensors: read from its file in `files` when that is valid, else computed `batch_size` keys of one
+    `group` at a time (keys whose inputs stack together) and written to its file. `what` names them in the log."""
+    results: dict[Key, Tensors] = {}
+    if files is not None:
+        for key in keys:
+            if (tensors := _read_cache(files[key])) is not None:
+                results[key] = tensors
+                advance(1)
+    pending: dict[Hashable, list[Key]] = {}
+    for key in keys:
+        if key not in results:
+            pending.setdefault(group(key), []).append(key)
+    for members in pending.values():
+        for i in range(0, len(members), batch_size):
+            chunk = members[i : i + batch_size]
+            for key, tensors in zip(chunk, compute(chunk), strict=True):
+                results[key] = tensors
+                if files is not None:
+                    save_safetensors(files[key], tensors)
+            advance(len(chunk))
+    n_read = len(keys) - sum(map(len, pending.values()))
+    logger.info("%s: %d encoded, %d read from the cache", what, len(keys) - n_read, n_read)
+    return results
+
+
+def _read_cache(path: Path) -> Tensors | None:
+    """The tensors in a cache file; None when it is missing or damaged (with a warning: it gets recomputed)."""
+    if not path.exists():
+        return None
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError) as e:
+        logger.warning("cache file %s is damaged (%s): recomputing it", path, e)
+        return None
+
+
+def _hash(*parts: object) -> str:
+    return hashlib.sha256(repr((CACHE_VERSION, *parts)).encode()).hexdigest()[:32]

@@ -1,0 +1,357 @@
+"""peft LoRA on Flux's transformer blocks, its strength, and the kohya-layout file that stock ComfyUI loads.
+
+The adapter lives on diffusers' `FluxTransformer2DModel` (adapter name "default", one LoRA per diffusers Linear).
+The file uses the original BFL module names, where q/k/v (and, in single blocks, the MLP input too) are one fused
+Linear; `kohya_state_dict` fuses the per-part LoRAs exactly (stacked down, block-diagonal up) and
+`load_kohya_lora` splits them back.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import torch
+from peft import LoraConfig
+from peft.tuners.lora import LoraLayer
+from safetensors import safe_open
+from torch import nn
+
+from .checkpoints import save_safetensors
+
+logger = logging.getLogger(__name__)
+
+ADAPTER = "default"
+
+# BFL module -> the diffusers modules fused into it, in the BFL row order (as diffusers'
+# `convert_flux_transformer_checkpoint_to_diffusers` splits them). Block modulations keep their chunk order
+# (shift, scale, gate); only the final `norm_out` is reordered, and it is never targeted.
+DOUBLE_BLOCK_MODULES: dict[str, tuple[str, ...]] = {
+    "img_attn.qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
+    "txt_attn.qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
+    "img_attn.proj": ("attn.to_out.0",),
+    "txt_attn.proj": ("attn.to_add_out",),
+    "img_mlp.0": ("ff.net.0.proj",),
+    "img_mlp.2": ("ff.net.2",),
+    "txt_mlp.0": ("ff_context.net.0.proj",),
+    "txt_mlp.2": ("ff_context.net.2",),
+    "img_mod.lin": ("norm1.linear",),
+    "txt_mod.lin": ("norm1_context.linear",),
+}
+SINGLE_BLOCK_MODULES: dict[str, tuple[str, ...]] = {
+    "linear1": ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"),
+    "linear2": ("proj_out",),
+    "modulation.lin": ("norm.linear",),
+}
+MODULATION_MODULES = {"img_mod.lin", "txt_mod.lin", "modulation.lin"}
+
+# block kind -> (diffusers ModuleList, BFL prefix, modules of one block)
+BLOCK_KINDS: dict[str, tuple[str, str, dict[str, tuple[str, ...]]]] = {
+    "double": ("transformer_blocks", "double_blocks", DOUBLE_BLOCK_MODULES),
+    "single": ("single_transformer_blocks", "single_blocks", SINGLE_BLOCK_MODULES),
+}
+KOHYA_SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".alpha")
+
+
+def parse_blocks(blocks: str | Sequence[str], num_blocks: dict[str, int]) -> dict[str, list[int]]:
+    """Block indices per kind ("double", "single") that `blocks` selects.
+
+    Syntax: comma-separated items, each `all`, `double`, `single`, or a kind with an index or an inclusive range:
+    "double:0-9,single:0-37", "double:3,single:10-20". A list of items works too.
+    """
+    items = [blocks] if isinstance(blocks, str) else list(blocks)
+    items = [part.strip() for item in items for part in str(item).split(",") if part.strip()]
+    chosen: dict[str, set[int]] = {kind: set() for kind in BLOCK_KINDS}
+    for item in items:
+        match = re.fullmatch(r"(all|double|single)(?::(\d+)(?:-(\d+))?)?", item)
+        if match is None or (match[1] == "all" and match[2] is not None):
+            raise ValueError(
+                f"blocks: cannot read {item!r}; write 'all', 'double', 'single' or kind:index ranges "
+                "such as 'double:0-9,single:0-37'"
+            )
+        for kind in BLOCK_KINDS if match[1] == "all" else [match[1]]:
+            n = num_blocks[kind]
+            first = 0 if match[2] is None else int(match[2])
+            last = n - 1 if match[2] is None else int(match[3] or match[2])
+            if match[2] is not None and not first <= last < n:
+                raise ValueError(f"blocks: {item!r} is outside the model's {n} {kind} blocks (indices 0-{n - 1})")
+            chosen[kind].update(range(first, last + 1))
+    if not any(chosen.values()):
+        raise ValueError(f"blocks: {blocks!r} selects no block; use 'all', 'double', 'single' or 'double:0-9'")
+    return {kind: sorted(indices) for kind, indices in chosen.items()}
+
+
+def _block_counts(transformer: nn.Module) -> dict[str, int]:
+    return {kind: len(getattr(transformer, attr)) for kind, (attr, _, _) in BLOCK_KINDS.items()}
+
+
+def target_regex(selection: dict[str, list[int]], include_modulation: bool = True) -> str:
+    """peft `target_modules` regex (full match) for the block Linears of the selected blocks.
+
+    Anchored on the block lists, so the top-level `proj_out`, `norm_out.linear` and the embedders never match.
+    """
+    alternatives = []
+    for kind, indices in selection.items():
+        if not indices:
+            continue
+        attr, _, modules = BLOCK_KINDS[kind]
+        parts = [p for bfl, ps in modules.items() if include_modulation or bfl not in MODULATION_MODULES for p in ps]
+        alternatives.append(
+            rf"{attr}\.({'|'.join(map(str, indices))})\.({'|'.join(re.escape(p) for p in parts)})"
+        )
+    return "|".join(f"(?:{a})" for a in alternatives)
+
+
+def _lora_layers(transformer: nn.Module) -> dict[str, LoraLayer]:
+    return {n: m for n, m in transformer.named_modules() if isinstance(m, LoraLayer) and ADAPTER in m.lora_A}
+
+
+def _require_adapter(transformer: nn.Module) -> dict[str, LoraLayer]:
+    layers = _lora_layers(transformer)
+    if not layers:
+        raise ValueError("the transformer has no LoRA adapter; call add_lora(transformer, rank, alpha) first")
+    return layers
+
+
+def _named_lora_parameters(transformer: nn.Module) -> dict[str, nn.Parameter]:
+    """peft/diffusers names (`transformer_blocks.0.attn.to_q.lora_A.weight`) -> the adapter's parameters."""
+    return {
+        f"{name}.{ab}.weight": getattr(layer, ab)[ADAPTER].weight
+        for name, layer in _require_adapter(transformer).items()
+        for ab in ("lora_A", "lora_B")
+    }
+
+
+def _scale(layer: LoraLayer) -> float:
+    """The layer's LoRA scale at strength 1 (peft's `scaling` also carries the current strength)."""
+    return layer.lora_alpha[ADAPTER] / layer.r[ADAPTER]
+
+
+def add_lora(
+    transformer: nn.Module,
+    rank: int,
+    alpha: float,
+    dropout: float = 0.0,
+    blocks: str | Sequence[str] = "all",
+    include_modulation: bool = True,
+    lora_dtype: torch.dtype = torch.float32,
+) -> None:
+    """Add the peft LoRA adapter "default" to every Linear of the selected double/single blocks.
+
+    Only LoRA parameters stay trainable. Init is peft's default (A Kaiming-uniform, B zero), drawn from the global
+    torch RNG in `lora_dtype`, so a seed fixes it whatever the base dtype (bf16, fp8-storage Linear subclasses).
+    """
+    selection = parse_blocks(blocks, _block_counts(transformer))
+    target = target_regex(selection, include_modulation)
+    targeted = [m for n, m in transformer.named_modules() if isinstance(m, nn.Linear) and re.fullmatch(target, n)]
+    width = min(min(m.in_features, m.out_features) for m in targeted)
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= width:
+        raise ValueError(f"rank: must be an integer from 1 to {width} (the narrowest targeted layer), got {rank!r}")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0:
+        raise ValueError(f"alpha: must be a number > 0 (alpha = rank gives scale 1), got {alpha!r}")
+    if not 0 <= dropout < 1:
+        raise ValueError(f"dropout: must be in [0, 1), got {dropout!r}")
+
+    # Created without init: peft would init, then cast to the base dtype (rounding the init, or fp8).
+    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=target, init_lora_weights=False)
+    transformer.add_adapter(config, ADAPTER)
+    for layer in _lora_layers(transformer).values():
+        layer.lora_A[ADAPTER].to(lora_dtype)
+        layer.lora_B[ADAPTER].to(lora_dtype)
+        layer.reset_lora_parameters(ADAPTER, True)
+    n_params = sum(p.numel() for p in lora_parameters(transformer))
+    logger.info("LoRA rank %d alpha %g on %d Linears (%d parameters)", rank, alpha, len(targeted), n_params)
+
+
+def lora_parameters(transformer: nn.Module) -> list[nn.Parameter]:
+    """The adapter's trainable tensors, for the optimizer."""
+    return list(_named_lora_parameters(transformer).values())
+
+
+def set_lora_strength(transformer: nn.Module, strength: float) -> None:
+    """Scale the adapter's output by `strength` (0: the base model exactly, 1: as trained); weights are untouched.
+
+    Never fused into the base weights: with peft 0.21, changing scales while fused corrupted the base.
+    """
+    for layer in _require_adapter(transformer).values():
+        layer.set_scale(ADAPTER, strength)
+
+
+def lora_state(transformer: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter's tensors under peft/diffusers names, cloned to the CPU."""
+    return {k: p.detach().to("cpu", copy=True) for k, p in _named_lora_parameters(transformer).items()}
+
+
+def _preview(keys: Sequence[str], n: int = 10) -> str:
+    return ", ".join(keys[:n]) + (f" and {len(keys) - n} more" if len(keys) > n else "")
+
+
+def load_lora_state(transformer: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Copy `lora_state` tensors into the adapter; the keys and shapes must match it exactly."""
+    params = _named_lora_parameters(transformer)
+    missing, unexpected = sorted(params.keys() - state.keys()), sorted(state.keys() - params.keys())
+    if missing or unexpected:
+        raise ValueError(
+            f"LoRA state does not match the adapter (missing: {_preview(missing) or 'none'}; unexpected: "
+            f"{_preview(unexpected) or 'none'}); create the adapter with the rank, blocks and include_modulation "
+            "the state was saved with"
+        )
+    wrong = [k for k, p in params.items() if state[k].shape != p.shape]
+    if wrong:
+        raise ValueError(
+            f"LoRA state shapes differ from the adapter's for {_preview(wrong)}; create the adapter with the rank "
+            "the state was saved with"
+        )
+    with torch.no_grad():
+        for key, param in params.items():
+            param.copy_(state[key])
+
+
+def _kohya_groups(transformer: nn.Module) -> Iterator[tuple[str, tuple[str, ...]]]:
+    """(kohya module name, diffusers modules fused into it in row order) for every Linear of every block."""
+    for attr, bfl_prefix, modules in BLOCK_KINDS.values():
+        for i in range(len(getattr(transformer, attr))):
+            for bfl, parts in modules.items():
+                yield f"lora_unet_{bfl_prefix}_{i}_{bfl.replace('.', '_')}", tuple(f"{attr}.{i}.{p}" for p in parts)
+
+
+def kohya_state_dict(transformer: nn.Module, dtype: torch.dtype = torch.bfloat16) -> dict[str, torch.Tensor]:
+    """The adapter at strength 1 in the kohya layout ComfyUI loads: `lora_unet_double_blocks_0_img_attn_qkv.*`.
+
+    Parts of a fused BFL Linear (k of them, each rank r) become one LoRA of rank k*r: down (k*r, in) stacks the A's,
+    up (sum of outs, k*r) is block-diagonal in the B's, so up @ down stacks the B_j @ A_j. ComfyUI applies
+    (alpha / rank) * up @ down, so alpha = peft alpha * k keeps each part's scale. Parts without a LoRA get zero
+    blocks. `.alpha` is float32: a bf16 alpha could be rounded.
+    """
+    layers = _require_adapter(transformer)
+    state = {}
+    for key, parts in _kohya_groups(transformer):
+        ref = next((layers[p] for p in parts if p in layers), None)
+        if ref is None:
+            continue
+        r, a_dtype = ref.r[ADAPTER], ref.lora_A[ADAPTER].weight.dtype
+        downs, ups = [], []
+        for part in parts:
+            if part in layers:
+                layer = layers[part]
+                downs.append(layer.lora_A[ADAPTER].weight.detach())
+                ups.append(layer.lora_B[ADAPTER].weight.detach() * (_scale(layer) / _scale(ref)))
+            else:
+                linear = transformer.get_submodule(part)
+                downs.append(torch.zeros(r, linear.in_features, dtype=a_dtype))
+                ups.append(torch.zeros(linear.out_features, r, dtype=a_dtype))
+        down = torch.cat([d.cpu() for d in downs])  # (k*r, in)
+        up = torch.block_diag(*[u.cpu() for u in ups])  # (sum of outs, k*r)
+        state[f"{key}.lora_down.weight"] = down.to(dtype).contiguous()
+        state[f"{key}.lora_up.weight"] = up.to(dtype).contiguous()
+        state[f"{key}.alpha"] = torch.tensor(ref.lora_alpha[ADAPTER] * down.shape[0] / r, dtype=torch.float32)
+    return state
+
+
+def save_kohya_lora(
+    path: str | os.PathLike,
+    transformer: nn.Module,
+    metadata: dict[str, str],
+    dtype: torch.dtype = torch.bfloat16,
+) -> None:
+    """Write `kohya_state_dict` with `metadata` in the safetensors header, atomically (temp file, fsync, rename).
+
+    `ss_network_dim` / `ss_network_alpha` (kohya's keys for rank and alpha) are added unless given.
+    """
+    bad = [k for k, v in metadata.items() if not isinstance(k, str) or not isinstance(v, str)]
+    if bad:
+        raise TypeError(f"metadata values must be str (safetensors header); convert {bad} with str()")
+    ref = next(iter(_require_adapter(transformer).values()))
+    metadata = {"ss_network_dim": str(ref.r[ADAPTER]), "ss_network_alpha": str(ref.lora_alpha[ADAPTER]), **metadata}
+    save_safetensors(path, kohya_state_dict(transformer, dtype), metadata)
+
+
+def _split_fused(
+    path: Path, key: str, down: torch.Tensor, up: torch.Tensor, outs: list[int], rank: int
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per-part (A, B) of a fused kohya LoRA (down (R, in), up (sum(outs), R)) for parts of LoRA rank `rank`.
+
+    R == k*rank: our layout, up must be block-diagonal. R == rank: one dense LoRA on the fused Linear (as
+    sd-scripts trains it); each part shares the down matrix and takes its rows of up. Both are exact.
+    """
+    k, R = len(outs), down.shape[0]
+    rows = up.split(outs)
+    if R == rank:
+        return [(down, b) for b in rows]
+    if R != k * rank:
+        raise ValueError(
+            f"{path}: {key} has rank {R}, which the adapter's rank {rank} cannot hold; create the adapter "
+            "with the rank the file was trained with (ss_network_dim in its metadata)"
+        )
+    parts = []
+    for j, b in enumerate(rows):
+        block = b[:, j * rank : (j + 1) * rank]
+        if torch.count_nonzero(block) != torch.count_nonzero(b):
+            raise ValueError(
+                f"{path}: {key}.lora_up.weight is not block-diagonal, so it cannot be split into per-part "
+                f"LoRAs of rank {rank}; create the adapter with rank={R} to load it"
+            )
+        parts.append((down[j * rank : (j + 1) * rank], block))
+    return parts
+
+
+def load_kohya_lora(path: str | os.PathLike, transformer: nn.Module) -> dict[str, str]:
+    """Load a kohya-layout Flux LoRA file into the existing adapter; returns the file's metadata.
+
+    Reads our files (fused parts block-diagonal) and other tools' (a dense LoRA on the fused Linear); a missing
+    `.alpha` means alpha = rank, as in ComfyUI. Scale differences from the adapter's alpha are folded into B.
+    Adapter Linears the file does not cover are zeroed, so the adapter then equals the file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"LoRA file {path} does not exist; check the path")
+    with safe_open(path, framework="pt") as f:
+        metadata = f.metadata() or {}
+        state = {k: f.get_tensor(k) for k in f.keys()}
+    layers = _require_adapter(transformer)
+    groups = dict(_kohya_groups(transformer))
+    unknown = sorted(k for k in state if not (k.endswith(KOHYA_SUFFIXES) and k.split(".", 1)[0] in groups))
+    if unknown:
+        raise ValueError(
+            f"{path}: {len(unknown)} keys are not kohya LoRA keys of this Flux model's blocks: {_preview(unknown)}"
+        )
+
+    new = {}  # adapter Linear -> (A, B), all checked before any is written
+    for key in sorted({k.split(".", 1)[0] for k in state}):
+        parts = groups[key]
+        if f"{key}.lora_down.weight" not in state or f"{key}.lora_up.weight" not in state:
+            raise ValueError(f"{path}: {key} needs both .lora_down.weight and .lora_up.weight")
+        down, up = state[f"{key}.lora_down.weight"].float(), state[f"{key}.lora_up.weight"].float()
+        R = down.shape[0]
+        scale = state[f"{key}.alpha"].item() / R if f"{key}.alpha" in state else 1.0
+        linears = [transformer.get_submodule(p) for p in parts]
+        outs = [m.out_features for m in linears]
+        if down.shape[1] != linears[0].in_features or up.shape != (sum(outs), R):
+            raise ValueError(
+                f"{path}: {key} has down {tuple(down.shape)} / up {tuple(up.shape)}, but this model's "
+                f"{'+'.join(parts)} needs ({R}, {linears[0].in_features}) / ({sum(outs)}, {R}); "
+                "the LoRA was trained for a different model"
+            )
+        rank = next((layers[p].r[ADAPTER] for p in parts if p in layers), R)
+        for part, (a, b) in zip(parts, _split_fused(path, key, down, up, outs, rank)):
+            if part in layers:
+                new[part] = (a, b * (scale / _scale(layers[part])))
+            elif a.any() and b.any():  # zero blocks stand for parts without a LoRA
+                raise ValueError(
+                    f"{path}: {key} has a LoRA on {part}, which the adapter does not cover; call add_lora with "
+                    "blocks and include_modulation that cover it"
+                )
+
+    uncovered = sorted(layers.keys() - new.keys())
+    if uncovered:
+        logger.warning("%s has no LoRA for %d adapter Linears; zeroed: %s", path, len(uncovered), _preview(uncovered))
+    with torch.no_grad():
+        for part, layer in layers.items():
+            if part in new:
+                layer.lora_A[ADAPTER].weight.copy_(new[part][0])
+                layer.lora_B[ADAPTER].weight.copy_(new[part][1])
+            else:
+                layer.lora_B[ADAPTER].weight.zero_()
+    return metadata

@@ -1,0 +1,94 @@
+"""Memory presets by card size: the settings that let a Flux.1-dev LoRA train on a 24, 16, 12 or 8 GB card.
+
+Defined once here; `bench/memory.py` projects each preset's peak VRAM and checks it fits its card with 10% headroom,
+so a preset changed here is re-checked by running the bench. The ladder follows kohya sd-scripts' published one
+(24 GB: fp8 base and checkpointing; 16 GB: + block swap; 12 GB: more blocks swapped; 8 GB: most blocks swapped,
+at 512²), though the swap counts differ: see `split_blocks_to_swap`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .config import OPTIMIZERS
+
+FLUX_DOUBLE_BLOCKS = 19
+FLUX_SINGLE_BLOCKS = 38
+LORA_DTYPES = ("fp32", "bf16")
+
+
+def split_blocks_to_swap(
+    blocks_to_swap: int, num_double: int = FLUX_DOUBLE_BLOCKS, num_single: int = FLUX_SINGLE_BLOCKS
+) -> tuple[int, int]:
+    """`blocks_to_swap` -> (double blocks, single blocks) whose frozen weights wait in CPU RAM.
+
+    Counted in whole blocks, as `block_swap.BlockSwap` swaps them: the last `blocks_to_swap` of the blocks in
+    execution order (19 double, then 38 single), so single blocks go first and double blocks only past 38. A double
+    block holds 2.4x a single block's weights (340 M vs 142 M parameters), so the first 38 save less per block than
+    the rest, and the numbers are not kohya's (whose unit is half a double block or two single blocks).
+    """
+    if not 0 <= blocks_to_swap <= num_double + num_single:
+        raise ValueError(
+            f"blocks_to_swap: {blocks_to_swap}; use 0 (no swap) to {num_double + num_single}, the model's block count"
+        )
+    return max(0, blocks_to_swap - num_single), min(blocks_to_swap, num_single)
+
+
+@dataclass(frozen=True)
+class MemoryPreset:
+    """How to fit a training step on one card size; `train_settings` gives the `TrainConfig` fields it sets."""
+
+    name: str
+    card_gib: float  # VRAM of the card the preset targets, GiB
+    fp8_base: bool  # frozen block weights stored as float8_e4m3fn (1 byte/param), computed in bf16
+    gradient_checkpointing: bool  # a block keeps only its inputs and is recomputed in backward
+    blocks_to_swap: int  # whole blocks from the output end, see `split_blocks_to_swap`
+    optimizer: str  # one of config.OPTIMIZERS
+    resolution: int  # bucket base size, pixels
+    batch_size: int
+    lora_dtype: str = "fp32"  # LoRA weights, gradients and optimizer state; the trainer keeps fp32 under bf16 autocast
+
+    def __post_init__(self):
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"preset {self.name}: optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
+        if self.lora_dtype not in LORA_DTYPES:
+            raise ValueError(f"preset {self.name}: lora_dtype {self.lora_dtype!r}; choose {' or '.join(LORA_DTYPES)}")
+        if self.resolution < 64 or self.resolution % 64:
+            raise ValueError(f"preset {self.name}: resolution {self.resolution} is not a positive multiple of 64")
+        if self.batch_size < 1 or self.card_gib <= 0:
+            raise ValueError(f"preset {self.name}: batch_size and card_gib must be positive")
+        split_blocks_to_swap(self.blocks_to_swap)
+
+    def train_settings(self) -> dict:
+        """The `TrainConfig` fields this preset sets: `TrainConfig(**paths, **preset.train_settings())`.
+
+        `lora_dtype` is not among them: the trainer always keeps LoRA weights in fp32; bf16 is for projections only.
+        """
+        return {
+            "fp8_base": self.fp8_base,
+            "gradient_checkpointing": self.gradient_checkpointing,
+            "blocks_to_swap": self.blocks_to_swap,
+            "optimizer": self.optimizer,
+            "resolutions": (self.resolution,),
+            "batch_size": self.batch_size,
+            "mixed_precision": "bf16",
+        }
+
+
+# Tuned with `bench/memory.py`: each fits its card with >= 10% headroom in its projection, 15-20% where two more
+# swapped blocks buy it, for what a projection leaves out (a desktop on the same card, driver differences).
+PRESETS: dict[str, MemoryPreset] = {
+    p.name: p
+    for p in (
+        # no memory saving: bf16 base, nothing recomputed or swapped; ~73 GiB, so 96 GB cards (80 GB: use "24GB")
+        MemoryPreset("none", 96, fp8_base=False, gradient_checkpointing=False, blocks_to_swap=0, optimizer="adamw",
+                     resolution=1024, batch_size=1),
+        MemoryPreset("24GB", 24, fp8_base=True, gradient_checkpointing=True, blocks_to_swap=0, optimizer="adamw",
+                     resolution=1024, batch_size=1),
+        MemoryPreset("16GB", 16, fp8_base=True, gradient_checkpointing=True, blocks_to_swap=28, optimizer="adamw8bit",
+                     resolution=1024, batch_size=1),
+        MemoryPreset("12GB", 12, fp8_base=True, gradient_checkpointing=True, blocks_to_swap=46, optimizer="adamw8bit",
+                     resolution=1024, batch_size=1),
+        MemoryPreset("8GB", 8, fp8_base=True, gradient_checkpointing=True, blocks_to_swap=50, optimizer="adafactor",
+                     resolution=512, batch_size=1),
+    )
+}
