@@ -227,7 +227,7 @@ def lora_flux(config: dict, fp8_base: bool, lora_dtype: str, device: str = "meta
     assert device == "meta" or not fp8_base
     with torch.device(device):
         model = FluxTransformer2DModel.from_config({**config, "num_layers": 1, "num_single_layers": 1})
-    fp8_weights = models._use_fp8_linears(model, torch.bfloat16) if fp8_base else set()
+    fp8_weights = models.use_fp8_linears(model, torch.bfloat16) if fp8_base else set()
     model.bfloat16()
     for name in fp8_weights:
         model.get_parameter(name).data = model.get_parameter(name).data.to(torch.float8_e4m3fn)

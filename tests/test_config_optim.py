@@ -3,7 +3,7 @@ import math
 
 import pytest
 
-from trainer_core.config import TrainConfig
+from trainer_core.config import TrainConfig, read_toml
 from trainer_core.optim import learning_rate
 
 PATHS = dict(transformer_path="t.safetensors", vae_path="ae.safetensors", clip_path="clip_l.safetensors",
@@ -46,7 +46,7 @@ def test_resolutions_parse_from_text():
 
 def test_toml_paths_are_relative_to_the_file(tmp_path):
     (tmp_path / "run.toml").write_text('\n'.join(f'{k} = "{v}"' for k, v in PATHS.items()) + '\nrank = 4\n')
-    cfg = TrainConfig.from_toml(tmp_path / "run.toml")
+    cfg = TrainConfig.from_dict(read_toml(tmp_path / "run.toml"), base_dir=tmp_path)
     assert cfg.rank == 4 and cfg.dataset_dir == str(tmp_path / "data")
 
 

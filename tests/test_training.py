@@ -27,10 +27,14 @@ def make_trainer(tiny_flux, dataset, tmp_path, **changes):
 
 
 def test_overfitting_two_images_brings_the_loss_down(tiny_flux, dataset, tmp_path):
+    """The classic sanity check: the same noise and timesteps every step, so the LoRA can memorise the batch.
+
+    (With fresh noise each step a random tiny base learns far more slowly; the demo shows that curve.)
+    """
     trainer = make_trainer(tiny_flux, dataset, tmp_path, learning_rate=3e-3, lr_schedule="constant", warmup_steps=0)
-    trainer.train(160)
+    trainer.train(100, on_step=lambda info: trainer.generator.manual_seed(0))
     first, last = mean_losses(trainer.losses)
-    assert last < 0.7 * first, (first, last)
+    assert last < 0.6 * first, (first, last)
 
 
 def test_snapshot_restore_continues_exactly(tiny_flux, dataset, tmp_path):
@@ -82,6 +86,7 @@ def _cli_config(tiny_flux, dataset, folder: Path, steps: int) -> Path:
     for key, value in cfg.to_dict().items():
         lines.append(f"{key} = {list(value) if isinstance(value, tuple) else repr(value).lower() if isinstance(value, bool) else repr(value)}")
     lines += ["[plan]", f"steps = {steps}", "save_every = 3", "prompts = []"]
+    folder.mkdir(parents=True, exist_ok=True)
     path = folder / "run.toml"
     path.write_text("\n".join(lines).replace("'", '"'))
     return path

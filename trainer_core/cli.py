@@ -12,17 +12,16 @@ log = logging.getLogger("trainer_core")
 
 
 def _train(args) -> None:
-    import tomllib
-
     from .checkpoints import latest_state_file, load_training_state
-    from .config import TrainConfig
+    from .config import TrainConfig, read_toml
     from .plan import RunPlan, execute
     from .trainer import Trainer
 
     path = Path(args.config)
-    values = tomllib.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    values = read_toml(path)
     plan = RunPlan.from_dict(values.pop("plan", {}))
-    config = TrainConfig.from_toml(path)  # validates (and names) every setting before any model loads
+    # every setting is validated (and named when wrong) before any model loads
+    config = TrainConfig.from_dict(values, source=str(path), base_dir=path.parent)
     if args.resume:
         resume = Path(args.resume)
     else:  # after a crash or a cancel, pick up from the newest complete state instead of starting over
@@ -58,6 +57,16 @@ def _demo(args) -> None:
     print(f"XY grid:         {result.grid}")
 
 
+def _install_tiny(args) -> None:
+    import dataclasses
+
+    from .comfy_install import install_tiny
+
+    for name, path in dataclasses.asdict(install_tiny(args.base_dir)).items():
+        print(f"{name + ':':24s}{path}")
+    print("now load example_workflows/flux_tiny_demo.json in ComfyUI and queue it")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m trainer_core", description="Flux.1 LoRA trainer")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -70,6 +79,10 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--out", default="demo_output", help="folder for the model, data and results")
     demo.add_argument("--steps", type=int, default=200)
     demo.set_defaults(run=_demo)
+    install = sub.add_parser("install-tiny", help="write the tiny model and demo dataset into a ComfyUI folder, "
+                                                  "for example_workflows/flux_tiny_demo.json")
+    install.add_argument("base_dir", metavar="COMFYUI_BASE_DIR", help="ComfyUI's folder (holding models/ and input/)")
+    install.set_defaults(run=_install_tiny)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:

@@ -138,36 +138,38 @@ class TrainConfig:
         check_output_name(self.output_name)
 
     @classmethod
-    def from_dict(cls, values: dict, source: str = "config") -> "TrainConfig":
+    def from_dict(cls, values: dict, source: str = "config", base_dir: str | Path | None = None) -> "TrainConfig":
+        """Strict: unknown keys raise. Relative paths are taken relative to `base_dir` (a config file's folder)."""
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
             raise ValueError(f"{source}: unknown setting(s) {', '.join(unknown)}; valid settings are: {', '.join(sorted(known))}")
+        if base_dir is not None:
+            values = {k: str(Path(base_dir) / v) if k in _PATH_FIELDS and v and not Path(v).is_absolute() else v
+                      for k, v in values.items()}
         return cls(**values)
-
-    @classmethod
-    def from_toml(cls, path: str | Path) -> "TrainConfig":
-        import tomllib
-
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"config file {path} does not exist; give the path of a .toml file")
-        try:
-            values = tomllib.loads(path.read_text(encoding="utf-8"))
-        except tomllib.TOMLDecodeError as e:
-            raise ValueError(f"{path}: not valid TOML ({e}); fix the line it names") from e
-        # relative paths in a config file are relative to the file, not to wherever the CLI was started
-        for name in ("transformer_path", "vae_path", "clip_path", "t5_path", "dataset_dir", "tokenizer_dir",
-                     "clip_tokenizer_dir", "t5_tokenizer_dir", "validation_transformer_path", "cache_dir", "output_dir"):
-            if values.get(name) and not Path(values[name]).is_absolute():
-                values[name] = str(path.parent / values[name])
-        return cls.from_dict(values, source=str(path))
 
     def replace(self, **changes) -> "TrainConfig":
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+_PATH_FIELDS = {"transformer_path", "vae_path", "clip_path", "t5_path", "dataset_dir", "tokenizer_dir", "clip_tokenizer_dir",
+                "t5_tokenizer_dir", "validation_transformer_path", "cache_dir", "output_dir"}
+
+
+def read_toml(path: str | Path) -> dict:
+    import tomllib
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} does not exist; give the path of a .toml file")
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as e:
+        raise ValueError(f"{path}: not valid TOML ({e}); fix the line it names") from e
 
 
 _FORBIDDEN_NAME_CHARS = set('<>:"/\\|?*') | {chr(c) for c in range(32)}

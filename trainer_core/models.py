@@ -391,10 +391,30 @@ class Fp8Linear(nn.Linear):
     def forward(self, x: Tensor) -> Tensor:
         """(..., in_features) -> (..., out_features), in x's dtype."""
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        return F.linear(x, self.weight.to(x.dtype), bias)
+        return _Fp8LinearFunction.apply(x, self.weight, bias)
 
 
-def _use_fp8_linears(model: FluxTransformer2DModel, compute_dtype: torch.dtype) -> set[str]:
+class _Fp8LinearFunction(torch.autograd.Function):
+    """y = x W^T + b with W upcast on the fly, keeping only the float8 W for backward.
+
+    Plain autograd would save the upcast copy of W for the input gradient: a full-precision copy of every block
+    weight until backward, which is the memory fp8 storage was meant to save. W and b are frozen: no grads.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        ctx.save_for_backward(weight)
+        ctx.input_dtype = x.dtype
+        return F.linear(x, weight.to(x.dtype), bias)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        (weight,) = ctx.saved_tensors
+        # under autocast grad_out may be bf16 while x was fp32: compute in grad_out's dtype, return x's
+        return (grad_out @ weight.to(grad_out.dtype)).to(ctx.input_dtype), None, None
+
+
+def use_fp8_linears(model: FluxTransformer2DModel, compute_dtype: torch.dtype) -> set[str]:
     """Swap the Linears of the transformer blocks for `Fp8Linear`s (on meta); returns their weight names."""
     names = [
         name
@@ -434,7 +454,7 @@ def load_transformer(
 
     with init_empty_weights():
         model = FluxTransformer2DModel.from_config(config)
-    fp8_weights = _use_fp8_linears(model, dtype) if fp8_base else set()
+    fp8_weights = use_fp8_linears(model, dtype) if fp8_base else set()
     for k in state_dict:  # in place, so the memory of a converted tensor is freed as the next is made
         state_dict[k] = state_dict[k].to(torch.float8_e4m3fn if k in fp8_weights else dtype)
     _assign(model, state_dict, path)

@@ -1,0 +1,130 @@
+"""Training-step time of trainer_core against a plain diffusers + peft loop, measured in the same run.
+
+    .venv/bin/python bench/step.py [--steps 20] [--rounds 3]
+
+Both train the same small-but-not-trivial Flux (2 double + 4 single blocks, width 256, 256 image + 64 text
+tokens) with the same LoRA, data, optimizer settings and precision, on this machine's CPU. Rounds alternate
+between the loops so drift in machine load hits both alike; the figure is the ratio of median step times
+(< 1.0: trainer_core is faster). Also measured: trainer_core with gradient checkpointing and with block swap.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from diffusers import FluxTransformer2DModel
+from peft import LoraConfig
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from trainer_core import lora  # noqa: E402
+from trainer_core.caching import CachedDataset, CachedSample  # noqa: E402
+from trainer_core.config import TrainConfig  # noqa: E402
+from trainer_core.data import ImageRecord  # noqa: E402
+from trainer_core.flow_matching import image_ids, noisy_input_and_target, pack_latents, sample_sigmas, text_ids  # noqa: E402
+from trainer_core.trainer import Trainer  # noqa: E402
+
+RANK, LR, SEED = 16, 1e-4, 0
+MODEL = dict(in_channels=64, num_layers=2, num_single_layers=4, attention_head_dim=64, num_attention_heads=4,
+             joint_attention_dim=256, pooled_projection_dim=64, guidance_embeds=True, axes_dims_rope=(8, 28, 28))
+LATENT, TEXT = (16, 32, 32), 64  # a 256 px image: 256 packed tokens
+
+
+def make_dataset(n: int = 4) -> CachedDataset:
+    g = torch.Generator().manual_seed(SEED)
+    samples = [CachedSample(latents=torch.randn(*LATENT, generator=g), prompt_embeds=torch.randn(TEXT, 256, generator=g),
+                            pooled=torch.randn(64, generator=g), caption=f"sample {i}", bucket=(256, 256))
+               for i in range(n)]
+    records = [ImageRecord(path=Path(f"sample{i}.png"), caption=s.caption, bucket=(256, 256)) for i, s in enumerate(samples)]
+    empty = (torch.zeros(TEXT, 256), torch.zeros(64))
+    return CachedDataset(records=records, samples=samples, flipped=None, empty_prompt=empty)
+
+
+class ReferenceLoop:
+    """What a user would write with diffusers and peft alone: the baseline."""
+
+    def __init__(self, transformer: FluxTransformer2DModel, dataset: CachedDataset):
+        self.model, self.dataset = transformer, dataset
+        self.model.requires_grad_(False)
+        self.model.add_adapter(LoraConfig(r=RANK, lora_alpha=RANK, target_modules=lora.target_regex(
+            lora.parse_blocks("all", {"double": MODEL["num_layers"], "single": MODEL["num_single_layers"]}), True)))
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=LR, weight_decay=0.0)
+        self.g = torch.Generator().manual_seed(SEED)
+        self.i = 0
+
+    def step(self) -> float:
+        s = self.dataset.samples[self.i % len(self.dataset.samples)]
+        self.i += 1
+        x0 = pack_latents(s.latents[None])
+        noise = torch.randn(x0.shape, generator=self.g)
+        sigmas = sample_sigmas(1, "shift", self.g)
+        x_t, target = noisy_input_and_target(x0, noise, sigmas)
+        pred = self.model(hidden_states=x_t, encoder_hidden_states=s.prompt_embeds[None], pooled_projections=s.pooled[None],
+                          timestep=sigmas, img_ids=image_ids(*LATENT[1:]), txt_ids=text_ids(TEXT),
+                          guidance=torch.ones(1), return_dict=False)[0]
+        loss = F.mse_loss(pred, target)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+        self.optimizer.step()
+        self.optimizer.zero_grad()
+        return loss.item()
+
+
+def ours(base: FluxTransformer2DModel, dataset: CachedDataset, **changes) -> Trainer:
+    config = TrainConfig(transformer_path="bench", vae_path="bench", clip_path="bench", t5_path="bench", dataset_dir="bench",
+                         rank=RANK, alpha=RANK, learning_rate=LR, mixed_precision="fp32", device="cpu", seed=SEED,
+                         gradient_checkpointing=False, **changes)
+    return Trainer(config, copy.deepcopy(base), vae=None, text_encoders=None, dataset=dataset, device="cpu")
+
+
+def time_steps(step, n: int) -> float:
+    t0 = time.perf_counter()
+    for _ in range(n):
+        step()
+    return (time.perf_counter() - t0) / n
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--steps", type=int, default=20, help="steps per timed round")
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+
+    torch.manual_seed(SEED)
+    base = FluxTransformer2DModel(**MODEL)
+    dataset = make_dataset()
+    loops = {
+        "reference (diffusers + peft)": ReferenceLoop(copy.deepcopy(base), dataset).step,
+        "trainer_core": (lambda t: lambda: t.train(1))(ours(base, dataset)),
+        "trainer_core + checkpointing": (lambda t: lambda: t.train(1))(ours(base, dataset, gradient_checkpointing=True)),
+        "trainer_core + checkpointing + swap all blocks": (lambda t: lambda: t.train(1))(
+            ours(base, dataset, gradient_checkpointing=True, blocks_to_swap=6)),
+    }
+    for step in loops.values():  # warm up allocators and kernels
+        time_steps(step, 3)
+    times = {name: [] for name in loops}
+    for _ in range(args.rounds):
+        for name, step in loops.items():
+            times[name].append(time_steps(step, args.steps))
+
+    reference = statistics.median(times["reference (diffusers + peft)"])
+    print(f"threads {torch.get_num_threads()}, {args.rounds} rounds x {args.steps} steps, "
+          f"model {sum(p.numel() for p in base.parameters()) / 1e6:.1f} M params, LoRA rank {RANK}")
+    print(f"{'loop':50s} {'s/step':>8s} {'ratio':>7s}")
+    for name, ts in times.items():
+        t = statistics.median(ts)
+        print(f"{name:50s} {t:8.4f} {t / reference:7.3f}")
+    ratio = statistics.median(times["trainer_core"]) / reference
+    print(f"\ntrainer_core / reference step time: {ratio:.3f} ({'OK' if ratio <= 1.0 else 'SLOWER than the reference'})")
+    return 0 if ratio <= 1.0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,103 @@
+"""Gated: our kohya LoRA file, applied by ComfyUI's own LoRA loader to ComfyUI's own Flux model, gives exactly the
+BFL weights of our transformer with the LoRA merged by peft.
+
+ComfyUI runs in its own Python (`comfy_apply_lora.py`, a subprocess), our code in this one; they meet only through
+the files, as they do for users. ComfyUI skips LoRA keys it does not recognise with nothing but a log line, so the
+test checks the log, the key mapping and the merged values.
+"""
+import copy
+import json
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from trainer_core.lora import add_lora, load_lora_state, lora_state, save_kohya_lora, set_lora_strength
+from trainer_core.models import diffusers_to_bfl, load_transformer
+
+STRENGTHS = (1.0, 0.5)
+RANK, ALPHA = 4, 2.0  # alpha != rank: a lost .alpha would change the scale
+PROBE = Path(__file__).with_name("comfy_apply_lora.py")
+
+
+@dataclass
+class Applied:
+    expected: dict[float, dict[str, torch.Tensor]]  # strength -> BFL weights with the LoRA merged by peft
+    base: dict[str, torch.Tensor]  # BFL weights without the LoRA
+    report: dict  # comfy_apply_lora.py's report.json
+    out_dir: Path  # ComfyUI's patched weights, patched_<strength>.safetensors
+
+
+def merged_bfl(transformer: torch.nn.Module, strength: float) -> dict[str, torch.Tensor]:
+    """BFL weights of `transformer` with its LoRA fused at `strength` by peft (the transformer is left as is)."""
+    merged = copy.deepcopy(transformer)
+    set_lora_strength(merged, strength)
+    merged.fuse_lora()
+    merged.unload_lora()
+    return diffusers_to_bfl(merged.state_dict())
+
+
+def comfyui_widths(transformer: torch.nn.Module) -> dict:
+    """The unet_config fields ComfyUI's Flux detection fixes at Flux-dev's values, from our transformer's config."""
+    c = transformer.config
+    return {
+        "hidden_size": c.num_attention_heads * c.attention_head_dim,
+        "num_heads": c.num_attention_heads,
+        "context_in_dim": c.joint_attention_dim,
+        "axes_dim": list(c.axes_dims_rope),
+    }
+
+
+@pytest.fixture(scope="module")
+def applied(tiny_flux, comfyui_dir, comfyui_python, tmp_path_factory):
+    """Our LoRA saved, merged by peft, and applied by ComfyUI."""
+    folder = tmp_path_factory.mktemp("lora_in_comfyui")
+    transformer = load_transformer(tiny_flux.transformer_bf16, dtype=torch.float32)
+    add_lora(transformer, RANK, ALPHA)
+    # peft starts B at zero (a no-op LoRA); random bf16-exact values make every part count and survive the bf16 file
+    g = torch.Generator().manual_seed(0)
+    shapes = {k: v.shape for k, v in lora_state(transformer).items()}
+    load_lora_state(transformer, {k: (0.1 * torch.randn(s, generator=g)).bfloat16().float() for k, s in shapes.items()})
+    lora_path = folder / "tiny_lora.safetensors"
+    save_kohya_lora(lora_path, transformer, metadata={"ss_base_model_version": "flux1"})
+
+    out = folder / "comfyui"
+    command = [
+        str(comfyui_python), str(PROBE), str(comfyui_dir), str(tiny_flux.transformer_bf16), str(lora_path), str(out),
+        "--widths", json.dumps(comfyui_widths(transformer)), "--strengths", *map(str, STRENGTHS),
+    ]  # fmt: skip
+    run = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, f"{' '.join(command)}\n{run.stdout}\n{run.stderr}"
+    return Applied(
+        expected={s: merged_bfl(transformer, s) for s in STRENGTHS},
+        base=merged_bfl(transformer, 0.0),
+        report=json.loads((out / "report.json").read_text()),
+        out_dir=out,
+    )
+
+
+def test_comfyui_builds_its_flux_model_from_our_file(applied):
+    report = applied.report
+    assert report["model_class"] == "Flux"
+    assert not [w for w in report["warnings"] if w.startswith(("unet missing", "unet unexpected"))], report["warnings"]
+
+
+def test_every_lora_key_is_consumed(applied):
+    report = applied.report
+    assert report["lora_modules"], "the LoRA file is empty"
+    assert report["unmapped_modules"] == []
+    assert not [w for w in report["warnings"] if "lora key not loaded" in w or "NOT LOADED" in w], report["warnings"]
+
+
+@pytest.mark.parametrize("strength", STRENGTHS)
+def test_patched_weights_equal_the_peft_merge(applied, strength):
+    expected = applied.expected[strength]
+    patched = load_file(applied.out_dir / f"patched_{strength}.safetensors")
+    assert patched.keys() == expected.keys()
+    changed = sorted(k for k in applied.base if not torch.equal(applied.base[k], expected[k]))
+    assert changed == applied.report["patched_keys"][str(strength)], "ComfyUI patched other weights than the LoRA's"
+    for key, value in expected.items():
+        torch.testing.assert_close(patched[key], value, msg=lambda m, key=key: f"{key}: {m}")
