@@ -78,9 +78,10 @@ class ReferenceLoop:
 
 
 def ours(base: FluxTransformer2DModel, dataset: CachedDataset, **changes) -> Trainer:
+    settings = dict(rank=RANK, alpha=RANK, learning_rate=LR, mixed_precision="fp32", device="cpu", seed=SEED,
+                    gradient_checkpointing=False)
     config = TrainConfig(transformer_path="bench", vae_path="bench", clip_path="bench", t5_path="bench", dataset_dir="bench",
-                         rank=RANK, alpha=RANK, learning_rate=LR, mixed_precision="fp32", device="cpu", seed=SEED,
-                         gradient_checkpointing=False, **changes)
+                         **{**settings, **changes})
     return Trainer(config, copy.deepcopy(base), vae=None, text_encoders=None, dataset=dataset, device="cpu")
 
 

@@ -1,0 +1,18 @@
+"""The ComfyUI nodes: thin adapters over `trainer_core` (which never imports ComfyUI).
+
+Node ids carry the pack's prefix so they never collide with core's or other packs' training nodes.
+"""
+from .images import LossPlot, ValidationSample, XYLoraStrengthGrid
+from .init_trainer import InitTrainer
+from .training import SaveCheckpoint, TrainLoop
+
+_NODES = {
+    "InitTrainer": (InitTrainer, "Init Trainer"),
+    "TrainLoop": (TrainLoop, "Train Loop"),
+    "SaveCheckpoint": (SaveCheckpoint, "Save Checkpoint"),
+    "LossPlot": (LossPlot, "Loss Plot"),
+    "ValidationSample": (ValidationSample, "Validation Sample"),
+    "XYLoraStrengthGrid": (XYLoraStrengthGrid, "XY LoRA Strength Grid"),
+}
+NODE_CLASS_MAPPINGS = {f"FluxLoRA_{name}": cls for name, (cls, _) in _NODES.items()}
+NODE_DISPLAY_NAME_MAPPINGS = {f"FluxLoRA_{name}": f"{title} (Flux LoRA)" for name, (_, title) in _NODES.items()}

@@ -1,0 +1,147 @@
+"""The one place that touches ComfyUI (`folder_paths`, `comfy.*`), imported lazily.
+
+Outside ComfyUI (tests, scripts) every function degrades to plain behaviour: no progress bar, no interrupt, and
+model folders laid out as ComfyUI's under the base folder named by the environment variable
+`FLUX_LORA_TRAINER_BASE_DIR` (default: the current folder): `models/diffusion_models`, `models/vae`, ...
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import uuid
+from pathlib import Path
+
+BASE_DIR_ENV = "FLUX_LORA_TRAINER_BASE_DIR"
+MODEL_EXTENSIONS = (".safetensors", ".sft")
+# ComfyUI's folder names and, outside ComfyUI, where they live under the base folder (its legacy names included)
+_FOLDERS = {
+    "diffusion_models": ("models/diffusion_models", "models/unet"),
+    "vae": ("models/vae",),
+    "text_encoders": ("models/text_encoders", "models/clip"),
+    "loras": ("models/loras",),
+}
+
+
+def _comfy(module: str):
+    """The ComfyUI module, or None when not running inside ComfyUI."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        return None
+
+
+def _base_dir() -> Path:
+    return Path(os.environ.get(BASE_DIR_ENV, ".")).resolve()
+
+
+def folder_paths(folder: str) -> list[Path]:
+    """The folders ComfyUI searches for `folder` ("diffusion_models", "vae", "text_encoders", "loras")."""
+    fp = _comfy("folder_paths")
+    if fp is not None:
+        return [Path(p) for p in fp.get_folder_paths(folder)]
+    return [_base_dir() / sub for sub in _FOLDERS[folder]]
+
+
+def filename_list(folder: str) -> list[str]:
+    """File names (relative to their folder) for a combo widget."""
+    fp = _comfy("folder_paths")
+    if fp is not None:
+        return fp.get_filename_list(folder)
+    names = {
+        p.relative_to(root).as_posix()
+        for root in folder_paths(folder) if root.is_dir()
+        for p in root.rglob("*") if p.suffix in MODEL_EXTENSIONS and p.is_file()
+    }
+    return sorted(names)
+
+
+def full_path(folder: str, name: str, field: str) -> Path:
+    """The file a combo value names; FileNotFoundError naming the widget `field` and the folders searched."""
+    fp = _comfy("folder_paths")
+    try:
+        return Path(fp.get_full_path_or_raise(folder, name)) if fp is not None else _find(folder, name)
+    except FileNotFoundError as e:
+        searched = ", ".join(str(p) for p in folder_paths(folder))
+        raise FileNotFoundError(
+            f"{field}: {name!r} is not in ComfyUI's {folder} folder ({searched}); put the file there, "
+            "then refresh the node (press R) and pick it"
+        ) from e
+
+
+def _find(folder: str, name: str) -> Path:
+    """Outside ComfyUI: an absolute path as given, else the name in the folder; like ComfyUI, `..` cannot leave it."""
+    candidates = [Path(name)] if Path(name).is_absolute() else [
+        p for root in folder_paths(folder) if (p := Path(os.path.normpath(root / name))).is_relative_to(root)]
+    found = next((p for p in candidates if p.is_file()), None)
+    if found is None:
+        raise FileNotFoundError(name)
+    return found
+
+
+def input_directory() -> Path:
+    fp = _comfy("folder_paths")
+    return Path(fp.get_input_directory()) if fp is not None else _base_dir() / "input"
+
+
+def temp_directory() -> Path:
+    fp = _comfy("folder_paths")
+    return Path(fp.get_temp_directory()) if fp is not None else _base_dir() / "temp"
+
+
+def tokenizer_dirs() -> tuple[Path, Path] | None:
+    """ComfyUI's own CLIP-L and T5 tokenizer folders (shipped in its source tree), or None outside ComfyUI."""
+    comfy = _comfy("comfy")
+    if comfy is None:
+        return None
+    root = Path(comfy.__file__).parent
+    return root / "sd1_tokenizer", root / "text_encoders" / "t5_tokenizer"
+
+
+def torch_device() -> str:
+    """The device ComfyUI computes on (it honours --cpu and --cuda-device), or "auto" outside ComfyUI."""
+    mm = _comfy("comfy.model_management")
+    return str(mm.get_torch_device()) if mm is not None else "auto"
+
+
+class _NoProgressBar:
+    def __init__(self, total: int):
+        self.total = total
+
+    def update_absolute(self, value: int, total: int | None = None, preview=None) -> None:
+        pass
+
+
+def progress_bar(total: int):
+    """ComfyUI's progress bar for the running node; its update raises ComfyUI's interrupt on Cancel."""
+    utils = _comfy("comfy.utils")
+    return utils.ProgressBar(total) if utils is not None else _NoProgressBar(total)
+
+
+def raise_if_cancelled() -> bool:
+    """Raise ComfyUI's InterruptProcessingException if Cancel was pressed; False (never stop) otherwise.
+
+    Shaped as a `should_stop` hook, so the trainer checks it before every step."""
+    mm = _comfy("comfy.model_management")
+    if mm is not None:
+        mm.throw_exception_if_processing_interrupted()
+    return False
+
+
+def free_comfy_models() -> None:
+    """Unload the models ComfyUI holds so training gets the memory."""
+    mm = _comfy("comfy.model_management")
+    if mm is not None:
+        mm.unload_all_models()
+        mm.soft_empty_cache()
+
+
+def save_previews(images) -> list[dict]:
+    """PNG previews of PIL images in ComfyUI's temp folder, as the `ui.images` entries PreviewImage returns."""
+    folder = temp_directory()
+    folder.mkdir(parents=True, exist_ok=True)
+    entries = []
+    for image in images:
+        name = f"flux_lora_{uuid.uuid4().hex[:12]}.png"
+        image.save(folder / name, compress_level=1)
+        entries.append({"filename": name, "subfolder": "", "type": "temp"})
+    return entries

@@ -1,0 +1,45 @@
+"""What the node modules share: the handle type, the category, sampling widgets and IMAGE conversion."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from . import comfy_bridge
+
+HANDLE = "FLUX_LORA_TRAINER"
+CATEGORY = "Flux LoRA Trainer"
+HANDLE_INPUT = (HANDLE, {"tooltip": "The training run at one point, from InitTrainer, TrainLoop or SaveCheckpoint."})
+BASES = ("training base", "validation base")
+
+# Sampling widgets shared by ValidationSample and the XY grid, in widget order.
+SAMPLING_INPUTS = {
+    # no control_after_generate: a seed that changes on every queue would re-render on every queue
+    "seed": ("INT", {"default": 0, "min": 0, "max": 2**32 - 1, "control_after_generate": False,
+                     "tooltip": "Noise seed; keep it fixed to compare checkpoints fairly."}),
+    "steps": ("INT", {"default": 20, "min": 1, "max": 200, "tooltip": "Euler sampling steps."}),
+    "guidance": ("FLOAT", {"default": 3.5, "min": 0.0, "max": 30.0, "step": 0.1,
+                           "tooltip": "Flux-dev's distilled guidance for sampling (3.5 is typical)."}),
+    "width": ("INT", {"default": 512, "min": 64, "max": 2048, "step": 16, "tooltip": "Image width, a multiple of 16."}),
+    "height": ("INT", {"default": 512, "min": 64, "max": 2048, "step": 16,
+                       "tooltip": "Image height, a multiple of 16."}),
+    "base": (list(BASES), {"tooltip": "Render on the training base, or on the validation base chosen in InitTrainer "
+                                      "(train on Flux-dev2pro, judge on Flux-dev)."}),
+}
+
+
+def sampling_kwargs(seed: int, steps: int, guidance: float, width: int, height: int, base: str) -> dict:
+    """`TrainingRun.sample` keyword arguments from the shared sampling widgets."""
+    if base not in BASES:
+        raise ValueError(f"base: {base!r}; choose one of {', '.join(BASES)}")
+    return dict(seed=seed, steps=steps, guidance=guidance, width=width, height=height,
+                validation_base=base == "validation base")
+
+
+def to_image(images) -> torch.Tensor:
+    """PIL images of one size -> ComfyUI IMAGE, float (B, H, W, C) in [0, 1]."""
+    return torch.from_numpy(np.stack([np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0 for im in images]))
+
+
+def image_output(images) -> dict:
+    """A node result with the IMAGE batch and the previews ComfyUI shows on the node."""
+    return {"ui": {"images": comfy_bridge.save_previews(images)}, "result": (to_image(images),)}

@@ -1,0 +1,197 @@
+"""InitTrainer: pick the model files and settings, check all of them, then load the models and start a run."""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from pathlib import Path
+
+from trainer_core.checkpoints import STATE_SUFFIX, TrainingState, load_training_state
+from trainer_core.config import LR_SCHEDULES, MIXED_PRECISIONS, OPTIMIZERS, TrainConfig
+from trainer_core.flow_matching import TIMESTEP_SAMPLINGS
+from trainer_core.models import KIND_DESCRIPTIONS, detect_file_kind
+from trainer_core.presets import PRESETS
+from trainer_core.run_handle import TrainingRun
+
+from . import comfy_bridge
+from .common import CATEGORY, HANDLE
+
+log = logging.getLogger(__name__)
+
+SAME_AS_TRAINING = "same as training"
+CUSTOM = "custom"
+NONE = "none"
+MEMORY_FIELDS = ("fp8_base", "gradient_checkpointing", "blocks_to_swap")  # what a preset decides
+TRANSFORMER_KINDS = ("flux_transformer", "flux_transformer_diffusers", "flux_checkpoint")
+# widget -> (ComfyUI folder, the file kinds models.py accepts there)
+MODEL_WIDGETS = {
+    "transformer": ("diffusion_models", TRANSFORMER_KINDS),
+    "validation_transformer": ("diffusion_models", TRANSFORMER_KINDS),
+    "vae": ("vae", ("flux_vae", "flux_checkpoint")),
+    "clip_l": ("text_encoders", ("clip", "flux_checkpoint")),
+    "t5": ("text_encoders", ("t5", "flux_checkpoint")),
+}
+
+
+def model_path(widget: str, name: str) -> Path:
+    """The file a model widget names, checked (from its header only) to be the kind of model that widget takes."""
+    folder, kinds = MODEL_WIDGETS[widget]
+    path = comfy_bridge.full_path(folder, name, widget)
+    kind = detect_file_kind(path)
+    if kind not in kinds:
+        raise ValueError(f"{widget}: {name} appears to be {KIND_DESCRIPTIONS[kind]}, "
+                         f"not {KIND_DESCRIPTIONS[kinds[0]]}; pick the right file")
+    return path
+
+
+def dataset_path(value: str) -> Path:
+    """An absolute folder, or one relative to ComfyUI's input folder that `..` cannot leave (a symlink may)."""
+    root = Path(os.path.abspath(comfy_bridge.input_directory()))
+    if not value.strip():
+        raise ValueError(f"dataset_dir: empty; give a folder of images with .txt captions, absolute or inside "
+                         f"ComfyUI's input folder {root}")
+    path = Path(value.strip()).expanduser()
+    if not path.is_absolute():
+        path = Path(os.path.normpath(root / path))
+        if not path.is_relative_to(root):
+            raise ValueError(f"dataset_dir: {value!r} points outside ComfyUI's input folder {root}; "
+                             "give an absolute path instead")
+    if not path.is_dir():
+        raise FileNotFoundError(f"dataset_dir: {path} is not a folder; give an absolute path, or a folder name inside "
+                                f"ComfyUI's input folder {root}")
+    return path
+
+
+def tokenizer_settings(clip_path: Path) -> dict[str, str]:
+    """`tokenizers/clip` + `tokenizers/t5` beside the CLIP file (as the tiny demo ships), else ComfyUI's own."""
+    beside = clip_path.parent / "tokenizers"
+    if (beside / "clip").is_dir() and (beside / "t5").is_dir():
+        return {"tokenizer_dir": str(beside)}
+    comfy = comfy_bridge.tokenizer_dirs()
+    if comfy is not None and all(d.is_dir() for d in comfy):
+        return {"clip_tokenizer_dir": str(comfy[0]), "t5_tokenizer_dir": str(comfy[1])}
+    raise FileNotFoundError(f"clip_l: no tokenizer files: put tokenizers/clip and tokenizers/t5 folders beside "
+                            f"{clip_path}, or run inside ComfyUI, whose own tokenizer files are used then")
+
+
+def memory_settings(memory_preset: str, explicit: dict) -> dict:
+    """The memory options: a preset's, or the explicit widgets' for "custom"."""
+    if memory_preset == CUSTOM:
+        return {k: explicit[k] for k in MEMORY_FIELDS}
+    if memory_preset not in PRESETS:
+        raise ValueError(f"memory_preset: {memory_preset!r}; choose one of {CUSTOM}, {', '.join(PRESETS)}")
+    return {k: v for k, v in PRESETS[memory_preset].train_settings().items() if k in MEMORY_FIELDS}
+
+
+def load_resume(name: str, config: TrainConfig) -> TrainingState | None:
+    """The saved state to start from, checked against the settings that must match it."""
+    if name == NONE:
+        return None
+    state, _ = load_training_state(comfy_bridge.full_path("loras", name, "resume_state"))
+    differ = [f"{k} {getattr(config, k)} (state: {v})" for k, v in state.fingerprint.items()
+              if hasattr(config, k) and str(getattr(config, k)) != v]
+    if differ:
+        raise ValueError(f"resume_state: {name} was trained with other settings: {', '.join(differ)}; set them as "
+                         f"the state had them, or choose resume_state {NONE}")
+    return state
+
+
+def build_config(transformer: str, validation_transformer: str, vae: str, clip_l: str, t5: str, dataset_dir: str,
+                 memory_preset: str, resume_state: str, **settings) -> tuple[TrainConfig, TrainingState | None]:
+    """Every widget checked and no model loaded yet: errors name the widget and say what to do."""
+    paths = {w: str(model_path(w, name)) for w, name in
+             (("transformer", transformer), ("vae", vae), ("clip_l", clip_l), ("t5", t5))}
+    validation = "" if validation_transformer == SAME_AS_TRAINING else \
+        str(model_path("validation_transformer", validation_transformer))
+    config = TrainConfig(
+        transformer_path=paths["transformer"], vae_path=paths["vae"], clip_path=paths["clip_l"], t5_path=paths["t5"],
+        validation_transformer_path=validation, dataset_dir=str(dataset_path(dataset_dir)),
+        output_dir=str(comfy_bridge.folder_paths("loras")[0]), device=comfy_bridge.torch_device(),
+        **tokenizer_settings(Path(paths["clip_l"])),
+        **{**settings, **memory_settings(memory_preset, settings)},
+    )
+    preset = PRESETS.get(memory_preset)
+    if preset is not None and max(config.resolutions) > preset.resolution:
+        log.warning("memory_preset %s was sized for %d px; %d px may run out of memory",
+                    preset.name, preset.resolution, max(config.resolutions))
+    return config, load_resume(resume_state, config)
+
+
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+
+
+class InitTrainer:
+    DESCRIPTION = ("Checks every setting, frees ComfyUI's loaded models, loads the Flux model files, caches the "
+                   "dataset's latents and captions, and adds a fresh LoRA: the start of a training run.")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = (HANDLE,)
+    RETURN_NAMES = ("handle",)
+    OUTPUT_TOOLTIPS = ("The run at its first step (or at the resumed state); connect a TrainLoop.",)
+    FUNCTION = "init"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        transformers = comfy_bridge.filename_list("diffusion_models")
+        encoders = comfy_bridge.filename_list("text_encoders")
+        states = [n for n in comfy_bridge.filename_list("loras") if n.endswith(STATE_SUFFIX)]
+        d = _DEFAULTS
+        return {"required": {
+            "transformer": (transformers, {"tooltip": "Flux transformer to train on (models/diffusion_models or "
+                                                      "models/unet); Flux-dev2pro trains best at guidance 1.0."}),
+            "validation_transformer": ([SAME_AS_TRAINING, *transformers], {
+                "tooltip": "Base the samples and XY grid may use instead (e.g. Flux-dev when training on dev2pro)."}),
+            "vae": (comfy_bridge.filename_list("vae"), {"tooltip": "The Flux VAE (ae.safetensors), from models/vae."}),
+            "clip_l": (encoders, {"tooltip": "CLIP-L text encoder from models/text_encoders (or models/clip)."}),
+            "t5": (encoders, {"tooltip": "T5-XXL text encoder from models/text_encoders (or models/clip)."}),
+            "dataset_dir": ("STRING", {"default": "", "tooltip": "Folder of images with same-name .txt captions: an "
+                                       "absolute path, or a folder name inside ComfyUI's input folder."}),
+            "trigger_word": ("STRING", {"default": d["trigger_word"],
+                                        "tooltip": "Made-up word put in front of every caption that lacks it."}),
+            "resolutions": ("STRING", {"default": "512", "tooltip": "Bucket sizes: one (512) or several "
+                                       "(512,768,1024), multiples of 64."}),
+            "repeats": ("INT", {"default": d["repeats"], "min": 1, "max": 1000, "tooltip": "Times each image is "
+                                "seen per epoch."}),
+            "rank": ("INT", {"default": d["rank"], "min": 1, "max": 256, "tooltip": "LoRA rank (4-32; 16 typical)."}),
+            "alpha": ("FLOAT", {"default": d["alpha"], "min": 0.01, "max": 1024.0, "step": 0.01,
+                                "tooltip": "LoRA alpha; the LoRA is scaled by alpha / rank."}),
+            "blocks": ("STRING", {"default": d["blocks"], "tooltip": "Blocks to train: all, double, single or e.g. "
+                                  "double:0-9,single:0-37."}),
+            "optimizer": (list(OPTIMIZERS), {"default": d["optimizer"], "tooltip": "adamw8bit needs bitsandbytes and "
+                                             "a CUDA GPU; prodigy takes learning_rate 1.0."}),
+            "learning_rate": ("FLOAT", {"default": d["learning_rate"], "min": 1e-7, "max": 10.0, "step": 1e-5,
+                                        "round": False, "tooltip": "Peak learning rate (1e-4 for AdamW)."}),
+            "lr_schedule": (list(LR_SCHEDULES), {"default": d["lr_schedule"],
+                                                 "tooltip": "How the learning rate moves over total_steps."}),
+            "total_steps": ("INT", {"default": d["total_steps"], "min": 1, "max": 1_000_000, "tooltip": "Length "
+                                    "of the LR schedule; the TrainLoops decide how many steps really run."}),
+            "timestep_sampling": (list(TIMESTEP_SAMPLINGS), {"default": d["timestep_sampling"], "tooltip": "How "
+                                  "noise levels are drawn: shift (3.1582) as kohya; sigmoid for de-distilled bases."}),
+            "guidance": ("FLOAT", {"default": d["guidance"], "min": 0.0, "max": 10.0, "step": 0.1, "tooltip":
+                                   "Training guidance of distilled bases: 1.0 keeps Flux-dev from collapsing."}),
+            "seed": ("INT", {"default": d["seed"], "min": 0, "max": 2**32 - 1, "control_after_generate": False,
+                             "tooltip": "Seed of the LoRA init, data order and noise; same seed, same run."}),
+            "max_sequence_length": ("INT", {"default": d["max_sequence_length"], "min": 1, "max": 512,
+                                            "tooltip": "T5 tokens per caption: 512 for Flux-dev, 256 for schnell."}),
+            "mixed_precision": (list(MIXED_PRECISIONS), {"default": d["mixed_precision"],
+                                                         "tooltip": "bf16 on GPUs; fp32 is faster on most CPUs."}),
+            "memory_preset": ([CUSTOM, *PRESETS], {"default": "24GB", "tooltip": "Memory options for your card "
+                              "size; custom uses fp8_base, gradient_checkpointing and blocks_to_swap below."}),
+            "fp8_base": ("BOOLEAN", {"default": d["fp8_base"], "tooltip": "custom only: keep the base weights in "
+                                     "fp8 (half the memory of bf16)."}),
+            "gradient_checkpointing": ("BOOLEAN", {"default": d["gradient_checkpointing"], "tooltip": "custom only: "
+                                                   "recompute activations in backward to save memory."}),
+            "blocks_to_swap": ("INT", {"default": d["blocks_to_swap"], "min": 0, "max": 35, "tooltip": "custom "
+                                       "only: transformer blocks kept in RAM and streamed to the GPU."}),
+            "output_name": ("STRING", {"default": d["output_name"], "tooltip": "File name stem of the saved LoRAs "
+                                       "in models/loras; the step is appended."}),
+            "resume_state": ([NONE, *states], {"tooltip": "A *.state.safetensors saved by SaveCheckpoint to "
+                                               "continue from, with the same settings; none starts fresh."}),
+        }}
+
+    def init(self, **widgets):
+        config, resume = build_config(**widgets)
+        comfy_bridge.free_comfy_models()
+        bar = comfy_bridge.progress_bar(1)
+        handle = TrainingRun.start(config, resume,
+                                   on_progress=lambda stage, done, total: bar.update_absolute(done, total))
+        return (handle,)
