@@ -180,7 +180,7 @@ class InitTrainer:
                                      "fp8 (half the memory of bf16)."}),
             "gradient_checkpointing": ("BOOLEAN", {"default": d["gradient_checkpointing"], "tooltip": "custom only: "
                                                    "recompute activations in backward to save memory."}),
-            "blocks_to_swap": ("INT", {"default": d["blocks_to_swap"], "min": 0, "max": 35, "tooltip": "custom "
+            "blocks_to_swap": ("INT", {"default": d["blocks_to_swap"], "min": 0, "max": 57, "tooltip": "custom "
                                        "only: transformer blocks kept in RAM and streamed to the GPU."}),
             "output_name": ("STRING", {"default": d["output_name"], "tooltip": "File name stem of the saved LoRAs "
                                        "in models/loras; the step is appended."}),

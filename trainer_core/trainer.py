@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from . import caching, data, lora, models, plots, sampling
-from .block_swap import BlockSwap
+from .block_swap import BlockSwap, model_blocks
 from .checkpoints import TrainingState, file_fingerprint, save_training_state
 from .config import TrainConfig
 from .flow_matching import image_ids, noisy_input_and_target, pack_latents, sample_sigmas, text_ids
@@ -64,6 +64,9 @@ class Trainer:
         lora.add_lora(transformer, config.rank, config.alpha, dropout=config.lora_dropout, blocks=config.blocks)
         if config.gradient_checkpointing:
             transformer.enable_gradient_checkpointing()
+        if config.compile_blocks:
+            for block in model_blocks(transformer):
+                block.compile()  # regional compilation: one compiled graph per block type, reused by every block
         self.transformer = transformer
         self._swaps: dict[int, BlockSwap] = {}  # per model (training base, validation base) when blocks_to_swap > 0
         self._to_device(transformer)
