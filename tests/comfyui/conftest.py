@@ -4,9 +4,13 @@ Skipped unless `COMFYUI_DIR` names a ComfyUI checkout (CI never sets it). `COMFY
 it (default `$COMFYUI_DIR/.venv/bin/python`). The `comfyui` fixture starts one server for the session on a free
 loopback port, with a temporary `--base-directory` whose `custom_nodes/` links to this pack and whose `models/`
 folders the tests fill; it yields a `ComfyUIClient`.
+
+`ComfyUIClient.events(client_id)` reads the `/ws` messages a prompt queued with that client id gets (progress,
+executing, ...); it speaks just enough of the websocket protocol for that, so the tests need no websocket package.
 """
 from __future__ import annotations
 
+import base64
 import json
 import os
 import socket
@@ -17,6 +21,7 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode, urlsplit
 
 import pytest
 
@@ -52,8 +57,20 @@ class ComfyUIClient:
 
     def get(self, path: str, timeout: float = 30) -> Any:
         """The JSON a GET of `path` answers, e.g. "/system_stats" or "/models/loras"."""
+        return json.loads(self.get_bytes(path, timeout))
+
+    def get_bytes(self, path: str, timeout: float = 30) -> bytes:
         with self._http.open(self.url + path, timeout=timeout) as response:
-            return json.load(response)
+            return response.read()
+
+    def post(self, path: str, body: dict, timeout: float = 30) -> Any:
+        """POST `body` as JSON; returns the JSON answer (None when the answer is empty)."""
+        request = urllib.request.Request(
+            self.url + path, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+        )
+        with self._http.open(request, timeout=timeout) as response:
+            data = response.read()
+        return json.loads(data) if data else None
 
     def object_info(self) -> dict:
         """Every node class the server knows, with its inputs and outputs."""
@@ -62,14 +79,22 @@ class ComfyUIClient:
     def queue(self, prompt: dict, client_id: str | None = None) -> str:
         """Queue an API-format prompt; returns its prompt_id. A prompt the server rejects raises with its errors."""
         body = {"prompt": prompt} | ({"client_id": client_id} if client_id else {})
-        request = urllib.request.Request(
-            self.url + "/prompt", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
-        )
         try:
-            with self._http.open(request, timeout=30) as response:
-                return json.load(response)["prompt_id"]
+            return self.post("/prompt", body)["prompt_id"]
         except urllib.error.HTTPError as e:
             raise AssertionError(f"ComfyUI rejected the prompt: {e.read().decode(errors='replace')}") from e
+
+    def interrupt(self, prompt_id: str) -> None:
+        """What the Cancel button does: stop `prompt_id` if it is the one running."""
+        self.post("/interrupt", {"prompt_id": prompt_id})
+
+    def view(self, image: dict) -> bytes:
+        """The file of one `{"filename", "subfolder", "type"}` entry of a history output's "images"."""
+        return self.get_bytes("/view?" + urlencode({k: image[k] for k in ("filename", "subfolder", "type")}))
+
+    def events(self, client_id: str, timeout: float = 60) -> "EventStream":
+        """The websocket messages for prompts queued with `client_id`; open it before queueing."""
+        return EventStream(self.url, client_id, timeout)
 
     def wait(self, prompt_id: str, timeout: float = 120) -> dict:
         """Poll `/history/<prompt_id>` until the prompt has run; returns its history entry.
@@ -86,6 +111,55 @@ class ComfyUIClient:
                 return entry
             time.sleep(0.5)
         raise TimeoutError(f"prompt {prompt_id} did not finish in {timeout} s; server log:\n{self.log_tail()}")
+
+
+class EventStream:
+    """ComfyUI's `/ws` for one client id, as {"type", "data"} messages. A context manager.
+
+    Server frames are unmasked and ComfyUI sends each message in one frame; binary frames (image previews) are
+    skipped. A read that waits longer than `timeout` raises TimeoutError.
+    """
+
+    def __init__(self, url: str, client_id: str, timeout: float):
+        address = urlsplit(url)
+        self._socket = socket.create_connection((address.hostname, address.port), timeout=timeout)
+        self._file = self._socket.makefile("rb")
+        key = base64.b64encode(os.urandom(16)).decode()
+        self._socket.sendall(
+            f"GET /ws?clientId={client_id} HTTP/1.1\r\nHost: {address.netloc}\r\nUpgrade: websocket\r\n"
+            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode()
+        )
+        status = self._file.readline()
+        if b" 101 " not in status:
+            raise ConnectionError(f"ComfyUI refused the websocket: {status!r}")
+        while self._file.readline() not in (b"\r\n", b""):  # the rest of the handshake's headers
+            pass
+
+    def _read(self, n: int) -> bytes:
+        data = self._file.read(n)
+        if len(data) < n:
+            raise ConnectionError("ComfyUI closed the websocket")
+        return data
+
+    def next(self) -> dict:
+        """The next JSON message."""
+        while True:
+            first, second = self._read(2)
+            size = second & 0x7F
+            if size >= 126:
+                size = int.from_bytes(self._read(2 if size == 126 else 8), "big")
+            opcode, payload = first & 0x0F, self._read(size)
+            if opcode == 1:
+                return json.loads(payload)
+            if opcode == 8:
+                raise ConnectionError("ComfyUI closed the websocket")
+
+    def __enter__(self) -> "EventStream":
+        return self
+
+    def __exit__(self, *_) -> None:
+        self._file.close()
+        self._socket.close()
 
 
 def _free_loopback_port() -> int:
