@@ -2,6 +2,7 @@
 
 Node ids carry the pack's prefix so they never collide with core's or other packs' training nodes.
 """
+from . import comfy_bridge
 from .images import LossPlot, ValidationSample, XYLoraStrengthGrid
 from .init_trainer import InitTrainer
 from .training import SaveCheckpoint, TrainLoop
@@ -16,3 +17,5 @@ _NODES = {
 }
 NODE_CLASS_MAPPINGS = {f"FluxLoRA_{name}": cls for name, (cls, _) in _NODES.items()}
 NODE_DISPLAY_NAME_MAPPINGS = {f"FluxLoRA_{name}": f"{title} (Flux LoRA)" for name, (_, title) in _NODES.items()}
+
+comfy_bridge.register_progress_route()  # the live view's catch-up after a browser reload; nothing outside ComfyUI

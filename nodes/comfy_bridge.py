@@ -1,17 +1,22 @@
-"""The one place that touches ComfyUI (`folder_paths`, `comfy.*`), imported lazily.
+"""The one place that touches ComfyUI (`folder_paths`, `comfy.*`, its `server`), imported lazily.
 
-Outside ComfyUI (tests, scripts) every function degrades to plain behaviour: no progress bar, no interrupt, and
-model folders laid out as ComfyUI's under the base folder named by the environment variable
+Outside ComfyUI (tests, scripts) every function degrades to plain behaviour: no progress bar, no interrupt, no
+live view, and model folders laid out as ComfyUI's under the base folder named by the environment variable
 `FLUX_LORA_TRAINER_BASE_DIR` (default: the current folder): `models/diffusion_models`, `models/vae`, ...
 """
 from __future__ import annotations
 
+import difflib
 import importlib
 import os
+import sys
+import threading
 import uuid
 from pathlib import Path
 
 BASE_DIR_ENV = "FLUX_LORA_TRAINER_BASE_DIR"
+PROGRESS_EVENT = "flux_lora_trainer.progress"  # web/js/live_progress.js listens for it
+PROGRESS_ROUTE = "/flux_lora_trainer/progress"  # ComfyUI serves it under /api too
 MODEL_EXTENSIONS = (".safetensors", ".sft")
 # ComfyUI's folder names and, outside ComfyUI, where they live under the base folder (its legacy names included)
 _FOLDERS = {
@@ -62,8 +67,10 @@ def full_path(folder: str, name: str, field: str) -> Path:
         return Path(fp.get_full_path_or_raise(folder, name)) if fp is not None else _find(folder, name)
     except FileNotFoundError as e:
         searched = ", ".join(str(p) for p in folder_paths(folder))
+        close = difflib.get_close_matches(name, filename_list(folder), n=3, cutoff=0.6)  # a workflow from elsewhere
+        hint = f"did you mean {' or '.join(map(repr, close))}? Else put" if close else "put"
         raise FileNotFoundError(
-            f"{field}: {name!r} is not in ComfyUI's {folder} folder ({searched}); put the file there, "
+            f"{field}: {name!r} is not in ComfyUI's {folder} folder ({searched}); {hint} the file there, "
             "then refresh the node (press R) and pick it"
         ) from e
 
@@ -145,3 +152,61 @@ def save_previews(images) -> list[dict]:
         image.save(folder / name, compress_level=1)
         entries.append({"filename": name, "subfolder": "", "type": "temp"})
     return entries
+
+
+# node id -> the latest progress message of that TrainLoop, so a view that (re)connects mid-run can catch up.
+# Written by ComfyUI's execution thread, read by its server's event loop.
+_latest_progress: dict[str, dict] = {}
+_latest_lock = threading.Lock()
+
+
+def _prompt_server():
+    """ComfyUI's running server (`server.PromptServer.instance`), or None outside ComfyUI.
+
+    Looked up, never imported: ComfyUI imported its `server` before loading packs, while an import here could load
+    an unrelated module of that name (or, at pack import, import ComfyUI's server before ComfyUI does)."""
+    return getattr(getattr(sys.modules.get("server"), "PromptServer", None), "instance", None)
+
+
+def send_event(event: str, data: dict) -> None:
+    """Send `data` to every open ComfyUI tab (each sees the run; none owns it)."""
+    instance = _prompt_server()
+    if instance is not None:
+        instance.send_sync(event, data)
+
+
+def send_progress(node_id: str | None, snapshot: dict) -> None:
+    """A TrainLoop's progress (`ProgressTracker.snapshot()`) to the live view, kept for `progress_messages`.
+
+    `node_id` is ComfyUI's UNIQUE_ID of the node; None (a call from outside a ComfyUI prompt) sends nothing."""
+    if node_id is None:
+        return
+    message = {"node": str(node_id), **snapshot}
+    with _latest_lock:
+        _latest_progress[message["node"]] = message
+    send_event(PROGRESS_EVENT, message)
+
+
+def progress_messages() -> list[dict]:
+    """The latest progress message of every TrainLoop that has reported: what the progress route answers."""
+    with _latest_lock:
+        return list(_latest_progress.values())
+
+
+def register_progress_route() -> bool:
+    """Serve `progress_messages()` as JSON at GET PROGRESS_ROUTE on ComfyUI's server; False outside ComfyUI.
+
+    Numbers only: no file paths and no files leave through it."""
+    instance = _prompt_server()
+    if instance is None:
+        return False
+    from aiohttp import web  # ComfyUI's server is aiohttp
+
+    if any(getattr(route, "path", None) == PROGRESS_ROUTE for route in instance.routes):
+        return True  # the pack was imported twice: aiohttp refuses a second handler for the same route
+
+    @instance.routes.get(PROGRESS_ROUTE)
+    async def progress(request: web.Request) -> web.Response:
+        return web.json_response(progress_messages())
+
+    return True

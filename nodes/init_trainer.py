@@ -6,10 +6,10 @@ import logging
 import os
 from pathlib import Path
 
-from trainer_core.checkpoints import STATE_SUFFIX, TrainingState, load_training_state
+from trainer_core.checkpoints import STATE_SUFFIX, TrainingState, latest_state_file, load_training_state
 from trainer_core.config import LR_SCHEDULES, MIXED_PRECISIONS, OPTIMIZERS, TrainConfig
 from trainer_core.flow_matching import TIMESTEP_SAMPLINGS
-from trainer_core.models import KIND_DESCRIPTIONS, detect_file_kind
+from trainer_core.models import KIND_DESCRIPTIONS, MODEL_ROLES, detect_file_kind
 from trainer_core.presets import PRESETS
 from trainer_core.run_handle import TrainingRun
 
@@ -21,36 +21,39 @@ log = logging.getLogger(__name__)
 SAME_AS_TRAINING = "same as training"
 CUSTOM = "custom"
 NONE = "none"
+LATEST = "latest"  # the newest state saved under this output_name: after a crash the user just queues again
 MEMORY_FIELDS = ("fp8_base", "gradient_checkpointing", "blocks_to_swap")  # what a preset decides
-TRANSFORMER_KINDS = ("flux_transformer", "flux_transformer_diffusers", "flux_checkpoint")
-# widget -> (ComfyUI folder, the file kinds models.py accepts there)
+# widget -> (ComfyUI folder, the models.MODEL_ROLES input it feeds)
 MODEL_WIDGETS = {
-    "transformer": ("diffusion_models", TRANSFORMER_KINDS),
-    "validation_transformer": ("diffusion_models", TRANSFORMER_KINDS),
-    "vae": ("vae", ("flux_vae", "flux_checkpoint")),
-    "clip_l": ("text_encoders", ("clip", "flux_checkpoint")),
-    "t5": ("text_encoders", ("t5", "flux_checkpoint")),
+    "transformer": ("diffusion_models", "transformer"),
+    "validation_transformer": ("diffusion_models", "transformer"),
+    "vae": ("vae", "vae"),
+    "clip_l": ("text_encoders", "clip"),
+    "t5": ("text_encoders", "t5"),
 }
 
 
 def model_path(widget: str, name: str) -> Path:
     """The file a model widget names, checked (from its header only) to be the kind of model that widget takes."""
-    folder, kinds = MODEL_WIDGETS[widget]
+    folder, role = MODEL_WIDGETS[widget]
     path = comfy_bridge.full_path(folder, name, widget)
-    kind = detect_file_kind(path)
+    kind, kinds = detect_file_kind(path), MODEL_ROLES[role].kinds
     if kind not in kinds:
+        owner = next((w for w, (_, r) in MODEL_WIDGETS.items() if kind in MODEL_ROLES[r].kinds), None)
+        hint = f"it belongs in the {owner} input: were two inputs swapped?" if owner else "pick the right file"
         raise ValueError(f"{widget}: {name} appears to be {KIND_DESCRIPTIONS[kind]}, "
-                         f"not {KIND_DESCRIPTIONS[kinds[0]]}; pick the right file")
+                         f"not {KIND_DESCRIPTIONS[kinds[0]]}; {hint}")
     return path
 
 
 def dataset_path(value: str) -> Path:
     """An absolute folder, or one relative to ComfyUI's input folder that `..` cannot leave (a symlink may)."""
     root = Path(os.path.abspath(comfy_bridge.input_directory()))
-    if not value.strip():
+    value = value.strip().strip('"\'')  # Windows' "Copy as path" wraps the path in quotes
+    if not value:
         raise ValueError(f"dataset_dir: empty; give a folder of images with .txt captions, absolute or inside "
                          f"ComfyUI's input folder {root}")
-    path = Path(value.strip()).expanduser()
+    path = Path(value).expanduser()
     if not path.is_absolute():
         path = Path(os.path.normpath(root / path))
         if not path.is_relative_to(root):
@@ -87,7 +90,17 @@ def load_resume(name: str, config: TrainConfig) -> TrainingState | None:
     """The saved state to start from, checked against the settings that must match it."""
     if name == NONE:
         return None
-    state, _ = load_training_state(comfy_bridge.full_path("loras", name, "resume_state"))
+    if name == LATEST:
+        path = latest_state_file(config.output_dir, config.output_name)
+        if path is None:
+            log.info("resume_state latest: no state of %s in %s yet; starting at step 0", config.output_name,
+                     config.output_dir)
+            return None
+        name = path.name
+        log.info("resume_state latest: resuming from %s", path)
+    else:
+        path = comfy_bridge.full_path("loras", name, "resume_state")
+    state, _ = load_training_state(path)
     differ = [f"{k} {getattr(config, k)} (state: {v})" for k, v in state.fingerprint.items()
               if hasattr(config, k) and str(getattr(config, k)) != v]
     if differ:
@@ -184,8 +197,10 @@ class InitTrainer:
                                        "only: transformer blocks kept in RAM and streamed to the GPU."}),
             "output_name": ("STRING", {"default": d["output_name"], "tooltip": "File name stem of the saved LoRAs "
                                        "in models/loras; the step is appended."}),
-            "resume_state": ([NONE, *states], {"tooltip": "A *.state.safetensors saved by SaveCheckpoint to "
-                                               "continue from, with the same settings; none starts fresh."}),
+            "resume_state": ([NONE, LATEST, *states], {"tooltip": "A *.state.safetensors saved by SaveCheckpoint to "
+                                                       "continue from, with the same settings; latest: the newest of "
+                                                       "this output_name (step 0 if none), so after a crash just "
+                                                       "queue again; none starts fresh."}),
         }}
 
     def init(self, **widgets):

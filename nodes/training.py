@@ -1,9 +1,12 @@
 """TrainLoop and SaveCheckpoint: move a run forward, and write what it has learnt."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
+from collections.abc import Callable, Iterator
 
+from trainer_core.progress import ProgressTracker
 from trainer_core.trainer import StepInfo
 
 from . import comfy_bridge
@@ -13,25 +16,32 @@ log = logging.getLogger(__name__)
 LOG_EVERY_S = 10.0  # console progress lines; the progress bar itself moves every step
 
 
-def _progress(first_step: int, steps: int):
-    """on_step hook: moves ComfyUI's progress bar (where a Cancel is raised) and logs loss, s/it and ETA."""
+@contextlib.contextmanager
+def _progress(first_step: int, steps: int, node_id: str | None) -> Iterator[Callable[[StepInfo], None]]:
+    """The on_step hook: moves ComfyUI's progress bar (where a Cancel is raised), feeds the node's live view
+    (throttled) and logs loss, s/it and ETA. A loop that ends early is shown stopped, not counting down."""
     bar = comfy_bridge.progress_bar(steps)
-    start = last_log = time.monotonic()
-    timed = 0  # steps done in this call (a continued loop starts part way)
+    tracker = ProgressTracker(steps, first_step)
+    last_log = time.monotonic()
 
     def on_step(info: StepInfo) -> None:
-        nonlocal last_log, timed
-        timed += 1
-        done = info.step - first_step
-        bar.update_absolute(done, steps)
+        nonlocal last_log
+        tracker.update(info)
         now = time.monotonic()
-        if now - last_log >= LOG_EVERY_S or done == steps:
-            per_step = (now - start) / timed
-            log.info("step %d/%d  loss %.4f  lr %.2e  %.2f s/it  ETA %.0f s",
-                     done, steps, info.loss, info.lr, per_step, per_step * (steps - done))
+        if tracker.due(now):
+            comfy_bridge.send_progress(node_id, tracker.snapshot())
+        bar.update_absolute(tracker.done, steps)
+        if now - last_log >= LOG_EVERY_S or tracker.done == steps:
+            log.info("step %d/%d  loss %.4f  lr %.2e  %.2f s/it  ETA %.0f s", tracker.done, steps, info.loss,
+                     info.lr, tracker.seconds_per_step, tracker.eta_seconds)
             last_log = now
 
-    return on_step
+    try:
+        yield on_step
+    finally:
+        if tracker.running:
+            tracker.stop()
+            comfy_bridge.send_progress(node_id, tracker.snapshot())
 
 
 class TrainLoop:
@@ -48,11 +58,11 @@ class TrainLoop:
         return {"required": {
             "handle": HANDLE_INPUT,
             "steps": ("INT", {"default": 750, "min": 1, "max": 1_000_000, "tooltip": "Optimizer steps in this loop."}),
-        }}
+        }, "hidden": {"unique_id": "UNIQUE_ID"}}  # the node the live view draws on
 
-    def train(self, handle, steps):
-        after = handle.run.train(handle, steps, on_step=_progress(handle.step, steps),
-                                 should_stop=comfy_bridge.raise_if_cancelled)
+    def train(self, handle, steps, unique_id=None):
+        with _progress(handle.step, steps, unique_id) as on_step:
+            after = handle.run.train(handle, steps, on_step=on_step, should_stop=comfy_bridge.raise_if_cancelled)
         return (after, after.step, after.state.losses[-1])
 
 

@@ -6,9 +6,11 @@ a full disk or a cancel leaves the previous file intact and never a partial file
 from __future__ import annotations
 
 import copy
+import glob
 import hashlib
 import json
 import os
+import re
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,8 +31,9 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise OSError(f"cannot create the folder {path.parent} for {path.name}: {e.strerror or e}; check the path and its permissions") from e
-    tmp = path.with_name(f".{path.name}{_TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        raise OSError(e.errno, f"cannot create the folder {path.parent} for {path.name}: {e.strerror or e}; check the path "
+                               "and its permissions") from e
+    tmp = path.with_name(f"{_tmp_prefix(path)}{os.getpid()}-{uuid.uuid4().hex[:8]}")
     try:
         write(tmp)
         with open(tmp, "rb+") as f:
@@ -50,7 +53,15 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
             os.close(dir_fd)
     except OSError:
         pass  # some filesystems (Windows, network mounts) cannot fsync a folder; the rename is still atomic
+    # a process killed mid-write (no `except` runs) leaves its temporary file; a resumed run writes the same name again
+    for leftover in path.parent.glob(f"{glob.escape(_tmp_prefix(path))}*"):
+        leftover.unlink(missing_ok=True)
     return path
+
+
+def _tmp_prefix(path: Path) -> str:
+    """Temporary files of `path` are named `.<name>.tmp-<pid>-<random>`: hidden, and never a model or state name."""
+    return f".{path.name}{_TMP_MARK}"
 
 
 def save_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> Path:
@@ -148,11 +159,21 @@ def load_training_state(path: str | Path) -> tuple[TrainingState, dict]:
     return state, header["config"]
 
 
-def latest_state_file(folder: str | Path, stem: str) -> Path | None:
-    """The newest complete state file `<stem>_<step>.state.safetensors` in `folder`; temporary files never match."""
+def checkpoint_stem(output_name: str, step: int) -> str:
+    """`<output_name>_<step:06d>`: the name, before its suffix, of a run's LoRA file and state file at `step`."""
+    return f"{output_name}_{step:06d}"
+
+
+def latest_state_file(folder: str | Path, stem: str, max_step: int | None = None) -> Path | None:
+    """The newest complete state file `<stem>_<step>.state.safetensors` in `folder` (of step `max_step` at most),
+    or None.
+
+    Only that exact pattern matches: neither temporary files nor another run's `<stem>_v2_<step>` states.
+    """
+    pattern = re.compile(re.escape(stem) + r"_\d+" + re.escape(STATE_SUFFIX))
     best, best_step = None, -1
-    for p in Path(folder).glob(f"{stem}*{STATE_SUFFIX}"):
-        if p.name.startswith("."):
+    for p in Path(folder).glob(f"{glob.escape(stem)}_*{STATE_SUFFIX}"):
+        if not pattern.fullmatch(p.name):
             continue
         try:
             with safe_open(str(p), framework="pt") as f:
@@ -160,6 +181,6 @@ def latest_state_file(folder: str | Path, stem: str) -> Path | None:
             step = json.loads(meta["state"])["step"] if meta.get("format") == STATE_FORMAT else -1
         except (SafetensorError, KeyError, ValueError, OSError):
             continue  # damaged: skip it and fall back to an older one
-        if step > best_step:
+        if step > best_step and (max_step is None or step <= max_step):
             best, best_step = p, step
     return best

@@ -15,7 +15,7 @@ def _train(args) -> None:
     from .checkpoints import latest_state_file, load_training_state
     from .config import TrainConfig, read_toml
     from .plan import RunPlan, execute
-    from .trainer import Trainer
+    from .trainer import NonFiniteLossError, Trainer
 
     path = Path(args.config)
     values = read_toml(path)
@@ -26,12 +26,18 @@ def _train(args) -> None:
         resume = Path(args.resume)
     else:  # after a crash or a cancel, pick up from the newest complete state instead of starting over
         resume = None if args.fresh else latest_state_file(config.output_dir, config.output_name)
+    state = load_training_state(resume)[0] if resume is not None else None  # a wrong file fails before loading
     trainer = Trainer.from_config(config)
-    if resume is not None:
-        state, _ = load_training_state(resume)
+    if state is not None:
         trainer.restore(state)
         log.info("resumed from %s at step %d", resume, trainer.step)
-    result = execute(trainer, plan)
+    try:
+        result = execute(trainer, plan)
+    except NonFiniteLossError as e:  # a setting to change, reported like the other settings' errors
+        # the weights of the last step done gave the NaN, so a state of that step would only give it again
+        good = latest_state_file(config.output_dir, config.output_name, max_step=trainer.step - 1)
+        where = f"--resume {good}" if good else "--fresh"
+        raise ValueError(f"{e} Lower learning_rate in {path} and run it again with {where}.") from e
     for p in result.loras:
         print(f"LoRA: {p}")
     print(f"loss plot: {result.loss_plot}")

@@ -150,6 +150,9 @@ class TrainConfig:
         unknown = sorted(set(values) - known)
         if unknown:
             raise ValueError(f"{source}: unknown setting(s) {', '.join(unknown)}; valid settings are: {', '.join(sorted(known))}")
+        missing = [f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING and f.name not in values]
+        if missing:
+            raise ValueError(f"{source}: missing setting(s) {', '.join(missing)}; give the path of each")
         if base_dir is not None:
             values = {k: str(Path(base_dir) / v) if k in _PATH_FIELDS and v and not Path(v).is_absolute() else v
                       for k, v in values.items()}
@@ -173,12 +176,20 @@ def read_toml(path: str | Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"config file {path} does not exist; give the path of a .toml file")
     try:
-        return tomllib.loads(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8-sig")  # Notepad's BOM is fine
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8") from e
+    try:
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
-        raise ValueError(f"{path}: not valid TOML ({e}); fix the line it names") from e
+        # in "double quotes" a backslash starts an escape, so "C:\Users\me" is an error
+        hint = " (write Windows paths in 'single quotes' or with /)" if "\\" in text else ""
+        raise ValueError(f"{path}: not valid TOML ({e}); fix the line it names{hint}") from e
 
 
 _FORBIDDEN_NAME_CHARS = set('<>:"/\\|?*') | {chr(c) for c in range(32)}
+# file systems refuse names over 255 bytes; `_<step>.state.safetensors` and a temporary file's marks add up to 55
+MAX_OUTPUT_NAME_BYTES = 200
 
 
 def check_output_name(name: str) -> str:
@@ -190,4 +201,7 @@ def check_output_name(name: str) -> str:
             f"output_name: {name!r} cannot be a file name (it contains {shown or '..'} or leading/trailing spaces or dots); "
             "use letters, digits, '-', '_' and single dots only"
         )
+    if len(name.encode("utf-8")) > MAX_OUTPUT_NAME_BYTES:
+        raise ValueError(f"output_name: {len(name.encode('utf-8'))} bytes long; file systems refuse such long file "
+                         f"names, use at most {MAX_OUTPUT_NAME_BYTES}")
     return name

@@ -5,6 +5,7 @@ cropped square, and several base resolutions (512, 768, 1024) can be trained tog
 """
 from __future__ import annotations
 
+import codecs
 import logging
 import math
 import re
@@ -70,9 +71,9 @@ def scan_dataset(
     """Find the images in `folder` and in its direct subfolders (not deeper), caption them and bucket them.
 
     Each image's caption is the same-stem `caption_extension` file beside it, whitespace collapsed; UTF-8 (a BOM
-    is fine), falling back to Windows-1252 with a warning, the encoding Windows editors most often leave. A
-    missing or empty caption becomes the trigger word, with a warning. The trigger word is prepended
-    ("trigger, caption") unless the caption already contains it as a word, in any case.
+    is fine) or UTF-16 with its BOM (Notepad's "Unicode"), falling back to Windows-1252 with a warning, the encoding
+    Windows editors most often leave. A missing or empty caption becomes the trigger word, with a warning. The
+    trigger word is prepended ("trigger, caption") unless the caption already contains it as a word, in any case.
 
     Every image is decoded once here (JPEG cheaply, at 1/8 scale; an animation's first frame, which is the one
     trained on): an unreadable, truncated or empty file, one under 64 px on a side or over PIL's
@@ -149,8 +150,9 @@ def _read_caption(path: Path) -> str:
         logger.warning("no caption file %s: using the trigger word alone as its caption", path)
         return ""
     raw = path.read_bytes()
+    utf16 = raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE))
     try:
-        text = raw.decode("utf-8-sig")
+        text = raw.decode("utf-16" if utf16 else "utf-8-sig")
     except UnicodeDecodeError:
         logger.warning("caption file %s is not UTF-8: read as Windows-1252; save it as UTF-8 to be sure", path)
         text = raw.decode("cp1252", errors="replace")

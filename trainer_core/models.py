@@ -39,12 +39,15 @@ from transformers import (
     T5TokenizerFast,
 )
 
+from .checkpoints import STATE_FORMAT
+
 logger = logging.getLogger(__name__)
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 VAE_SCALE_FACTOR = 8  # pixels per latent: every Flux VAE (tiny included) has 4 blocks, 3 of them downsampling
 DEFAULT_MAX_SEQUENCE_LENGTH = 512  # Flux-dev's T5 length; a T5 file may declare its own in its metadata
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
+SAFETENSORS_SUFFIXES = (".safetensors", ".sft")  # BFL first released flux1-dev and ae as .sft; ComfyUI lists both
 
 # What `detect_file_kind` can answer, as said to the user.
 KIND_DESCRIPTIONS = {
@@ -58,6 +61,9 @@ KIND_DESCRIPTIONS = {
     "sdxl": "an SDXL checkpoint",
     "sd1": "a Stable Diffusion 1.x/2.x checkpoint",
     "sd3": "a Stable Diffusion 3 model",
+    "lora": "a LoRA",
+    "training_state": "a training state of this trainer (pick it as resume_state)",
+    "bnb_quantized": "a bitsandbytes-quantised (NF4/FP4) model, which cannot be trained on",
     "unknown": "no model this trainer knows",
 }
 # Where a file of each kind belongs, to tell users who swapped two inputs.
@@ -67,6 +73,24 @@ _INPUT_OF_KIND = {
     "flux_vae": "the VAE input",
     "clip": "the CLIP-L input",
     "t5": "the T5 input",
+}
+
+
+class ModelRole(NamedTuple):
+    """A model input (transformer, VAE, CLIP-L, T5): what it is called and which files it takes."""
+
+    what: str  # the input, as "... not found" messages name it
+    kinds: tuple[str, ...]  # the `detect_file_kind` answers it accepts
+    expected: str  # what to give it, as "appears to be ..., not ..." messages say
+
+
+MODEL_ROLES = {
+    "transformer": ModelRole("Flux transformer", ("flux_transformer", "flux_transformer_diffusers", "flux_checkpoint"),
+                             "a Flux transformer (e.g. flux1-dev.safetensors or flux1-dev-fp8.safetensors)"),
+    "vae": ModelRole("Flux VAE", ("flux_vae", "flux_checkpoint"), "the Flux VAE (ae.safetensors)"),
+    "clip": ModelRole("CLIP-L text encoder", ("clip", "flux_checkpoint"),
+                      "the CLIP-L text encoder (clip_l.safetensors)"),
+    "t5": ModelRole("T5 text encoder", ("t5", "flux_checkpoint"), "the T5 text encoder (t5xxl_fp16.safetensors)"),
 }
 
 
@@ -101,7 +125,10 @@ def read_safetensors_header(path: str | Path) -> SafetensorsHeader:
             f"{path} is a pickle checkpoint ({suffix}). Unpickling can run arbitrary code, so it is refused: "
             "convert it to .safetensors (or download the .safetensors release of the model)."
         )
-    if path.is_dir() or suffix != ".safetensors":
+    if suffix == ".gguf":
+        raise ValueError(f"{path} is a GGUF-quantised model, which cannot be trained on: use the bf16 or fp8 "
+                         ".safetensors release of the model.")
+    if path.is_dir() or suffix not in SAFETENSORS_SUFFIXES:
         raise ValueError(f"{path} is not a .safetensors file: give the .safetensors model file.")
     try:
         with safe_open(path, "pt") as f:
@@ -115,11 +142,17 @@ def detect_file_kind(path: str | Path) -> str:
 
     Raises FileNotFoundError for a missing file and ValueError for a pickle, non-safetensors or corrupt file.
     """
-    shapes = read_safetensors_header(path).shapes
+    shapes, metadata = read_safetensors_header(path)
 
     def has(fragment: str) -> bool:
         return any(fragment in k for k in shapes)
 
+    if metadata.get("format") == STATE_FORMAT:
+        return "training_state"
+    if has(".lora_down.") or has(".lora_A.") or has(".lora_B."):
+        return "lora"
+    if has(".quant_state.bitsandbytes__"):
+        return "bnb_quantized"
     # Stable Diffusion checkpoints embed an LDM VAE and a CLIP, so they are recognised first.
     if has("conditioner.embedders") or (has("input_blocks.") and has("label_emb.")):
         return "sdxl"
@@ -149,9 +182,22 @@ def _require_kind(path: Path, kinds: tuple[str, ...], expected: str) -> str:
     message = f"{path} appears to be {KIND_DESCRIPTIONS[kind]}, not {expected}."
     if kind in _INPUT_OF_KIND:
         message += f" It belongs in {_INPUT_OF_KIND[kind]}: were two model inputs swapped?"
-    elif kind in ("sdxl", "sd1", "sd3", "sd_vae"):
-        message += " Flux LoRAs are trained on the Flux.1 model files; pick those instead."
+    elif kind in ("sdxl", "sd1", "sd3", "sd_vae", "lora", "bnb_quantized"):
+        message += " Flux LoRAs are trained on the Flux.1 model files (bf16 or fp8); pick those instead."
     raise ValueError(message)
+
+
+def check_model_file(path: str | Path, role: str) -> Path:
+    """`path`, checked to exist and, for a file, to hold what the `role` input of `MODEL_ROLES` takes.
+
+    Reads only the header: calling it for every input first makes a wrong file fail before minutes go into loading
+    the others. Folders are checked when loaded.
+    """
+    what, kinds, expected = MODEL_ROLES[role]
+    path = _existing_path(path, what)
+    if path.is_file():
+        _require_kind(path, kinds, expected)
+    return path
 
 
 def _key_prefix(path: Path, anchor: str, what: str) -> str:
@@ -438,7 +484,7 @@ def load_transformer(
     (or stored) as float8_e4m3fn in `Fp8Linear`s and computed in the input's dtype; all else is in `dtype`.
     Returned frozen, in eval mode.
     """
-    path = _existing_path(path, "Flux transformer")
+    path = check_model_file(path, "transformer")
     read = dict(dtype=dtype, device=device, keep_fp8=fp8_base)
     if path.is_dir():
         folder = _model_folder(path, "transformer")
@@ -446,7 +492,7 @@ def load_transformer(
         if config.get("_class_name") != "FluxTransformer2DModel":
             raise ValueError(f"{folder} holds a {config.get('_class_name')}, not a FluxTransformer2DModel.")
         state_dict = {}
-        for file in _diffusers_weight_files(folder):
+        for file in _weight_files(folder):
             state_dict |= _read_state_dict(file, **read)
     else:
         state_dict = _read_transformer_file(path, **read)
@@ -465,22 +511,22 @@ def load_transformer(
 
 def _read_transformer_file(path: Path, **read) -> dict[str, Tensor]:
     """A single-file transformer's tensors under diffusers names, whatever its layout and key prefix."""
-    kinds = ("flux_transformer", "flux_checkpoint", "flux_transformer_diffusers")
-    kind = _require_kind(path, kinds, "a Flux transformer (e.g. flux1-dev.safetensors or flux1-dev-fp8.safetensors)")
-    if kind == "flux_transformer_diffusers":
+    if detect_file_kind(path) == "flux_transformer_diffusers":
         return _read_state_dict(path, _key_prefix(path, "x_embedder.weight", "Flux transformer"), **read)
     return bfl_to_diffusers(_read_state_dict(path, _key_prefix(path, "img_in.weight", "Flux transformer"), **read))
 
 
-def _diffusers_weight_files(folder: Path, name: str = "diffusion_pytorch_model") -> list[Path]:
-    """The .safetensors file(s) of a diffusers model folder, sharded (with an index json) or not."""
+def _weight_files(folder: Path, name: str = "diffusion_pytorch_model") -> list[Path]:
+    """The .safetensors file(s) of a diffusers (`diffusion_pytorch_model`) or transformers (`model`) model folder,
+    sharded (with an index json) or not. A folder of pickle weights only (`*.bin`) is refused, never unpickled."""
     index = folder / f"{name}.safetensors.index.json"
     if index.exists():
         return sorted({folder / shard for shard in json.loads(index.read_text())["weight_map"].values()})
     if (folder / f"{name}.safetensors").exists():
         return [folder / f"{name}.safetensors"]
-    if any(folder.glob(f"{name}*.bin")):
-        raise ValueError(f"{folder} holds only pickle weights ({name}.bin), which are refused: convert them to "
+    pickles = sorted(p.name for p in folder.glob(f"*{name}*.bin"))
+    if pickles:
+        raise ValueError(f"{folder} holds only pickle weights ({pickles[0]}), which are refused: convert them to "
                          ".safetensors.")  # fmt: skip
     raise FileNotFoundError(f"{folder} has no {name}.safetensors (nor a sharded index): the folder is incomplete.")
 
@@ -516,13 +562,14 @@ def infer_vae_config(state_dict: dict[str, Tensor]) -> dict:
 
 def load_vae(path: str | Path, dtype: torch.dtype = torch.bfloat16, device="cpu") -> AutoencoderKL:
     """Flux VAE from BFL `ae.safetensors` (or an all-in-one checkpoint) or a diffusers folder. Frozen, eval mode."""
-    path = _existing_path(path, "Flux VAE")
+    path = check_model_file(path, "vae")
     if path.is_dir():
-        vae = AutoencoderKL.from_pretrained(_model_folder(path, "vae"), torch_dtype=dtype, use_safetensors=True)
+        folder = _model_folder(path, "vae")
+        _weight_files(folder)  # our messages for a pickle-only or incomplete folder
+        vae = AutoencoderKL.from_pretrained(folder, torch_dtype=dtype, use_safetensors=True)
         if vae.config.latent_channels != 16:
             raise ValueError(f"{path} is a VAE with {vae.config.latent_channels} latent channels; Flux's has 16.")
         return vae.to(device).eval().requires_grad_(False)
-    _require_kind(path, ("flux_vae", "flux_checkpoint"), "the Flux VAE (ae.safetensors)")
     state_dict = _read_state_dict(path, _key_prefix(path, "encoder.conv_in.weight", "VAE"), dtype, device)
     config = infer_vae_config(state_dict)
     with init_empty_weights():
@@ -582,10 +629,9 @@ def infer_t5_config(state_dict: dict[str, Tensor]) -> T5Config:
 
 
 def _load_clip(path: str | Path, dtype: torch.dtype, device) -> CLIPTextModel:
-    path = _existing_path(path, "CLIP-L text encoder")
+    path = check_model_file(path, "clip")
     if path.is_dir():
         return _load_pretrained(CLIPTextModel, _model_folder(path, "text_encoder"), dtype, device)
-    _require_kind(path, ("clip", "flux_checkpoint"), "the CLIP-L text encoder (clip_l.safetensors)")
     prefix = _key_prefix(path, "embeddings.token_embedding.weight", "CLIP text encoder")
     state_dict = _read_state_dict(path, prefix, dtype, device)
     for extra in ("embeddings.position_ids", "text_projection.weight", "logit_scale"):  # not CLIPTextModel's
@@ -597,10 +643,9 @@ def _load_clip(path: str | Path, dtype: torch.dtype, device) -> CLIPTextModel:
 
 
 def _load_t5(path: str | Path, dtype: torch.dtype, device) -> T5EncoderModel:
-    path = _existing_path(path, "T5 text encoder")
+    path = check_model_file(path, "t5")
     if path.is_dir():
         return _load_pretrained(T5EncoderModel, _model_folder(path, "text_encoder_2"), dtype, device)
-    _require_kind(path, ("t5", "flux_checkpoint"), "the T5 text encoder (t5xxl_fp16.safetensors)")
     state_dict = _read_state_dict(path, _key_prefix(path, "shared.weight", "T5 text encoder"), dtype, device)
     state_dict["encoder.embed_tokens.weight"] = state_dict["shared.weight"]  # tied; files usually omit it
     with init_empty_weights():
@@ -616,6 +661,7 @@ def _load_pretrained(cls, folder: Path, dtype: torch.dtype, device):
     if model_type != cls.config_class.model_type:
         raise ValueError(f"{folder} holds a {model_type} model, not {cls.config_class.model_type}: "
                          "were the two text encoder inputs swapped?")  # fmt: skip
+    _weight_files(folder, "model")  # our messages for a pickle-only or incomplete folder
     model = cls.from_pretrained(folder, dtype=dtype, use_safetensors=True, local_files_only=True)
     return model.to(device).eval().requires_grad_(False)
 

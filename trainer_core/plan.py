@@ -13,7 +13,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from . import plots
-from .checkpoints import STATE_SUFFIX, atomic_write
+from .checkpoints import STATE_SUFFIX, atomic_write, checkpoint_stem
 from .trainer import StepInfo, Trainer, strength_grid
 
 log = logging.getLogger(__name__)
@@ -73,7 +73,7 @@ def execute(trainer: Trainer, plan: RunPlan) -> RunResult:
         while trainer.step < plan.steps:
             next_save = (trainer.step // plan.save_every + 1) * plan.save_every
             trainer.train(min(next_save, plan.steps) - trainer.step, on_step=lambda info: _advance(bar, info))
-            stem = f"{cfg.output_name}_{trainer.step:06d}"
+            stem = checkpoint_stem(cfg.output_name, trainer.step)
             result.loras.append(trainer.save_lora(out / f"{stem}.safetensors"))
             state = trainer.snapshot()
             if plan.save_state:

@@ -17,9 +17,9 @@ from typing import Callable, Sequence
 
 import torch
 
-from .checkpoints import STATE_SUFFIX, TrainingState
+from .checkpoints import STATE_SUFFIX, TrainingState, checkpoint_stem
 from .config import TrainConfig
-from .trainer import StepInfo, Trainer, strength_grid
+from .trainer import NonFiniteLossError, StepInfo, Trainer, dataset_records, strength_grid
 
 log = logging.getLogger(__name__)
 
@@ -79,11 +79,15 @@ class TrainingRun:
         resume: TrainingState | None = None,
         on_progress: Callable[[str, int, int], None] | None = None,
     ) -> TrainingHandle:
-        """Release the active run, load the models for `config` and return the handle at step 0 (or `resume`)."""
+        """Release the active run, load the models for `config` and return the handle at step 0 (or `resume`).
+
+        The dataset is scanned first: a wrong or unreadable folder raises while the active run still holds its models.
+        """
         global _active
+        records = dataset_records(config)
         if _active is not None:
             _active.release()
-        trainer = Trainer.from_config(config, on_progress=on_progress)
+        trainer = Trainer.from_config(config, on_progress=on_progress, records=records)
         if resume is not None:
             trainer.restore(resume)
         run = _active = cls(trainer)
@@ -128,7 +132,8 @@ class TrainingRun:
 
         If the loop is cut short (an exception from `on_step`/`should_stop`, or `should_stop` returning True, which
         raises `TrainingInterrupted`), the steps done are kept; calling again with the same handle and steps
-        continues from them instead of starting the loop over.
+        continues from them instead of starting the loop over. A NaN/inf loss keeps nothing of the loop (its last
+        steps led to the divergence): `handle` is saved as a state file, to resume from with a lower learning rate.
         """
         if steps < 1:
             raise ValueError(f"steps: {steps}; use 1 or more")
@@ -140,6 +145,9 @@ class TrainingRun:
         trainer = self._bring_to(start)
         try:
             trainer.train(target - trainer.step, on_step=on_step, should_stop=should_stop)
+        except NonFiniteLossError as e:
+            self._at = None  # the trainer stands at weights that diverged; the next call restores a handle's state
+            raise NonFiniteLossError(f"{e} {self._save_last_good(handle, trainer.step)}") from e
         except BaseException:
             self._keep_interrupted(handle)
             raise
@@ -160,6 +168,23 @@ class TrainingRun:
         self._at = state.id
         log.info("loop interrupted at step %d; its steps are kept", state.step)
 
+    def _save_last_good(self, handle: TrainingHandle, diverged: int) -> str:
+        """After the weights of step `diverged` gave a NaN loss: save the loop's input as SaveCheckpoint would, if it
+        came before (a state of that step would only give the NaN again); -> what the user should do next."""
+        if handle.step >= diverged:
+            return (f"This loop's input (step {handle.step}) gave the NaN itself: lower learning_rate in InitTrainer "
+                    f"and resume from a state saved before step {handle.step} (resume_state).")
+        trainer = self._live()
+        stem = checkpoint_stem(trainer.config.output_name, handle.step)
+        path = Path(trainer.config.output_dir) / f"{stem}{STATE_SUFFIX}"
+        try:
+            trainer.save_state(path, handle.state)
+        except OSError as e:
+            log.error("could not save the state of step %d: %s", handle.step, e)
+            return f"This loop's input (step {handle.step}) is unchanged; connect a SaveCheckpoint to it to keep it."
+        return (f"This loop's input (step {handle.step}) is unchanged and saved as {path}: lower learning_rate in "
+                "InitTrainer, set its resume_state to latest and queue again.")
+
     @_grad_enabled
     def save_checkpoint(self, handle: TrainingHandle, save_state: bool = False, folder: str | Path | None = None
                         ) -> TrainingHandle:
@@ -167,7 +192,7 @@ class TrainingRun:
         in `folder` (default: the config's output_dir); returns the handle with the checkpoint recorded."""
         trainer = self._bring_to(handle.state)
         folder = Path(folder if folder is not None else trainer.config.output_dir)
-        stem = f"{trainer.config.output_name}_{handle.step:06d}"
+        stem = checkpoint_stem(trainer.config.output_name, handle.step)
         path = trainer.save_lora(folder / f"{stem}.safetensors")
         if save_state:
             trainer.save_state(folder / f"{stem}{STATE_SUFFIX}", handle.state)

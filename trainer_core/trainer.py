@@ -29,7 +29,8 @@ _FINGERPRINT_FIELDS = ("rank", "alpha", "blocks", "optimizer", "batch_size", "gr
 
 
 class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or infinite; the LoRA weights are those of the last good step."""
+    """The loss became NaN or infinite; the LoRA weights are those of the last completed step (which may be the one
+    that diverged: resume from a state saved earlier)."""
 
 
 @dataclass
@@ -38,6 +39,15 @@ class StepInfo:
     loss: float
     lr: float
     seconds: float  # wall time of this step
+
+
+def compute_dtype(config: TrainConfig) -> torch.dtype:
+    return torch.bfloat16 if config.mixed_precision == "bf16" else torch.float32
+
+
+def dataset_records(config: TrainConfig) -> list[data.ImageRecord]:
+    """The run's training images, captioned and bucketed (each image decoded once to prove it readable; no model)."""
+    return data.scan_dataset(config.dataset_dir, config.trigger_word, config.resolutions, config.repeats)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -53,7 +63,7 @@ class Trainer:
     def __init__(self, config: TrainConfig, transformer, vae, text_encoders, dataset: caching.CachedDataset, device=None):
         self.config = config
         self.device = torch.device(device) if device is not None else resolve_device(config.device)
-        self.dtype = torch.bfloat16 if config.mixed_precision == "bf16" else torch.float32
+        self.dtype = compute_dtype(config)
         self.vae = vae
         self.text_encoders = text_encoders
         self.dataset = dataset
@@ -81,10 +91,15 @@ class Trainer:
 
     # ------------------------------------------------------------------ construction from files
     @classmethod
-    def from_config(cls, config: TrainConfig, on_progress: Callable[[str, int, int], None] | None = None) -> "Trainer":
+    def from_config(cls, config: TrainConfig, on_progress: Callable[[str, int, int], None] | None = None,
+                    records: list[data.ImageRecord] | None = None) -> "Trainer":
+        """Load the models and cache the dataset; `records` are `dataset_records(config)` when already scanned."""
+        for role, path in (("transformer", config.transformer_path), ("vae", config.vae_path),
+                           ("clip", config.clip_path), ("t5", config.t5_path)):
+            models.check_model_file(path, role)  # from the headers: a wrong file fails now, not after the others load
         device = resolve_device(config.device)
-        dtype = torch.bfloat16 if config.mixed_precision == "bf16" else torch.float32
-        records = data.scan_dataset(config.dataset_dir, config.trigger_word, config.resolutions, config.repeats)
+        dtype = compute_dtype(config)
+        records = dataset_records(config) if records is None else records
         text_encoders = models.load_text_encoders(
             config.clip_path, config.t5_path, config.tokenizer_dir or None, dtype=dtype, device=device,
             max_sequence_length=config.max_sequence_length,
@@ -143,8 +158,8 @@ class Trainer:
                     if not math.isfinite(loss_value):
                         raise NonFiniteLossError(
                             f"the loss became {loss_value} at step {self.step + 1}; the LoRA was kept as it was after "
-                            f"step {self.step}. Likely causes: learning_rate {cfg.learning_rate:g} too high, or fp16 "
-                            "overflow; lower the learning rate or use mixed_precision bf16, then continue"
+                            f"step {self.step}. Likely cause: too high a learning rate (learning_rate "
+                            f"{cfg.learning_rate:g}); lower it and resume from a state saved before the loss went up."
                         )
                     self.optimizer.step()
                 except BaseException:

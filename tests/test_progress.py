@@ -1,0 +1,230 @@
+"""The live view's numbers (`trainer_core.progress`) and how TrainLoop sends them through the bridge, without ComfyUI.
+
+The frontend and the route are exercised in a real ComfyUI and browser by tests/comfyui/test_live_view_browser.py.
+"""
+import json
+import math
+import posixpath
+import re
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from test_nodes import load_pack  # the pack imported as ComfyUI imports it
+from trainer_core.progress import LOSS_SMOOTHING, SPEED_WINDOW, ProgressTracker
+from trainer_core.trainer import StepInfo
+
+ROOT = Path(__file__).resolve().parents[1]
+pack = load_pack()
+bridge = sys.modules[f"{pack.__name__}.nodes.comfy_bridge"]
+TrainLoop = pack.NODE_CLASS_MAPPINGS["FluxLoRA_TrainLoop"]
+
+
+def feed(tracker: ProgressTracker, losses, seconds=0.5) -> None:
+    for loss in losses:
+        tracker.update(StepInfo(tracker.step + 1, loss, 1e-4, seconds))
+
+
+def strictly_json(snapshot: dict) -> dict:
+    return json.loads(json.dumps(snapshot, allow_nan=False))  # the browser's JSON.parse rejects NaN
+
+
+def test_counts_steps_of_the_loop_from_where_it_starts():
+    tracker = ProgressTracker(total=10, first_step=30)  # the third loop of a run, or a continued one
+    assert strictly_json(tracker.snapshot()) == {
+        "step": 0, "total": 10, "run_step": 30, "running": True, "s_per_it": None, "eta_s": None, "loss": None,
+        "smoothed_loss": None, "history": []}
+    feed(tracker, [1.0, 0.8, 0.6], seconds=2.0)
+    snap = strictly_json(tracker.snapshot())
+    assert (snap["step"], snap["run_step"], snap["loss"]) == (3, 33, 0.6)
+    assert snap["s_per_it"] == pytest.approx(2.0) and snap["eta_s"] == pytest.approx(7 * 2.0)
+    assert [p[0] for p in snap["history"]] == [31, 32, 33]
+
+
+def test_speed_is_a_moving_mean_of_the_recent_steps():
+    tracker = ProgressTracker(total=1000)
+    feed(tracker, [1.0] * SPEED_WINDOW, seconds=5.0)  # a slow start (compiling, caching)...
+    feed(tracker, [1.0] * SPEED_WINDOW, seconds=1.0)  # ...is forgotten once the window has passed
+    assert tracker.seconds_per_step == pytest.approx(1.0)
+    feed(tracker, [1.0] * (SPEED_WINDOW // 2), seconds=3.0)
+    assert tracker.seconds_per_step == pytest.approx(2.0)  # half the window at 1 s, half at 3 s
+    assert tracker.eta_seconds == pytest.approx(2.0 * (1000 - tracker.done))
+
+
+def test_smoothed_loss_starts_at_the_loss_and_lags_behind_a_jump():
+    tracker = ProgressTracker(total=100)
+    feed(tracker, [2.0])
+    assert tracker.smoothed_loss == pytest.approx(2.0)  # bias-corrected: not pulled toward 0 at first
+    feed(tracker, [2.0] * 9)
+    assert tracker.smoothed_loss == pytest.approx(2.0)
+    feed(tracker, [1.0])
+    expected = (LOSS_SMOOTHING * 2.0 * (1 - LOSS_SMOOTHING**10) + (1 - LOSS_SMOOTHING) * 1.0) / (1 - LOSS_SMOOTHING**11)
+    assert tracker.smoothed_loss == pytest.approx(expected)
+    assert 1.0 < tracker.smoothed_loss < 2.0
+
+
+@pytest.mark.parametrize("steps", [7, 8, 9, 100, 1001])
+def test_history_is_bounded_spans_the_loop_and_keeps_the_mean(steps):
+    losses = [math.sin(i) + 2 + i / 100 for i in range(steps)]
+    tracker = ProgressTracker(total=2000, first_step=5, max_points=8)
+    feed(tracker, losses)
+    history = tracker.snapshot()["history"]
+    assert len(history) <= 8 + 1  # the full points and the one being filled
+    assert history[-1][0] == 5 + steps and history[-1][2] == tracker.smoothed_loss  # ends at the current step
+    starts = [5] + [p[0] for p in history[:-1]]  # each point covers the steps since the previous one
+    covered = [end - start for start, (end, _, _) in zip(starts, history)]
+    assert all(c > 0 for c in covered) and sum(covered) == steps
+    assert sum(c * loss for c, (_, loss, _) in zip(covered, history)) == pytest.approx(sum(losses))
+    assert len(history) >= min(steps, 4)  # merging halves a full history, never more
+
+
+def test_history_points_are_exact_means_of_their_steps():
+    tracker = ProgressTracker(total=100, max_points=4)
+    feed(tracker, [1, 2, 3, 4, 5, 6, 7, 8, 9, 10])
+    # 4 points of 1 step merged into 2 of 2, filled to 4 of 2, merged into 2 of 4; then steps 9-10 are open
+    assert [p[:2] for p in tracker.snapshot()["history"]] == [[4, 2.5], [8, 6.5], [10, 9.5]]
+
+
+def test_messages_are_throttled_but_the_first_and_last_steps_always_go():
+    tracker = ProgressTracker(total=1000, min_interval_s=0.2)
+    sent = []
+    for i in range(1000):  # 1000 steps at 1 ms each: a fast CPU run
+        feed(tracker, [1.0], seconds=0.001)
+        if tracker.due(now=100.0 + i * 0.001):
+            sent.append(tracker.done)
+    assert sent[0] == 1 and sent[-1] == 1000
+    assert 5 <= len(sent) <= 7  # one second of steps: one message per 0.2 s, plus the last
+    assert all(b - a >= 200 for a, b in zip(sent, sent[1:-1]))
+
+
+def test_stop_ends_the_countdown_and_is_sent_at_once():
+    tracker = ProgressTracker(total=10)
+    feed(tracker, [1.0, 1.0, 1.0])
+    assert tracker.due(now=0.0) and not tracker.due(now=0.01)
+    tracker.stop()
+    assert tracker.due(now=0.02)
+    assert tracker.snapshot()["running"] is False and tracker.snapshot()["step"] == 3
+
+
+def test_snapshots_are_fresh_copies():
+    """The snapshot is serialised later, on the server's thread, while training goes on."""
+    tracker = ProgressTracker(total=10, max_points=2)
+    feed(tracker, [1.0, 2.0])
+    before = tracker.snapshot()
+    kept = json.dumps(before)
+    feed(tracker, [3.0, 4.0, 5.0])
+    assert json.dumps(before) == kept
+
+
+@pytest.mark.parametrize("total, max_points", [(0, 200), (10, 3), (10, 0)])
+def test_rejects_impossible_settings(total, max_points):
+    with pytest.raises(ValueError, match="total" if total < 1 else "max_points"):
+        ProgressTracker(total=total, max_points=max_points)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# TrainLoop -> bridge
+
+
+class Cancel(Exception):
+    """Stands in for ComfyUI's InterruptProcessingException."""
+
+
+class FakeRun:
+    """Stands in for TrainingRun: runs `steps` instant steps, calling on_step as the trainer does."""
+
+    def train(self, handle, steps, on_step=None, should_stop=None):
+        losses = []
+        for k in range(1, steps + 1):
+            losses.append(1.0 / k)
+            on_step(StepInfo(handle.step + k, losses[-1], 1e-3, 0.01))
+        return SimpleNamespace(step=handle.step + steps, state=SimpleNamespace(losses=losses))
+
+
+@pytest.fixture
+def sent(monkeypatch):
+    """The events the bridge sends, and progress bars that record their updates (and cancel at step 5 if asked)."""
+    events, updates = [], []
+    monkeypatch.setattr(bridge, "send_event", lambda event, data: events.append((event, data)))
+    monkeypatch.setattr(bridge, "_latest_progress", {})
+    cancel_at = []
+
+    class Bar:
+        def __init__(self, total):
+            pass
+
+        def update_absolute(self, value, total=None, preview=None):
+            updates.append(value)
+            if value in cancel_at:
+                raise Cancel
+
+    monkeypatch.setattr(bridge, "progress_bar", Bar)
+    return SimpleNamespace(events=events, updates=updates, cancel_at=cancel_at)
+
+
+def test_train_loop_declares_its_node_id():
+    assert TrainLoop.INPUT_TYPES()["hidden"] == {"unique_id": "UNIQUE_ID"}
+
+
+def test_train_loop_sends_throttled_progress_of_its_node(sent):
+    handle = SimpleNamespace(run=FakeRun(), step=40)
+    after, step, loss = TrainLoop().train(handle, 100, unique_id="7")
+    assert (step, loss) == (140, 1.0 / 100)
+    assert sent.updates == list(range(1, 101))  # the progress bar (and Cancel) still see every step
+    assert {event for event, _ in sent.events} == {bridge.PROGRESS_EVENT}
+    messages = [data for _, data in sent.events]
+    assert 2 <= len(messages) <= 10  # instant steps: the first, the last, few between
+    assert messages[0]["step"] == 1 and messages[-1]["step"] == 100 and messages[-1]["run_step"] == 140
+    assert all(m["node"] == "7" and m["total"] == 100 for m in messages)
+    assert messages[-1]["running"] is False
+    assert bridge.progress_messages() == [messages[-1]]  # what a reloaded view is given
+
+
+def test_a_cancelled_loop_is_shown_stopped(sent):
+    sent.cancel_at.append(5)
+    handle = SimpleNamespace(run=FakeRun(), step=0)
+    with pytest.raises(Cancel):
+        TrainLoop().train(handle, 20, unique_id="3")
+    last = sent.events[-1][1]
+    assert (last["step"], last["running"]) == (5, False)
+    assert bridge.progress_messages() == [last]
+
+
+def test_progress_messages_are_numbers_only(sent):
+    TrainLoop().train(SimpleNamespace(run=FakeRun(), step=0), 30, unique_id="12")
+    (message,) = bridge.progress_messages()
+    leaves = [v for k, v in message.items() if k not in ("node", "history")] + sum(message["history"], [])
+    assert all(isinstance(v, (int, float, bool)) or v is None for v in leaves)
+
+
+def test_outside_comfyui_nothing_is_sent_and_no_route_is_registered(monkeypatch):
+    monkeypatch.setattr(bridge, "_latest_progress", {})
+    TrainLoop().train(SimpleNamespace(run=FakeRun(), step=0), 3)  # called without a node id, as scripts do
+    assert bridge.progress_messages() == []
+    assert bridge.register_progress_route() is False
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# web/: what the browser loads
+
+
+def test_the_extension_loads_only_comfyuis_own_scripts_and_nothing_from_outside():
+    web = ROOT / pack.WEB_DIRECTORY
+    scripts = sorted(web.rglob("*.js"))
+    assert scripts, "ComfyUI loads every .js under WEB_DIRECTORY; there is none"
+    for path in scripts:
+        text = path.read_text(encoding="utf-8")
+        assert "://" not in text and "@import" not in text, f"{path.name} names an outside address"
+        # served as /extensions/<pack>/<path under web>: its relative imports must reach ComfyUI's /scripts/
+        served = f"/extensions/pack/{path.relative_to(web).as_posix()}"
+        for module in re.findall(r'^import .* from "(.+)";$', text, flags=re.M):
+            assert posixpath.normpath(posixpath.join(posixpath.dirname(served), module)) in (
+                "/scripts/app.js", "/scripts/api.js"), f"{path.name} imports {module}"
+
+
+def test_the_extension_speaks_the_bridges_event_and_route():
+    text = (ROOT / pack.WEB_DIRECTORY / "js" / "live_progress.js").read_text(encoding="utf-8")
+    assert f'"{bridge.PROGRESS_EVENT}"' in text and f'"{bridge.PROGRESS_ROUTE}"' in text
+    assert '"FluxLoRA_TrainLoop"' in text and "FluxLoRA_TrainLoop" in pack.NODE_CLASS_MAPPINGS

@@ -1,0 +1,151 @@
+// Live view of a running TrainLoop: step / total, s/it, ETA, loss (current and smoothed) and a loss chart that grows
+// as training runs. The server broadcasts "flux_lora_trainer.progress" messages (throttled, numbers only) to every
+// open tab; a tab that (re)connects mid-run asks /flux_lora_trainer/progress for the latest one of each node.
+// Nothing is loaded from outside ComfyUI.
+import { app } from "../../../scripts/app.js";
+import { api } from "../../../scripts/api.js";
+
+const NODE_TYPE = "FluxLoRA_TrainLoop";
+const EVENT = "flux_lora_trainer.progress";
+const ROUTE = "/flux_lora_trainer/progress";
+const CHART_HEIGHT = 110; // CSS pixels
+const RAW_COLOR = "rgba(110, 168, 254, 0.45)";
+const SMOOTH_COLOR = "rgb(110, 168, 254)";
+
+// node id -> latest message: a message may arrive before its node exists (a reload restores the graph after setup)
+const latest = new Map();
+
+function formatDuration(seconds) {
+  const s = Math.round(seconds);
+  const [h, m] = [Math.floor(s / 3600), Math.floor((s % 3600) / 60)];
+  const mmss = `${String(m).padStart(h ? 2 : 1, "0")}:${String(s % 60).padStart(2, "0")}`;
+  return h ? `${h}:${mmss}` : mmss;
+}
+
+const formatLoss = (value) => (value == null ? "–" : value.toPrecision(4));
+
+function statusLine(msg) {
+  const parts = [`step ${msg.step} / ${msg.total}`];
+  if (msg.s_per_it != null) parts.push(`${msg.s_per_it.toFixed(msg.s_per_it < 10 ? 2 : 1)} s/it`);
+  if (msg.running) parts.push(msg.eta_s == null ? "ETA –" : `ETA ${formatDuration(msg.eta_s)}`);
+  else parts.push(msg.step < msg.total ? "stopped" : "done");
+  return parts.join(" · ");
+}
+
+class ProgressView {
+  constructor(node) {
+    this.message = null;
+    this.element = document.createElement("div");
+    this.element.className = "flux-lora-progress";
+    this.element.style.cssText = "display:flex;flex-direction:column;gap:2px;font-size:11px;"
+      + "color:var(--input-text, #ddd);font-variant-numeric:tabular-nums;overflow:hidden";
+    this.status = document.createElement("div");
+    this.loss = document.createElement("div");
+    this.canvas = document.createElement("canvas");
+    this.canvas.style.cssText = `width:100%;height:${CHART_HEIGHT}px;border-radius:4px;`
+      + "background:var(--comfy-input-bg, #222)";
+    this.element.append(this.status, this.loss, this.canvas);
+    this.status.textContent = "waiting for the first step";
+    this.widget = node.addDOMWidget("live_progress", "flux_lora_progress", this.element, {
+      serialize: false, // a view, not an input: kept out of the prompt and the saved workflow
+      getMinHeight: () => CHART_HEIGHT + 40,
+    });
+    this.widget.serialize = false;
+    new ResizeObserver(() => this.drawChart()).observe(this.canvas);
+  }
+
+  show(msg) {
+    this.message = msg;
+    this.status.textContent = statusLine(msg);
+    this.loss.textContent = `loss ${formatLoss(msg.loss)} · smoothed ${formatLoss(msg.smoothed_loss)}`;
+    this.drawChart();
+  }
+
+  drawChart() {
+    const canvas = this.canvas;
+    const ratio = window.devicePixelRatio || 1;
+    const [w, h] = [canvas.clientWidth, canvas.clientHeight];
+    if (!w || !h) return; // hidden (zoomed out, collapsed): drawn again when it is resized back
+    canvas.width = Math.round(w * ratio);
+    canvas.height = Math.round(h * ratio);
+    const ctx = canvas.getContext("2d");
+    ctx.setTransform(ratio, 0, 0, ratio, 0, 0);
+    ctx.clearRect(0, 0, w, h);
+    const points = this.message?.history ?? [];
+    if (!points.length) return;
+
+    const msg = this.message;
+    const first = msg.run_step - msg.step; // the loop's x axis spans its whole length, so the curve grows rightward
+    const last = first + msg.total;
+    const values = points.flatMap(([, loss, smooth]) => [loss, smooth]);
+    let [lo, hi] = [Math.min(...values), Math.max(...values)];
+    if (hi - lo < 1e-12) [lo, hi] = [lo - 0.5 * Math.abs(lo || 1), hi + 0.5 * Math.abs(hi || 1)];
+    const pad = { left: 44, right: 6, top: 6, bottom: 14 };
+    const x = (step) => pad.left + ((step - first) / (last - first)) * (w - pad.left - pad.right);
+    const y = (v) => pad.top + ((hi - v) / (hi - lo)) * (h - pad.top - pad.bottom);
+
+    ctx.font = "10px sans-serif";
+    ctx.fillStyle = "rgba(200, 200, 200, 0.8)";
+    ctx.textAlign = "right";
+    ctx.textBaseline = "top";
+    ctx.fillText(hi.toPrecision(3), pad.left - 4, pad.top);
+    ctx.textBaseline = "bottom";
+    ctx.fillText(lo.toPrecision(3), pad.left - 4, h - pad.bottom);
+    ctx.textBaseline = "alphabetic";
+    ctx.textAlign = "left";
+    ctx.fillText(String(first), pad.left, h - 2);
+    ctx.textAlign = "right";
+    ctx.fillText(String(last), w - pad.right, h - 2);
+
+    const line = (index, color, width) => {
+      ctx.strokeStyle = ctx.fillStyle = color;
+      ctx.lineWidth = width;
+      if (points.length === 1) {
+        ctx.beginPath();
+        ctx.arc(x(points[0][0]), y(points[0][index]), 2.5, 0, 2 * Math.PI);
+        ctx.fill();
+        return;
+      }
+      ctx.beginPath();
+      points.forEach((p, i) => (i ? ctx.lineTo(x(p[0]), y(p[index])) : ctx.moveTo(x(p[0]), y(p[index]))));
+      ctx.stroke();
+    };
+    line(1, RAW_COLOR, 1);
+    line(2, SMOOTH_COLOR, 2);
+  }
+}
+
+function show(msg) {
+  latest.set(String(msg.node), msg);
+  const node = app.graph?.getNodeById(Number(msg.node)); // top-level nodes; ids inside subgraphs look like "5:3"
+  node?.fluxLoraProgress?.show(msg);
+}
+
+async function catchUp() {
+  try {
+    const response = await api.fetchApi(ROUTE, { cache: "no-store" });
+    if (response.ok) (await response.json()).forEach(show);
+  } catch (error) {
+    console.warn("Flux LoRA Trainer: could not fetch the training progress", error);
+  }
+}
+
+app.registerExtension({
+  name: "FluxLoraTrainer.LiveProgress",
+
+  async setup() {
+    api.addEventListener(EVENT, ({ detail }) => show(detail));
+    api.addEventListener("reconnected", catchUp);
+    await catchUp();
+  },
+
+  nodeCreated(node) {
+    if (node.comfyClass === NODE_TYPE) node.fluxLoraProgress = new ProgressView(node);
+  },
+
+  loadedGraphNode(node) {
+    // ids are only known once the graph is configured: restore what this node last reported
+    const msg = latest.get(String(node.id));
+    if (msg) node.fluxLoraProgress?.show(msg);
+  },
+});
