@@ -3,7 +3,6 @@
 ComfyUI caches outputs and runs siblings in any order, so a handle must be a value: whatever ran last, a node
 given the handle of loop k sees loop k's state. Every result is compared with a plain `Trainer` trained straight.
 """
-import importlib.util
 import shutil
 import subprocess
 import sys
@@ -19,19 +18,8 @@ from trainer_core import lora, models, plots
 from trainer_core.demo import write_demo_dataset
 from trainer_core.run_handle import TrainingInterrupted
 from trainer_core.trainer import Trainer
+from pack import ROOT, load_pack
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def load_pack():
-    """Import the repository folder as ComfyUI does: a package named after its path, from its __init__.py."""
-    name = str(ROOT).replace(".", "_x_")
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, ROOT / "__init__.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
 
 
 pack = load_pack()

@@ -12,7 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from test_nodes import load_pack  # the pack imported as ComfyUI imports it
+from pack import load_pack  # the pack imported as ComfyUI imports it
 from trainer_core.progress import LOSS_SMOOTHING, SPEED_WINDOW, ProgressTracker
 from trainer_core.trainer import StepInfo
 
@@ -120,7 +120,7 @@ def test_snapshots_are_fresh_copies():
 
 @pytest.mark.parametrize("total, max_points", [(0, 200), (10, 3), (10, 0)])
 def test_rejects_impossible_settings(total, max_points):
-    with pytest.raises(ValueError, match="total" if total < 1 else "max_points"):
+    with pytest.raises(ValueError, match="steps" if total < 1 else "max_points"):
         ProgressTracker(total=total, max_points=max_points)
 
 

@@ -1,6 +1,5 @@
 """Every example workflow loads in ComfyUI as shipped: known node types, links between matching types, widget
 values that fit their widgets, and, for the tiny demo, exactly the files `install-tiny` writes."""
-import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -9,8 +8,8 @@ import pytest
 import torch
 
 from trainer_core.comfy_install import install_tiny
+from pack import ROOT, load_pack
 
-ROOT = Path(__file__).resolve().parents[1]
 WORKFLOWS = sorted((ROOT / "example_workflows").glob("*.json"))
 WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN")
 # core nodes the workflows use: (socket inputs, widgets)
@@ -22,17 +21,6 @@ CORE_NODES = {
 # the real model files the Flux-dev2pro workflow names, as a user's folders would list them
 REAL_FILES = ("diffusion_models/flux-dev2pro-fp8.safetensors", "diffusion_models/flux1-dev-fp8.safetensors",
               "vae/ae.safetensors", "text_encoders/clip_l.safetensors", "text_encoders/t5xxl_fp16.safetensors")
-
-
-def load_pack():
-    """Import the repository folder as ComfyUI does: a package named after its path, from its __init__.py."""
-    name = str(ROOT).replace(".", "_x_")
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, ROOT / "__init__.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
 
 
 pack = load_pack()

@@ -5,8 +5,6 @@ The CLI's `train` and `demo` both go through `execute`, so a config file and the
 from __future__ import annotations
 
 import dataclasses
-import logging
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,8 +13,6 @@ from tqdm import tqdm
 from . import plots
 from .checkpoints import STATE_SUFFIX, atomic_write, checkpoint_stem
 from .trainer import StepInfo, Trainer, strength_grid
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)

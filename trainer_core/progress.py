@@ -27,7 +27,7 @@ class ProgressTracker:
     def __init__(self, total: int, first_step: int = 0, *, min_interval_s: float = MIN_INTERVAL_S,
                  max_points: int = MAX_POINTS):
         if total < 1:
-            raise ValueError(f"total: {total}; a loop has 1 step or more")
+            raise ValueError(f"steps: {total}; a loop has 1 step or more")
         if max_points < 2 or max_points % 2:
             raise ValueError(f"max_points: {max_points}; use an even number, 2 or more (points merge in pairs)")
         self.total = total
