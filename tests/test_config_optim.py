@@ -73,3 +73,17 @@ def test_cosine_restarts_and_cyclic_go_back_up():
         assert rises >= 2, schedule
         assert min(lrs) < 0.05 and max(lrs) == pytest.approx(1.0)
         assert all(math.isfinite(x) for x in lrs)
+
+
+def test_timestep_samplings_stay_inside_zero_one_and_shift_favours_noise():
+    import torch
+
+    from trainer_core.flow_matching import TIMESTEP_SAMPLINGS, sample_sigmas
+
+    means = {}
+    for method in TIMESTEP_SAMPLINGS:
+        s = sample_sigmas(20_000, method, torch.Generator().manual_seed(0))
+        assert ((s > 0) & (s < 1)).all(), method
+        means[method] = s.mean().item()
+    assert means["shift"] > means["sigmoid"] + 0.15  # shift 3.16 moves training toward high noise, as kohya's does
+    assert abs(means["sigmoid"] - 0.5) < 0.02 and abs(means["uniform"] - 0.5) < 0.02
