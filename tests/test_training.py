@@ -12,7 +12,7 @@ from trainer_core import lora
 from trainer_core.checkpoints import load_training_state
 from trainer_core.demo import demo_config, write_demo_dataset
 from trainer_core.plan import mean_losses
-from trainer_core.trainer import NonFiniteLossError, Trainer
+from trainer_core.trainer import NonFiniteLossError, Trainer, strength_grid
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -152,3 +152,21 @@ def test_accumulation_flips_and_caption_dropout_resume_exactly(tiny_flux, datase
     split.train(2)
     assert all(math.isfinite(x) for x in straight.losses)
     assert split.losses == pytest.approx(straight.losses, rel=1e-5)
+
+
+def test_the_xy_grid_swaps_a_validation_base_in_once(tiny_flux, dataset, tmp_path, monkeypatch):
+    trainer = make_trainer(tiny_flux, dataset, tmp_path, validation_transformer_path=str(tiny_flux.transformer_fp8))
+    first = trainer.snapshot().lora
+    trainer.train(3)
+    own = lora.lora_state(trainer.transformer)
+    moved = []
+    to_cpu = trainer._to_cpu
+    monkeypatch.setattr(trainer, "_to_cpu", lambda model: (moved.append(model), to_cpu(model)))
+
+    grid = strength_grid(trainer, [(0, first), (3, own)], [0.0, 1.0], "fltglyph", base_path=str(tiny_flux.transformer_fp8),
+                         steps=2, width=64, height=64)
+
+    assert moved.count(trainer.transformer) == 1  # 4 cells, one swap of the bases
+    assert grid.size[0] > 2 * 64 and grid.size[1] > 2 * 64
+    for k, v in own.items():  # the run's own LoRA is back on the training base
+        assert torch.equal(lora.lora_state(trainer.transformer)[k], v)

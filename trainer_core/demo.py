@@ -44,7 +44,7 @@ def demo_config(models: "tiny.TinyFluxPaths", dataset: Path, output_dir: Path, s
     return TrainConfig(
         transformer_path=str(models.transformer_bf16), vae_path=str(models.vae), clip_path=str(models.clip_l),
         t5_path=str(models.t5), tokenizer_dir=str(models.tokenizers), dataset_dir=str(dataset),
-        trigger_word=DEMO_TRIGGER, resolutions=(128,), max_sequence_length=32, rank=8, alpha=8.0,
+        trigger_word=DEMO_TRIGGER, resolutions=(128,), max_sequence_length=tiny.MAX_SEQUENCE_LENGTH, rank=8, alpha=8.0,
         learning_rate=2e-3, lr_schedule="cosine", warmup_steps=10, min_lr_ratio=0.1, total_steps=steps,
         mixed_precision="fp32", gradient_checkpointing=False, device="cpu", seed=7,
         output_dir=str(output_dir), output_name="flux_tiny_demo",

@@ -45,9 +45,6 @@ def sample_sigmas(
     method: str,
     generator: torch.Generator | None = None,
     shift: float = 3.1582,
-    sigmoid_scale: float = 1.0,
-    logit_mean: float = 0.0,
-    logit_std: float = 1.0,
 ) -> torch.Tensor:
     """Training noise levels sigma in (0, 1), one per sample.
 
@@ -56,10 +53,8 @@ def sample_sigmas(
     """
     if method == "uniform":
         return torch.rand(batch_size, generator=generator)
-    if method == "logit_normal":
-        return torch.sigmoid(torch.randn(batch_size, generator=generator) * logit_std + logit_mean)
-    s = torch.sigmoid(sigmoid_scale * torch.randn(batch_size, generator=generator))
-    if method == "sigmoid":
+    s = torch.sigmoid(torch.randn(batch_size, generator=generator))  # standard logit-normal
+    if method in ("sigmoid", "logit_normal"):  # the same draw: kohya's sigmoid at scale 1 is SD3's logit-normal(0, 1)
         return s
     if method == "shift":
         return shift * s / (1 + (shift - 1) * s)

@@ -5,6 +5,7 @@ which is what lets ComfyUI re-run a loop from any earlier point and what makes s
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -69,6 +70,7 @@ class Trainer:
         self.dataset = dataset
         self._prompt_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._validation = None  # (path, transformer) of another base to judge samples on
+        self._base_fingerprint: str | None = None  # of config.transformer_path, hashed at the first save
 
         torch.manual_seed(config.seed)  # LoRA init
         lora.add_lora(transformer, config.rank, config.alpha, dropout=config.lora_dropout, blocks=config.blocks)
@@ -87,7 +89,7 @@ class Trainer:
         self.step, self.epoch, self.cursor = 0, 0, 0
         self.losses: list[float] = []
         self.lrs: list[float] = []
-        self._order = data.batches(dataset.records, config.batch_size, config.seed, self.epoch)
+        self._order = self._epoch_order(self.epoch)
 
     # ------------------------------------------------------------------ construction from files
     @classmethod
@@ -178,10 +180,13 @@ class Trainer:
     def _next_batch(self) -> list[int]:
         if self.cursor >= len(self._order):
             self.epoch, self.cursor = self.epoch + 1, 0
-            self._order = data.batches(self.dataset.records, self.config.batch_size, self.config.seed, self.epoch)
+            self._order = self._epoch_order(self.epoch)
         batch = self._order[self.cursor]
         self.cursor += 1
         return batch
+
+    def _epoch_order(self, epoch: int) -> list[list[int]]:
+        return data.batches(self.dataset.records, self.config.batch_size, self.config.seed, epoch)
 
     def _loss(self, batch: list[int]) -> torch.Tensor:
         cfg, g = self.config, self.generator
@@ -222,7 +227,7 @@ class Trainer:
     def _set_position(self, position: tuple) -> None:
         epoch, cursor, gen_state, cpu_state = position
         if epoch != self.epoch:
-            self._order = data.batches(self.dataset.records, self.config.batch_size, self.config.seed, epoch)
+            self._order = self._epoch_order(epoch)
         self.epoch, self.cursor = epoch, cursor
         self.generator.set_state(gen_state)
         torch.set_rng_state(cpu_state)
@@ -261,12 +266,14 @@ class Trainer:
         if "torch_cuda" in state.rng and self.device.type == "cuda":
             torch.cuda.set_rng_state(state.rng["torch_cuda"], self.device)
         self.step, self.epoch, self.cursor = state.step, state.epoch, state.cursor
-        self._order = data.batches(self.dataset.records, self.config.batch_size, self.config.seed, self.epoch)
+        self._order = self._epoch_order(self.epoch)
         self.losses, self.lrs = list(state.losses), list(state.lrs)
 
     # ------------------------------------------------------------------ outputs
     def lora_metadata(self) -> dict[str, str]:
         cfg = self.config
+        if self._base_fingerprint is None:  # the base never changes during a run: hash its header once, not per save
+            self._base_fingerprint = file_fingerprint(cfg.transformer_path)
         return {
             "ss_base_model_version": "flux1",
             "ss_network_module": "networks.lora_flux",
@@ -282,7 +289,7 @@ class Trainer:
             "ss_timestep_sampling": cfg.timestep_sampling,
             "ss_discrete_flow_shift": str(cfg.timestep_shift),
             "ss_sd_model_name": Path(cfg.transformer_path).name,
-            "ss_sd_model_hash": file_fingerprint(cfg.transformer_path),
+            "ss_sd_model_hash": self._base_fingerprint,
             "ss_tag_frequency": "",
             "trigger_word": cfg.trigger_word,
             "training_guidance": str(cfg.guidance),
@@ -307,39 +314,52 @@ class Trainer:
         return (torch.stack([self._prompt_cache[p][0] for p in prompts]),
                 torch.stack([self._prompt_cache[p][1] for p in prompts]))
 
-    def sample(self, prompts: Sequence[str], *, strength: float = 1.0, seed: int = 0, steps: int = 20,
-               guidance: float = 3.5, width: int = 512, height: int = 512, lora_state: dict | None = None,
-               base_path: str | None = None, callback=None) -> list:
-        """Images for `prompts` with the LoRA at `strength` (0 = the base model exactly).
+    def sample(self, prompts: Sequence[str], *, base_path: str | None = None, **render_kwargs) -> list:
+        """Images for `prompts` with the LoRA at `strength` (0 = the base model exactly); see `sampling_session`."""
+        with self.sampling_session(base_path) as render:
+            return render(prompts, **render_kwargs)
 
-        `lora_state` samples with another checkpoint's LoRA weights (the XY grid); the run's own are put back after.
+    @contextlib.contextmanager
+    def sampling_session(self, base_path: str | None = None):
+        """Set sampling up once, for any number of images, and put the run back as it was afterwards.
+
+        Yields `render(prompts, *, strength=1.0, lora_state=None, seed=0, steps=20, guidance=3.5, width=512,
+        height=512, callback=None) -> images`. `lora_state` renders another checkpoint's LoRA (the XY grid).
         `base_path` judges the LoRA on another base (train on Flux-dev2pro, look at it on Flux-dev): the training
-        base waits in RAM meanwhile, so the GPU never holds two bases.
+        base waits in RAM meanwhile, so the GPU never holds two bases, and the swap happens once per session.
         """
-        embeds, pooled = self.encode_prompts(list(prompts))
         other_base = bool(base_path) and Path(base_path).resolve() != Path(self.config.transformer_path).resolve()
         model = self._validation_model(base_path) if other_base else self.transformer
-        own = lora.lora_state(self.transformer) if lora_state is not None and not other_base else None
+        own = lora.lora_state(self.transformer)
+        loaded_other = other_base  # whether `model` holds LoRA weights other than the run's own
         if other_base:
             self._to_cpu(self.transformer)
             self._to_device(model)
         self.vae.to(self.device)
-        try:
-            if lora_state is not None or other_base:
-                lora.load_lora_state(model, lora_state if lora_state is not None else lora.lora_state(self.transformer))
+
+        def render(prompts: Sequence[str], *, strength: float = 1.0, lora_state: dict | None = None, seed: int = 0,
+                   steps: int = 20, guidance: float = 3.5, width: int = 512, height: int = 512, callback=None) -> list:
+            nonlocal loaded_other
+            embeds, pooled = self.encode_prompts(list(prompts))
+            if lora_state is not None or loaded_other:
+                lora.load_lora_state(model, lora_state if lora_state is not None else own)
+                loaded_other = lora_state is not None or other_base
             with torch.inference_mode(False), torch.no_grad():
                 return sampling.sample_images(
                     model, self.vae, embeds.to(self.device, self.dtype), pooled.to(self.device, self.dtype),
                     width=width, height=height, steps=steps, guidance=guidance, seed=seed, strength=strength,
                     callback=callback,
                 )
+
+        try:
+            yield render
         finally:
             lora.set_lora_strength(model, 1.0)
-            if own is not None:
-                lora.load_lora_state(self.transformer, own)
             if other_base:
                 self._to_cpu(model)
                 self._to_device(self.transformer)
+            elif loaded_other:
+                lora.load_lora_state(self.transformer, own)
             self.vae.to("cpu")
 
     def _to_device(self, model) -> None:
@@ -378,14 +398,14 @@ class Trainer:
 
 
 def strength_grid(trainer: Trainer, checkpoints: Sequence[tuple[int, dict]], strengths: Sequence[float], prompt: str,
-                  **sample_kwargs):
+                  base_path: str | None = None, **sample_kwargs):
     """The LoRA-strength x training-step comparison: rows are (step, LoRA state) checkpoints, columns strengths.
 
-    The prompt is encoded once and each cell only rescales the adapter, so no file is read per cell.
+    One sampling session for all cells: the prompt is encoded once, a validation base is swapped in once, and each
+    cell only loads its row's LoRA weights and rescales the adapter, so no file is read per cell.
     """
-    rows = [
-        [trainer.sample([prompt], strength=s, lora_state=state, **sample_kwargs)[0] for s in strengths]
-        for _, state in checkpoints
-    ]
+    with trainer.sampling_session(base_path) as render:
+        rows = [[render([prompt], strength=s, lora_state=state, **sample_kwargs)[0] for s in strengths]
+                for _, state in checkpoints]
     return plots.xy_grid(rows, [f"step {step}" for step, _ in checkpoints], [f"{s:g}" for s in strengths],
                          title=prompt)
