@@ -291,10 +291,11 @@ def test_init_trainer_rejects_before_loading_and_keeps_the_run(ctx, no_model_loa
     (dict(blocks="double:3"), r"blocks: 'double:3' is outside the model's 1 double blocks \(indices 0-0\)"),
     (dict(blocks="dubble"), r"blocks: cannot read 'dubble'; write 'all', 'double', 'single'"),
 ], ids=["rank above the layer width", "blocks out of range", "blocks misspelled"])
-def test_init_trainer_rejects_lora_settings_the_model_cannot_take(ctx, changes, match):
-    """Known only once the transformer is read (the run is replaced, as by any InitTrainer that gets that far)."""
+def test_init_trainer_rejects_lora_settings_the_model_cannot_take(ctx, no_model_loads, changes, match):  # noqa: F811
+    """Tried on an empty model shaped from the file's header: no weight loads and the live run is kept."""
     with pytest.raises(ValueError, match=match):
         init(**changes)
+    assert ctx.handle.run.trainer is not None, "a failed InitTrainer released the run already alive"
 
 
 def test_a_pasted_quoted_path_and_a_sft_file_are_accepted(ctx):

@@ -408,3 +408,11 @@ def test_wrong_tokenizer_folder_is_reported(tiny_flux):
                                   t5_tokenizer_dir=tiny_flux.tokenizers / "t5")  # fmt: skip
     with pytest.raises(ValueError, match="tokenizer_dir"):
         models.load_text_encoders(tiny_flux.clip_l, tiny_flux.t5)
+
+
+def test_the_config_read_from_headers_alone_is_the_loaded_models(tiny_flux):
+    for path in (tiny_flux.transformer_bf16, tiny_flux.transformer_fp8, tiny_flux.transformer_diffusers):
+        loaded = dict(models.load_transformer(path, dtype=torch.float32).config)
+        from_header = models.transformer_config(path)
+        assert {k: from_header[k] for k in loaded if not k.startswith("_")} == \
+            {k: v for k, v in loaded.items() if not k.startswith("_")}, path

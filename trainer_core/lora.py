@@ -14,6 +14,8 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
+from accelerate import init_empty_weights
+from diffusers import FluxTransformer2DModel
 from peft import LoraConfig
 from peft.tuners.lora import LoraLayer
 from safetensors import safe_open
@@ -163,6 +165,15 @@ def add_lora(
         layer.reset_lora_parameters(ADAPTER, True)
     n_params = sum(p.numel() for p in lora_parameters(transformer))
     logger.info("LoRA rank %d alpha %g on %d Linears (%d parameters)", rank, alpha, len(targeted), n_params)
+
+
+def check_lora_settings(transformer_config: dict, rank: int, alpha: float, dropout: float = 0.0,
+                        blocks: str | Sequence[str] = "all") -> None:
+    """Raise now, naming the field, wherever `add_lora` would: it is tried on an empty (meta-device) model of that
+    config, so a rank too wide or a mistyped `blocks` fails in a second instead of after the models load."""
+    with init_empty_weights():
+        model = FluxTransformer2DModel.from_config(transformer_config)
+    add_lora(model, rank, alpha, dropout=dropout, blocks=blocks)
 
 
 def lora_parameters(transformer: nn.Module) -> list[nn.Parameter]:

@@ -509,6 +509,19 @@ def load_transformer(
     return model
 
 
+def transformer_config(path: str | Path) -> dict:
+    """The FluxTransformer2DModel config of a transformer file or folder, from headers alone: no weight is read."""
+    path = check_model_file(path, "transformer")
+    if path.is_dir():
+        return dict(FluxTransformer2DModel.load_config(_model_folder(path, "transformer")))
+    kind = detect_file_kind(path)
+    anchor = "x_embedder.weight" if kind == "flux_transformer_diffusers" else "img_in.weight"
+    prefix = _key_prefix(path, anchor, "Flux transformer")
+    shapes = {k[len(prefix):]: torch.empty(shape, device="meta")
+              for k, shape in read_safetensors_header(path).shapes.items() if k.startswith(prefix)}
+    return infer_transformer_config(shapes if kind == "flux_transformer_diffusers" else bfl_to_diffusers(shapes))
+
+
 def _read_transformer_file(path: Path, **read) -> dict[str, Tensor]:
     """A single-file transformer's tensors under diffusers names, whatever its layout and key prefix."""
     if detect_file_kind(path) == "flux_transformer_diffusers":

@@ -19,7 +19,7 @@ import torch
 
 from .checkpoints import STATE_SUFFIX, TrainingState, checkpoint_stem
 from .config import TrainConfig
-from .trainer import NonFiniteLossError, StepInfo, Trainer, dataset_records, strength_grid
+from .trainer import NonFiniteLossError, StepInfo, Trainer, preflight, strength_grid
 
 log = logging.getLogger(__name__)
 
@@ -81,10 +81,11 @@ class TrainingRun:
     ) -> TrainingHandle:
         """Release the active run, load the models for `config` and return the handle at step 0 (or `resume`).
 
-        The dataset is scanned first: a wrong or unreadable folder raises while the active run still holds its models.
+        Everything that needs no weights is checked first (`preflight`): a wrong file, rank or dataset raises while
+        the active run still holds its models.
         """
         global _active
-        records = dataset_records(config)
+        records = preflight(config)
         if _active is not None:
             _active.release()
         trainer = Trainer.from_config(config, on_progress=on_progress, records=records)

@@ -46,8 +46,15 @@ def compute_dtype(config: TrainConfig) -> torch.dtype:
     return torch.bfloat16 if config.mixed_precision == "bf16" else torch.float32
 
 
-def dataset_records(config: TrainConfig) -> list[data.ImageRecord]:
-    """The run's training images, captioned and bucketed (each image decoded once to prove it readable; no model)."""
+def preflight(config: TrainConfig) -> list[data.ImageRecord]:
+    """Every check that needs no weights, so a wrong input fails in seconds, before gigabytes load: each model file's
+    kind from its header, the LoRA settings tried on an empty model of the base's shape, and the dataset scanned
+    (each image decoded once to prove it readable). Returns the dataset's records, captioned and bucketed."""
+    for role, path in (("transformer", config.transformer_path), ("vae", config.vae_path),
+                       ("clip", config.clip_path), ("t5", config.t5_path)):
+        models.check_model_file(path, role)
+    lora.check_lora_settings(models.transformer_config(config.transformer_path), config.rank, config.alpha,
+                             config.lora_dropout, config.blocks)
     return data.scan_dataset(config.dataset_dir, config.trigger_word, config.resolutions, config.repeats)
 
 
@@ -95,13 +102,10 @@ class Trainer:
     @classmethod
     def from_config(cls, config: TrainConfig, on_progress: Callable[[str, int, int], None] | None = None,
                     records: list[data.ImageRecord] | None = None) -> "Trainer":
-        """Load the models and cache the dataset; `records` are `dataset_records(config)` when already scanned."""
-        for role, path in (("transformer", config.transformer_path), ("vae", config.vae_path),
-                           ("clip", config.clip_path), ("t5", config.t5_path)):
-            models.check_model_file(path, role)  # from the headers: a wrong file fails now, not after the others load
+        """Load the models and cache the dataset; `records` come from `preflight(config)`, run here when not given."""
+        records = preflight(config) if records is None else records
         device = resolve_device(config.device)
         dtype = compute_dtype(config)
-        records = dataset_records(config) if records is None else records
         text_encoders = models.load_text_encoders(
             config.clip_path, config.t5_path, config.tokenizer_dir or None, dtype=dtype, device=device,
             max_sequence_length=config.max_sequence_length,
