@@ -22,37 +22,18 @@ from safetensors import safe_open
 from torch import nn
 
 from .checkpoints import save_safetensors
+from .models import DOUBLE_BLOCK_LINEARS, SINGLE_BLOCK_LINEARS
 
 logger = logging.getLogger(__name__)
 
 ADAPTER = "default"
 
-# BFL module -> the diffusers modules fused into it, in the BFL row order (as diffusers'
-# `convert_flux_transformer_checkpoint_to_diffusers` splits them). Block modulations keep their chunk order
-# (shift, scale, gate); only the final `norm_out` is reordered, and it is never targeted.
-DOUBLE_BLOCK_MODULES: dict[str, tuple[str, ...]] = {
-    "img_attn.qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
-    "txt_attn.qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
-    "img_attn.proj": ("attn.to_out.0",),
-    "txt_attn.proj": ("attn.to_add_out",),
-    "img_mlp.0": ("ff.net.0.proj",),
-    "img_mlp.2": ("ff.net.2",),
-    "txt_mlp.0": ("ff_context.net.0.proj",),
-    "txt_mlp.2": ("ff_context.net.2",),
-    "img_mod.lin": ("norm1.linear",),
-    "txt_mod.lin": ("norm1_context.linear",),
-}
-SINGLE_BLOCK_MODULES: dict[str, tuple[str, ...]] = {
-    "linear1": ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"),
-    "linear2": ("proj_out",),
-    "modulation.lin": ("norm.linear",),
-}
 MODULATION_MODULES = {"img_mod.lin", "txt_mod.lin", "modulation.lin"}
 
 # block kind -> (diffusers ModuleList, BFL prefix, modules of one block)
 BLOCK_KINDS: dict[str, tuple[str, str, dict[str, tuple[str, ...]]]] = {
-    "double": ("transformer_blocks", "double_blocks", DOUBLE_BLOCK_MODULES),
-    "single": ("single_transformer_blocks", "single_blocks", SINGLE_BLOCK_MODULES),
+    "double": ("transformer_blocks", "double_blocks", DOUBLE_BLOCK_LINEARS),
+    "single": ("single_transformer_blocks", "single_blocks", SINGLE_BLOCK_LINEARS),
 }
 KOHYA_SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".alpha")
 

@@ -267,6 +267,35 @@ def shipped_config(name: str) -> dict:
 # Flux transformer
 
 
+# BFL module -> the diffusers module(s) it holds, stacked along dim 0 in this order (the fused qkv / linear1), for
+# the Linears of one block. Block modulations keep their chunk order (shift, scale, gate); only the final `norm_out`
+# swaps its halves. The LoRA engine targets exactly these Linears and names its kohya keys after the BFL side.
+DOUBLE_BLOCK_LINEARS: dict[str, tuple[str, ...]] = {
+    "img_attn.qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
+    "txt_attn.qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
+    "img_attn.proj": ("attn.to_out.0",),
+    "txt_attn.proj": ("attn.to_add_out",),
+    "img_mlp.0": ("ff.net.0.proj",),
+    "img_mlp.2": ("ff.net.2",),
+    "txt_mlp.0": ("ff_context.net.0.proj",),
+    "txt_mlp.2": ("ff_context.net.2",),
+    "img_mod.lin": ("norm1.linear",),
+    "txt_mod.lin": ("norm1_context.linear",),
+}
+SINGLE_BLOCK_LINEARS: dict[str, tuple[str, ...]] = {
+    "linear1": ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"),
+    "linear2": ("proj_out",),
+    "modulation.lin": ("norm.linear",),
+}
+_DOUBLE_BLOCK_NORMS = {
+    "img_attn.norm.query_norm": ("attn.norm_q",),
+    "img_attn.norm.key_norm": ("attn.norm_k",),
+    "txt_attn.norm.query_norm": ("attn.norm_added_q",),
+    "txt_attn.norm.key_norm": ("attn.norm_added_k",),
+}
+_SINGLE_BLOCK_NORMS = {"norm.query_norm": ("attn.norm_q",), "norm.key_norm": ("attn.norm_k",)}
+
+
 def flux_module_map(num_layers: int, num_single_layers: int) -> dict[str, tuple[str, ...]]:
     """BFL module name -> the diffusers module(s) it holds, in the order they are stacked along dim 0.
 
@@ -285,33 +314,11 @@ def flux_module_map(num_layers: int, num_single_layers: int) -> dict[str, tuple[
         "final_layer.linear": ("proj_out",),
         "final_layer.adaLN_modulation.1": ("norm_out.linear",),
     }
-    for i in range(num_layers):
-        b, d = f"double_blocks.{i}.", f"transformer_blocks.{i}."
-        m |= {
-            b + "img_mod.lin": (d + "norm1.linear",),
-            b + "txt_mod.lin": (d + "norm1_context.linear",),
-            b + "img_attn.qkv": (d + "attn.to_q", d + "attn.to_k", d + "attn.to_v"),
-            b + "txt_attn.qkv": (d + "attn.add_q_proj", d + "attn.add_k_proj", d + "attn.add_v_proj"),
-            b + "img_attn.norm.query_norm": (d + "attn.norm_q",),
-            b + "img_attn.norm.key_norm": (d + "attn.norm_k",),
-            b + "txt_attn.norm.query_norm": (d + "attn.norm_added_q",),
-            b + "txt_attn.norm.key_norm": (d + "attn.norm_added_k",),
-            b + "img_attn.proj": (d + "attn.to_out.0",),
-            b + "txt_attn.proj": (d + "attn.to_add_out",),
-            b + "img_mlp.0": (d + "ff.net.0.proj",),
-            b + "img_mlp.2": (d + "ff.net.2",),
-            b + "txt_mlp.0": (d + "ff_context.net.0.proj",),
-            b + "txt_mlp.2": (d + "ff_context.net.2",),
-        }
-    for i in range(num_single_layers):
-        b, d = f"single_blocks.{i}.", f"single_transformer_blocks.{i}."
-        m |= {
-            b + "modulation.lin": (d + "norm.linear",),
-            b + "linear1": (d + "attn.to_q", d + "attn.to_k", d + "attn.to_v", d + "proj_mlp"),
-            b + "norm.query_norm": (d + "attn.norm_q",),
-            b + "norm.key_norm": (d + "attn.norm_k",),
-            b + "linear2": (d + "proj_out",),
-        }
+    blocks = (("double_blocks", "transformer_blocks", num_layers, DOUBLE_BLOCK_LINEARS | _DOUBLE_BLOCK_NORMS),
+              ("single_blocks", "single_transformer_blocks", num_single_layers, SINGLE_BLOCK_LINEARS | _SINGLE_BLOCK_NORMS))
+    for bfl, diffusers, count, modules in blocks:
+        for i in range(count):
+            m |= {f"{bfl}.{i}.{k}": tuple(f"{diffusers}.{i}.{x}" for x in v) for k, v in modules.items()}
     return m
 
 
