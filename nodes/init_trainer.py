@@ -12,6 +12,7 @@ from trainer_core.flow_matching import TIMESTEP_SAMPLINGS
 from trainer_core.models import KIND_DESCRIPTIONS, MODEL_ROLES, detect_file_kind
 from trainer_core.presets import PRESETS
 from trainer_core.run_handle import TrainingRun
+from trainer_core.trainer import settings_mismatches
 
 from . import comfy_bridge
 from .common import CATEGORY, HANDLE
@@ -101,8 +102,7 @@ def load_resume(name: str, config: TrainConfig) -> TrainingState | None:
     else:
         path = comfy_bridge.full_path("loras", name, "resume_state")
     state, _ = load_training_state(path)
-    differ = [f"{k} {getattr(config, k)} (state: {v})" for k, v in state.fingerprint.items()
-              if hasattr(config, k) and str(getattr(config, k)) != v]
+    differ = settings_mismatches(state.fingerprint, config)
     if differ:
         raise ValueError(f"resume_state: {name} was trained with other settings: {', '.join(differ)}; set them as "
                          f"the state had them, or choose resume_state {NONE}")

@@ -314,8 +314,10 @@ def flux_module_map(num_layers: int, num_single_layers: int) -> dict[str, tuple[
         "final_layer.linear": ("proj_out",),
         "final_layer.adaLN_modulation.1": ("norm_out.linear",),
     }
-    blocks = (("double_blocks", "transformer_blocks", num_layers, DOUBLE_BLOCK_LINEARS | _DOUBLE_BLOCK_NORMS),
-              ("single_blocks", "single_transformer_blocks", num_single_layers, SINGLE_BLOCK_LINEARS | _SINGLE_BLOCK_NORMS))
+    blocks = (
+        ("double_blocks", "transformer_blocks", num_layers, DOUBLE_BLOCK_LINEARS | _DOUBLE_BLOCK_NORMS),
+        ("single_blocks", "single_transformer_blocks", num_single_layers, SINGLE_BLOCK_LINEARS | _SINGLE_BLOCK_NORMS),
+    )
     for bfl, diffusers, count, modules in blocks:
         for i in range(count):
             m |= {f"{bfl}.{i}.{k}": tuple(f"{diffusers}.{i}.{x}" for x in v) for k, v in modules.items()}

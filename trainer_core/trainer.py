@@ -42,6 +42,12 @@ class StepInfo:
     seconds: float  # wall time of this step
 
 
+def settings_mismatches(fingerprint: dict[str, str], config: TrainConfig) -> list[str]:
+    """The settings a saved state was trained with that `config` does not share, as '<field> <ours> (state: <its>)'."""
+    return [f"{k} {getattr(config, k)} (state: {fingerprint.get(k)})" for k in _FINGERPRINT_FIELDS
+            if str(getattr(config, k)) != fingerprint.get(k)]
+
+
 def compute_dtype(config: TrainConfig) -> torch.dtype:
     return torch.bfloat16 if config.mixed_precision == "bf16" else torch.float32
 
@@ -258,10 +264,13 @@ class Trainer:
         )
 
     def restore(self, state: TrainingState) -> None:
-        mismatched = {k: (v, state.fingerprint.get(k)) for k, v in self.fingerprint().items() if state.fingerprint.get(k) != v}
-        if mismatched:
-            detail = ", ".join(f"{k}: run has {a}, state has {b}" for k, (a, b) in mismatched.items())
-            raise ValueError(f"this training state belongs to a different run ({detail}); set those fields as the state had them")
+        differ = settings_mismatches(state.fingerprint, self.config)
+        ours, theirs = self.fingerprint()["architecture"], state.fingerprint.get("architecture")
+        if ours != theirs:
+            differ.append(f"architecture {ours} (state: {theirs})")
+        if differ:
+            raise ValueError(f"this training state belongs to a different run ({', '.join(differ)}); "
+                             "set those fields as the state had them")
         state = state.clone()  # the optimizer keeps the tensors it is given; the caller's state must stay untouched
         lora.load_lora_state(self.transformer, state.lora)
         self.optimizer.load_state_dict(state.optimizer)
