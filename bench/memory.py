@@ -38,7 +38,6 @@ from typing import Callable, Iterable
 import torch
 import torch.nn.functional as F
 from diffusers import FluxTransformer2DModel
-from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.lora import LoraLayer
 from torch import nn
 from torch.overrides import TorchFunctionMode
@@ -47,7 +46,7 @@ from torch.utils.checkpoint import checkpoint
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere: make trainer_core importable
 
-from trainer_core import models  # noqa: E402
+from trainer_core import lora, models  # noqa: E402
 from trainer_core.presets import PRESETS, MemoryPreset, split_blocks_to_swap  # noqa: E402
 
 log = logging.getLogger("bench.memory")
@@ -58,13 +57,6 @@ RESOLUTIONS = (512, 768, 1024)
 LORA_RANK = 16
 CONFIG_PATH = ROOT / "trainer_core" / "configs" / "flux-dev-transformer.json"
 LORA_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-# Every Linear of the double and single blocks; anchored on the block lists, so the top-level proj_out is not hit.
-BLOCK_LINEARS = (
-    r"(transformer_blocks|single_transformer_blocks)\.\d+\."
-    r"(norm1(_context)?\.linear|norm\.linear|attn\.(to_[qkv]|to_out\.0|add_[qkv]_proj|to_add_out)"
-    r"|ff(_context)?\.net\.(0\.proj|2)|proj_mlp|proj_out)"
-)
-
 # Assumptions, not measurements (nothing on this machine can measure them):
 CUDA_CONTEXT = 1.0 * GIB  # CUDA context, cuBLAS/cuDNN workspaces and loaded kernels: ~0.5-1 GiB on recent cards
 FRAGMENTATION = 0.10  # PyTorch's caching allocator reserves more than it hands out: +10% of what is allocated
@@ -233,13 +225,9 @@ def lora_flux(config: dict, fp8_base: bool, lora_dtype: str, device: str = "meta
         model.get_parameter(name).data = model.get_parameter(name).data.to(torch.float8_e4m3fn)
     linears = sum(isinstance(m, nn.Linear) for blocks in (model.transformer_blocks, model.single_transformer_blocks)
                   for m in blocks.modules())
-    model.requires_grad_(False)
-    inject_adapter_in_model(LoraConfig(r=LORA_RANK, lora_alpha=LORA_RANK, target_modules=BLOCK_LINEARS), model)
+    lora.add_lora(model, LORA_RANK, LORA_RANK, lora_dtype=LORA_DTYPES[lora_dtype])  # the trainer's own targeting
     layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
-    assert len(layers) == linears, f"LoRA on {len(layers)} of {linears} block Linears: fix BLOCK_LINEARS"
-    for layer in layers:
-        layer.lora_A.to(LORA_DTYPES[lora_dtype])
-        layer.lora_B.to(LORA_DTYPES[lora_dtype])
+    assert len(layers) == linears, f"LoRA on {len(layers)} of {linears} block Linears"
     return model
 
 
