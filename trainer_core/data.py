@@ -6,8 +6,10 @@ cropped square, and several base resolutions (512, 768, 1024) can be trained tog
 from __future__ import annotations
 
 import codecs
+import hashlib
 import logging
 import math
+import os
 import re
 import warnings
 from collections.abc import Sequence
@@ -128,6 +130,20 @@ def scan_dataset(
     logger.info("dataset %s: %d of %d images usable, %d records", folder, len({r.path for r in records}),
                 len(candidates), len(records) * repeats)
     return [r for r in records for _ in range(repeats)]
+
+
+def dataset_fingerprint(records: Sequence[ImageRecord]) -> str:
+    """What decides a run's data, hashed: each record's file name, size, mtime, caption and bucket, in order.
+
+    An edited, added, removed or re-captioned image changes it; reading nothing does. The folder's own path is left
+    out: a dataset moved elsewhere (with its mtimes) keeps its identity."""
+    h = hashlib.sha256()
+    root = Path(os.path.commonpath([r.path.parent for r in records])) if records else Path()
+    for r in records:
+        st = r.path.stat()
+        h.update(f"{r.path.relative_to(root).as_posix()}\0{st.st_size}\0{st.st_mtime_ns}\0{r.caption}\0"
+                 f"{r.bucket[0]}x{r.bucket[1]}\n".encode())
+    return h.hexdigest()[:16]
 
 
 def _probe_image(path: Path) -> tuple[int, int]:
