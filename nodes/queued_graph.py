@@ -1,0 +1,94 @@
+"""What the queued workflow holds downstream of an InitTrainer, read from ComfyUI's API-format prompt.
+
+InitTrainer gets the whole queued graph through the hidden `PROMPT` input (`{node_id: {"class_type": ...,
+"inputs": {name: value or [source_id, output_index]}}}`), so it can plan for what the graph will ask of the run
+before any TrainLoop runs: how many steps the loops add up to (the LR schedule's length) and which prompts the
+samples and the XY grid will render (encoded while the text encoders are loaded anyway).
+
+Only plain widget values count: a value fed by another node's output is unknown until that node runs.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+PREFIX = "FluxLoRA_"  # node ids of this pack (nodes/__init__.py)
+TRAIN_LOOP = PREFIX + "TrainLoop"
+PROMPT_INPUTS = {PREFIX + "ValidationSample": "prompts", PREFIX + "XYLoraStrengthGrid": "prompt"}
+
+
+def _is_link(value) -> bool:
+    return isinstance(value, list) and len(value) == 2 and isinstance(value[1], int)
+
+
+def _handle_sources(node: Mapping) -> list[str]:
+    """Ids of the nodes whose outputs feed `node` (any input fed by a link)."""
+    return [str(v[0]) for v in node.get("inputs", {}).values() if _is_link(v)]
+
+
+def _downstream(prompt: Mapping, start: str) -> list[str]:
+    """Ids of the nodes fed, directly or not, by node `start`, in the prompt's order."""
+    children: dict[str, list[str]] = {}
+    for node_id, node in prompt.items():
+        for source in _handle_sources(node):
+            children.setdefault(source, []).append(str(node_id))
+    seen, stack = set(), [str(start)]
+    while stack:
+        for child in children.get(stack.pop(), []):
+            if child not in seen:
+                seen.add(child)
+                stack.append(child)
+    return [str(n) for n in prompt if str(n) in seen]
+
+
+def planned_train_steps(prompt: Mapping | None, init_id: str | None) -> int | None:
+    """The most steps any chain of TrainLoops after InitTrainer `init_id` adds up to; None when unknown (no graph,
+    no loop, or a loop whose steps come from another node)."""
+    if not prompt or init_id is None:
+        return None
+    loops = [n for n in _downstream(prompt, init_id) if prompt[n].get("class_type") == TRAIN_LOOP]
+    totals: dict[str, int] = {}
+
+    def total(node_id: str) -> int | None:  # this loop's steps plus those of the loops before it
+        if node_id not in totals:
+            steps = prompt[node_id]["inputs"].get("steps")
+            if not isinstance(steps, int) or isinstance(steps, bool):
+                return None
+            before = [total(s) for s in _upstream_loops(prompt, node_id)]
+            if any(b is None for b in before):
+                return None
+            totals[node_id] = steps + max(before, default=0)
+        return totals[node_id]
+
+    results = [total(n) for n in loops]
+    return None if not results or any(r is None for r in results) else max(results)
+
+
+def _upstream_loops(prompt: Mapping, node_id: str) -> list[str]:
+    """The nearest TrainLoops on the paths that feed `node_id`."""
+    found, stack, seen = [], _handle_sources(prompt[node_id]), set()
+    while stack:
+        source = stack.pop()
+        if source in seen or source not in prompt:
+            continue
+        seen.add(source)
+        if prompt[source].get("class_type") == TRAIN_LOOP:
+            found.append(source)
+        else:
+            stack.extend(_handle_sources(prompt[source]))
+    return found
+
+
+def validation_prompts(prompt: Mapping | None, init_id: str | None) -> list[str]:
+    """The prompts the ValidationSample (one per line) and XY grid nodes after InitTrainer `init_id` will render,
+    each once, in graph order."""
+    if not prompt or init_id is None:
+        return []
+    found: dict[str, None] = {}
+    for node_id in _downstream(prompt, init_id):
+        node = prompt[node_id]
+        name = PROMPT_INPUTS.get(node.get("class_type"))
+        text = node.get("inputs", {}).get(name) if name else None
+        if isinstance(text, str):
+            lines = text.splitlines() if name == "prompts" else [text]
+            found.update(dict.fromkeys(p.strip() for p in lines if p.strip()))
+    return list(found)
