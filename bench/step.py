@@ -27,6 +27,7 @@ from trainer_core import lora  # noqa: E402
 from trainer_core.caching import CachedDataset, CachedSample  # noqa: E402
 from trainer_core.config import TrainConfig  # noqa: E402
 from trainer_core.data import ImageRecord  # noqa: E402
+from trainer_core.distributed import SINGLE, Processes  # noqa: E402
 from trainer_core.flow_matching import image_ids, noisy_input_and_target, pack_latents, sample_sigmas, text_ids  # noqa: E402
 from trainer_core.trainer import Trainer  # noqa: E402
 
@@ -77,12 +78,13 @@ class ReferenceLoop:
         return loss.item()
 
 
-def ours(base: FluxTransformer2DModel, dataset: CachedDataset, **changes) -> Trainer:
+def ours(base: FluxTransformer2DModel, dataset: CachedDataset, processes: Processes = SINGLE, **changes) -> Trainer:
     settings = dict(rank=RANK, alpha=RANK, learning_rate=LR, mixed_precision="fp32", device="cpu", seed=SEED,
                     gradient_checkpointing=False)
     config = TrainConfig(transformer_path="bench", vae_path="bench", clip_path="bench", t5_path="bench", dataset_dir="bench",
                          **{**settings, **changes})
-    return Trainer(config, copy.deepcopy(base), vae=None, text_encoders=None, dataset=dataset, device="cpu")
+    return Trainer(config, copy.deepcopy(base), vae=None, text_encoders=None, dataset=dataset, device="cpu",
+                   processes=processes)
 
 
 def time_steps(step, n: int) -> float:

@@ -14,6 +14,7 @@ log = logging.getLogger("trainer_core")
 def _train(args) -> None:
     from .checkpoints import latest_state_file, load_training_state
     from .config import TrainConfig, read_toml
+    from .distributed import launched_processes
     from .plan import RunPlan, execute
     from .trainer import NonFiniteLossError, Trainer
 
@@ -27,7 +28,10 @@ def _train(args) -> None:
     else:  # after a crash or a cancel, pick up from the newest complete state instead of starting over
         resume = None if args.fresh else latest_state_file(config.output_dir, config.output_name)
     state = load_training_state(resume)[0] if resume is not None else None  # a wrong file fails before loading
-    trainer = Trainer.from_config(config)
+    processes = launched_processes(config.device)
+    if not processes.is_main:  # one voice: the main process logs and prints for the run
+        logging.getLogger().setLevel(logging.WARNING)
+    trainer = Trainer.from_config(config, processes=processes)
     if state is not None:
         trainer.restore(state)
         log.info("resumed from %s at step %d", resume, trainer.step)
@@ -38,6 +42,8 @@ def _train(args) -> None:
         good = latest_state_file(config.output_dir, config.output_name, max_step=trainer.step - 1)
         where = f"--resume {good}" if good else "--fresh"
         raise ValueError(f"{e} Lower learning_rate in {path} and run it again with {where}.") from e
+    if not processes.is_main:
+        return
     for p in result.loras:
         print(f"LoRA: {p}")
     print(f"loss plot: {result.loss_plot}")

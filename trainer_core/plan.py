@@ -59,16 +59,22 @@ class RunResult:
 
 
 def execute(trainer: Trainer, plan: RunPlan) -> RunResult:
+    """Train to `plan.steps`, saving, sampling and plotting on the way. Of several data-parallel processes only the
+    main one writes files and samples; the others train along and return an empty result."""
     cfg = trainer.config
+    main = trainer.processes.is_main
     out = Path(cfg.output_dir)
     result = RunResult()
     checkpoints: list[tuple[int, dict]] = []
     sample = dict(seed=plan.sample_seed, steps=plan.sample_steps, guidance=plan.sample_guidance,
                   width=plan.sample_width, height=plan.sample_height, base_path=plan.validation_base or None)
-    with tqdm(total=plan.steps, initial=min(trainer.step, plan.steps), desc="training", unit="step") as bar:
+    with tqdm(total=plan.steps, initial=min(trainer.step, plan.steps), desc="training", unit="step",
+              disable=not main) as bar:
         while trainer.step < plan.steps:
             next_save = (trainer.step // plan.save_every + 1) * plan.save_every
             trainer.train(min(next_save, plan.steps) - trainer.step, on_step=lambda info: _advance(bar, info))
+            if not main:
+                continue
             stem = checkpoint_stem(cfg.output_name, trainer.step)
             result.loras.append(trainer.save_lora(out / f"{stem}.safetensors"))
             state = trainer.snapshot()
@@ -77,6 +83,8 @@ def execute(trainer: Trainer, plan: RunPlan) -> RunResult:
             checkpoints.append((trainer.step, state.lora))
             for i, image in enumerate(trainer.sample(plan.prompts, **sample) if plan.prompts else []):
                 result.samples.append(save_png(image, out / "samples" / f"{stem}_{i}.png"))
+    if not main:
+        return result
     result.loss_plot = out / f"{cfg.output_name}_loss.png"
     plots.loss_plot(trainer.losses, trainer.lrs, [s for s, _ in checkpoints], path=result.loss_plot)
     if plan.prompts and checkpoints:

@@ -20,6 +20,7 @@ from . import caching, data, lora, models, plots, sampling
 from .block_swap import BlockSwap, model_blocks
 from .checkpoints import TrainingState, file_fingerprint, save_training_state
 from .config import TrainConfig
+from .distributed import SINGLE, Processes, process_device
 from .flow_matching import image_ids, noisy_input_and_target, pack_latents, sample_sigmas, text_ids
 from .optim import learning_rate, make_optimizer, set_learning_rate
 
@@ -74,8 +75,10 @@ def resolve_device(name: str) -> torch.device:
 
 
 class Trainer:
-    def __init__(self, config: TrainConfig, transformer, vae, text_encoders, dataset: caching.CachedDataset, device=None):
+    def __init__(self, config: TrainConfig, transformer, vae, text_encoders, dataset: caching.CachedDataset, device=None,
+                 processes: Processes = SINGLE):
         self.config = config
+        self.processes = processes  # several when data-parallel: each trains on its share of every batch
         self.device = torch.device(device) if device is not None else resolve_device(config.device)
         self.dtype = compute_dtype(config)
         self.vae = vae
@@ -107,10 +110,10 @@ class Trainer:
     # ------------------------------------------------------------------ construction from files
     @classmethod
     def from_config(cls, config: TrainConfig, on_progress: Callable[[str, int, int], None] | None = None,
-                    records: list[data.ImageRecord] | None = None) -> "Trainer":
+                    records: list[data.ImageRecord] | None = None, processes: Processes = SINGLE) -> "Trainer":
         """Load the models and cache the dataset; `records` come from `preflight(config)`, run here when not given."""
         records = preflight(config) if records is None else records
-        device = resolve_device(config.device)
+        device = process_device(processes, config.device) or resolve_device(config.device)
         dtype = compute_dtype(config)
         text_encoders = models.load_text_encoders(
             config.clip_path, config.t5_path, config.tokenizer_dir or None, dtype=dtype, device=device,
@@ -130,7 +133,7 @@ class Trainer:
         if device.type == "cuda":
             torch.cuda.empty_cache()
         transformer = models.load_transformer(config.transformer_path, dtype=dtype, device="cpu", fp8_base=config.fp8_base)
-        return cls(config, transformer, vae, text_encoders, dataset, device)
+        return cls(config, transformer, vae, text_encoders, dataset, device, processes)
 
     # ------------------------------------------------------------------ the loop
     def train(
@@ -160,8 +163,10 @@ class Trainer:
                     loss_sum = torch.zeros((), device=self.device)
                     for _ in range(cfg.gradient_accumulation):
                         loss = self._loss(self._next_batch()) / cfg.gradient_accumulation
-                        loss.backward()
+                        if loss.requires_grad:  # else this process's share of the batch was empty
+                            loss.backward()
                         loss_sum += loss.detach()
+                    loss_sum = self.processes.sum_gradients(self.params, loss_sum)
                     if cfg.max_grad_norm > 0:
                         torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
                     # the one host sync per step: the progress display needs the loss, and a NaN must stop
@@ -199,24 +204,34 @@ class Trainer:
         return data.batches(self.dataset.records, self.config.batch_size, self.config.seed, epoch)
 
     def _loss(self, batch: list[int]) -> torch.Tensor:
+        """The loss of this process's share of `batch`, weighted by that share: the processes' losses (and their
+        gradients) add up to the whole batch's mean loss. Every process draws the random numbers of the whole batch,
+        so the run's generator stays the same whatever the number of processes."""
         cfg, g = self.config, self.generator
         n = len(batch)
         flip = torch.rand(n, generator=g) < 0.5 if self.dataset.flipped else torch.zeros(n, dtype=torch.bool)
         drop = torch.rand(n, generator=g) < cfg.caption_dropout
         samples = [(self.dataset.flipped if f else self.dataset.samples)[i] for i, f in zip(batch, flip.tolist())]
+        latent_shape = pack_latents(samples[0].latents[None].float()).shape[1:]
+        noise = torch.randn((n, *latent_shape), generator=g)
+        sigmas = sample_sigmas(n, cfg.timestep_sampling, g, shift=cfg.timestep_shift)
+        mine = self.processes.share(n)
+        samples, drop, noise, sigmas = samples[mine], drop[mine], noise[mine], sigmas[mine]
+        if not samples:
+            return torch.zeros((), device=self.device)
+        n_mine = len(samples)
+
         empty_embeds, empty_pooled = self.dataset.empty_prompt
         latents = torch.stack([s.latents for s in samples])  # (B, C, h, w), one bucket per batch
         prompt_embeds = torch.stack([empty_embeds if d else s.prompt_embeds for s, d in zip(samples, drop.tolist())])
         pooled = torch.stack([empty_pooled if d else s.pooled for s, d in zip(samples, drop.tolist())])
 
         x0 = pack_latents(latents.float())  # (B, h/2 * w/2, C*4)
-        noise = torch.randn(x0.shape, generator=g)
-        sigmas = sample_sigmas(n, cfg.timestep_sampling, g, shift=cfg.timestep_shift)
         x_t, target = noisy_input_and_target(x0, noise, sigmas)
 
         dev, dt = self.device, self.dtype
         h, w = latents.shape[-2:]
-        guidance = torch.full((n,), cfg.guidance, device=dev) if self.transformer.config.guidance_embeds else None
+        guidance = torch.full((n_mine,), cfg.guidance, device=dev) if self.transformer.config.guidance_embeds else None
         with torch.autocast(dev.type, dtype=dt, enabled=dt != torch.float32):
             pred = self.transformer(
                 hidden_states=x_t.to(dev, dt),
@@ -228,7 +243,8 @@ class Trainer:
                 guidance=guidance,
                 return_dict=False,
             )[0]
-        return F.mse_loss(pred.float(), target.to(dev).float())
+        loss = F.mse_loss(pred.float(), target.to(dev).float())
+        return loss if n_mine == n else loss * (n_mine / n)
 
     # ------------------------------------------------------------------ state
     def _position(self) -> tuple:
