@@ -3,10 +3,11 @@
     .venv/bin/python bench/data_parallel.py [--processes 2] [--batch 4] [--steps 5] [--rounds 3]
 
 Each round runs the one-process and the N-process trainer on bench/step.py's model and data, alternately so that
-drift in machine load hits both alike, with the same number of CPU threads in all (one per process), and prints
-median seconds per optimizer step and their ratio (< 1.0: the processes are faster). On CPUs the processes share
-the machine's cores and memory bandwidth, so the figure says what the gradient exchange costs more than what GPUs
-would gain.
+drift in machine load hits all alike, and prints median seconds per optimizer step and their ratio to one process
+with N threads (< 1.0: faster). The N processes run one thread each; one process runs with N threads and with one,
+since on a loaded machine OpenMP's N threads can be far slower than N single-threaded processes. On CPUs the
+processes share the machine's cores and memory bandwidth, so the figure says what the gradient exchange costs more
+than what GPUs would gain.
 """
 from __future__ import annotations
 
@@ -63,17 +64,17 @@ def main() -> int:
         return 0
 
     n = args.processes
-    runs = {"1 process": ([sys.executable], n),
-            f"{n} processes": ([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n)], 1)}
+    runs = {f"1 process x {n} threads": ([sys.executable], n), "1 process x 1 thread": ([sys.executable], 1),
+            f"{n} processes x 1 thread": ([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n)], 1)}
     times = {name: [] for name in runs}
     for _ in range(args.rounds):
         for name, (command, threads) in runs.items():
             times[name].append(timed(command, threads, args))
-    single = statistics.median(times["1 process"])
-    print(f"batch {args.batch} in all, {args.rounds} rounds x {args.steps} steps, {n} CPU threads in all")
+    single = statistics.median(next(iter(times.values())))
+    print(f"batch {args.batch} in all, {args.rounds} rounds x {args.steps} steps")
     for name, ts in times.items():
         t = statistics.median(ts)
-        print(f"{name:15s} {t:8.3f} s/step  ratio {t / single:.3f}")
+        print(f"{name:26s} {t:8.3f} s/step  ratio {t / single:.3f}")
     return 0
 
 
