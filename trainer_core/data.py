@@ -188,7 +188,7 @@ def _scan_folder(entry: DatasetEntry, index: int, caption_extension: str) -> Dat
         trigger = trigger_word or (kohya[2].strip() if kohya else "")
         text, issue = _read_caption(path.with_suffix(caption_extension))
         buckets = tuple(dict.fromkeys(choose_bucket(width, height, r) for r in sorted(resolutions)))
-        images.append(ScannedImage(path, (width, height), text, issue, _with_trigger(text, trigger), trigger,
+        images.append(ScannedImage(path, (width, height), text, issue, with_trigger(text, trigger), trigger,
                                    buckets, int(kohya[1]) if kohya else repeats, index))
     if not images:
         raise ValueError(
@@ -293,7 +293,7 @@ def _read_caption(path: Path) -> tuple[str, str]:
     return text, issue
 
 
-def _with_trigger(caption: str, trigger_word: str) -> str:
+def with_trigger(caption: str, trigger_word: str) -> str:
     """Prepend the trigger word unless the caption already holds it as a whole word (any case)."""
     if not trigger_word or re.search(rf"(?<!\w){re.escape(trigger_word)}(?!\w)", caption, re.IGNORECASE):
         return caption
