@@ -164,8 +164,10 @@ def report_for_config(config, thumbnails: bool = False) -> DatasetReport:
 
 def load_t5_tokenizer(folder: str | Path):
     """The T5 tokenizer from its files alone (tokenizer.json), or None (and a note) when there are none."""
-    if not folder or not (Path(folder) / "tokenizer.json").is_file():
-        logger.info("no T5 tokenizer.json in %r: caption lengths are not checked before training", str(folder))
+    if not folder:
+        return None
+    if not (Path(folder) / "tokenizer.json").is_file():
+        logger.info("no T5 tokenizer.json in %s: caption lengths are not checked", folder)
         return None
     from transformers import T5TokenizerFast
 
