@@ -194,7 +194,7 @@ def test_report_finds_planted_problems_and_names_the_files(tmp_path):
     issues = {k: [p.name for p in v] for k, v in report.caption_issues().items()}
     assert issues == {"missing": ["no_caption.png"], "empty": ["empty_caption.png"]}
     text = report.text()
-    assert "3 near-duplicate pair(s) (perceptual hash within 10/64 bits)" in text and "copy_resized.jpg ~ img2.png" in text
+    assert "3 near-duplicate pair(s) (perceptual hash within 10/64 bits, mean colour within 24/255)" in text and "copy_resized.jpg ~ img2.png" in text
     assert "small.png  200x150 -> 128x128" in text
     assert "trigger 'sks': already in 9 of 12 caption(s)" in text
     assert "chair 7" in text  # word counts: captions holding the word

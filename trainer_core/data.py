@@ -12,7 +12,7 @@ import math
 import os
 import re
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +27,7 @@ logger = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 BUCKET_STEP = 64  # bucket sides are multiples of this: Flux needs 16 (8 px per latent, 2x2 patches), trainers use 64
 MAX_ASPECT = 4.0  # buckets span aspect ratios 1:4 to 4:1
+LOOK_SIZE = 160  # px: the scan decodes a JPEG no smaller than this (for the dataset report's hash and thumbnail)
 KOHYA_FOLDER = re.compile(r"(\d+)_(.*)", re.DOTALL)  # kohya's `<repeats>_<name>` subfolder: `10_ohwx woman`
 
 
@@ -108,8 +109,13 @@ class DatasetScan:
                 for im in self.images for bucket in im.buckets for _ in range(im.repeats)]
 
 
-def inspect_datasets(entries: Sequence[DatasetEntry], caption_extension: str = ".txt") -> DatasetScan:
+def inspect_datasets(entries: Sequence[DatasetEntry], caption_extension: str = ".txt",
+                     look: Callable[[Path, Image.Image], None] | None = None) -> DatasetScan:
     """Find, caption and bucket the images of every entry; each entry's folder is scanned as `_scan_folder` says.
+
+    `look(path, image)` is shown each image as the scan decodes it (a JPEG at reduced scale, at least `LOOK_SIZE`
+    on its long side where the file allows; EXIF orientation not yet applied), so the dataset report needs no
+    second decode.
 
     An entry whose folder is missing or has no usable image raises, naming the folder (and its entry when there are
     several); a file that cannot be used is logged, named and left out (`DatasetScan.skipped`)."""
@@ -121,7 +127,7 @@ def inspect_datasets(entries: Sequence[DatasetEntry], caption_extension: str = "
     for i, entry in enumerate(entries):
         where = f"datasets[{i}]: " if len(entries) > 1 else ""
         try:
-            part = _scan_folder(entry, i, caption_extension)
+            part = _scan_folder(entry, i, caption_extension, look)
         except (ValueError, FileNotFoundError) as e:
             raise type(e)(where + str(e)) from e
         scan.images += part.images
@@ -129,7 +135,7 @@ def inspect_datasets(entries: Sequence[DatasetEntry], caption_extension: str = "
     return scan
 
 
-def _scan_folder(entry: DatasetEntry, index: int, caption_extension: str) -> DatasetScan:
+def _scan_folder(entry: DatasetEntry, index: int, caption_extension: str, look=None) -> DatasetScan:
     """Find the images in an entry's folder and in its direct subfolders (not deeper), caption them and bucket them.
 
     Each image's caption is the same-stem `caption_extension` file beside it, whitespace collapsed; UTF-8 (a BOM
@@ -180,7 +186,7 @@ def _scan_folder(entry: DatasetEntry, index: int, caption_extension: str) -> Dat
             skipped.append((path, f"its folder {sub} asks for 0 repeats"))
             continue
         try:
-            width, height = _probe_image(path)
+            width, height = _probe_image(path, look)
         except Exception as e:  # a broken file in a user's folder must never stop the scan; PIL raises many kinds
             logger.warning("skipping image %s: %s", path, str(e) or type(e).__name__)
             skipped.append((path, str(e) or type(e).__name__))
@@ -255,7 +261,7 @@ def dataset_fingerprint(records: Sequence[ImageRecord]) -> str:
     return h.hexdigest()[:16]
 
 
-def _probe_image(path: Path) -> tuple[int, int]:
+def _probe_image(path: Path, look=None) -> tuple[int, int]:
     """Decode an image as cheaply as its format allows, to prove it readable; -> (width, height) as displayed."""
     if path.stat().st_size == 0:  # PIL would only say it "cannot identify" the file
         raise ValueError("the file is empty (0 bytes)")
@@ -265,8 +271,11 @@ def _probe_image(path: Path) -> tuple[int, int]:
             width, height = im.size
             if min(width, height) < BUCKET_STEP:
                 raise ValueError(f"{width}x{height} px is under {BUCKET_STEP} px on a side")
-            im.draft(None, (width // 8, height // 8))  # JPEG decodes at 1/8 scale; other formats in full
+            scale = max(1 / 8, min(1.0, LOOK_SIZE / max(width, height)))
+            im.draft(None, (int(width * scale), int(height * scale)))  # JPEG decodes at down to 1/8; others in full
             im.load()  # finds truncated data (verify() would not for JPEG, and would forbid reading EXIF for PNG)
+            if look is not None:
+                look(path, im)
             turned = im.getexif().get(ExifTags.Base.Orientation, 1) in (5, 6, 7, 8)  # displayed turned by 90°
     return (height, width) if turned else (width, height)
 

@@ -24,7 +24,9 @@ logger = logging.getLogger(__name__)
 
 HASH_SIZE = 8  # the perceptual hash keeps the 8x8 lowest frequencies of a 32x32 grey image: 64 bits
 NEAR_DUPLICATE_BITS = 10  # hashes at most this many bits apart (of 64) are near-duplicates; unrelated photos differ by ~32
-UNDERSIZED_AREA = 0.75  # an image whose bucket at its entry's largest resolution has under this share of R² trains small
+NEAR_DUPLICATE_COLOUR = 24  # ... if their mean colours also differ by at most this much per channel (of 255): the
+#                             same scene in another colour (a subject on a teal, then an orange background) is not one
+UNDERSIZED_AREA = 0.75  # an image of under this share of R² pixels (R: its entry's largest resolution) trains small
 THUMB = 128  # contact-sheet tile side, px
 MAX_SHEET_IMAGES = 400  # the contact sheet shows at most this many images (the text report lists all)
 TOP_WORDS = 30
@@ -46,7 +48,7 @@ class DatasetReport:
     def undersized(self) -> list[data.ScannedImage]:
         """Images too small for their entry's largest resolution: they train in a smaller bucket."""
         return [im for im in self.scan.images
-                if math.prod(im.buckets[-1]) < UNDERSIZED_AREA * max(self.entries[im.entry].resolutions) ** 2]
+                if math.prod(im.size) < UNDERSIZED_AREA * max(self.entries[im.entry].resolutions) ** 2]
 
     def caption_issues(self) -> dict[str, list[Path]]:
         """"missing", "empty", "not UTF-8" -> the images whose caption file has that issue."""
@@ -64,7 +66,8 @@ class DatasetReport:
         if self.near_duplicates:
             pairs = ", ".join(f"{a.name} ~ {b.name}" for a, b, _ in self.near_duplicates[:5])
             out.append((True, f"{len(self.near_duplicates)} near-duplicate pair(s) (perceptual hash within "
-                              f"{NEAR_DUPLICATE_BITS}/64 bits): {pairs}{' ...' if len(self.near_duplicates) > 5 else ''}"))
+                              f"{NEAR_DUPLICATE_BITS}/64 bits, mean colour within {NEAR_DUPLICATE_COLOUR}/255): {pairs}"
+                              f"{' ...' if len(self.near_duplicates) > 5 else ''}"))
         small = self.undersized()
         if small:
             out.append((True, f"{len(small)} of {len(self.scan.images)} image(s) smaller than their resolution train "
@@ -140,15 +143,21 @@ class DatasetReport:
 
 def build_report(entries: Sequence[DatasetEntry], caption_extension: str = ".txt", t5_tokenizer=None,
                  token_limit: int | None = None, thumbnails: bool = True) -> DatasetReport:
-    """Scan the entries (`data.inspect_datasets`), hash every image, and count caption tokens when a T5 tokenizer
-    and its limit are given. No model is loaded; each image is decoded once more, small (JPEG at reduced scale)."""
-    scan = data.inspect_datasets(entries, caption_extension)
+    """Scan the entries (`data.inspect_datasets`), hash every image as the scan decodes it, and count caption tokens
+    when a T5 tokenizer and its limit are given. No model is loaded and no image is decoded twice."""
     hashes, thumbs = {}, {}
-    for im in scan.images:
-        small = _small_image(im.path)
-        hashes[im.path] = perceptual_hash(small)
+
+    def look(path: Path, image: Image.Image) -> None:  # each image as the scan decodes it
+        small = ImageOps.exif_transpose(image)
+        small.thumbnail((2 * THUMB, 2 * THUMB))
+        small = data.to_rgb(small)
+        hashes[path] = (perceptual_hash(small), np.asarray(small, dtype=np.float32).mean(axis=(0, 1)))
         if thumbnails and len(thumbs) < MAX_SHEET_IMAGES:
-            thumbs[im.path] = ImageOps.contain(small, (THUMB, THUMB))
+            thumbs[path] = ImageOps.contain(small, (THUMB, THUMB))
+
+    scan = data.inspect_datasets(entries, caption_extension, look)
+    used = {im.path for im in scan.images}  # an image can fail its checks after it was looked at
+    hashes = {p: h for p, h in hashes.items() if p in used}
     dropped = None
     if t5_tokenizer is not None and token_limit:
         dropped = caption_overflow({im.path: im.caption for im in scan.images}, t5_tokenizer, token_limit)
@@ -181,15 +190,6 @@ def caption_overflow(captions: dict[Path, str], tokenizer, limit: int) -> dict[P
     return {p: lengths[c] - limit for p, c in captions.items() if lengths[c] > limit}
 
 
-def _small_image(path: Path) -> Image.Image:
-    """The image as displayed, RGB, decoded cheaply (JPEG at down to 1/8 scale) and at most 256 px on a side."""
-    with Image.open(path) as im:
-        im.draft("RGB", (256, 256))
-        small = ImageOps.exif_transpose(im)
-        small.thumbnail((256, 256))
-        return data.to_rgb(small)
-
-
 def perceptual_hash(image: Image.Image) -> int:
     """64-bit pHash: the signs, against their median, of the 8x8 lowest DCT frequencies of a 32x32 grey copy.
 
@@ -201,11 +201,13 @@ def perceptual_hash(image: Image.Image) -> int:
     return int("".join("1" if b else "0" for b in bits), 2)
 
 
-def near_duplicates(hashes: dict[Path, int], max_bits: int = NEAR_DUPLICATE_BITS) -> list[tuple[Path, Path, int]]:
-    """Pairs of images whose hashes differ in at most `max_bits` bits, closest first."""
+def near_duplicates(hashes: dict[Path, tuple[int, np.ndarray]]) -> list[tuple[Path, Path, int]]:
+    """Pairs of images, each given as (perceptual hash, mean RGB), whose hashes differ in at most
+    NEAR_DUPLICATE_BITS bits and whose mean colours are within NEAR_DUPLICATE_COLOUR; closest first."""
     items = list(hashes.items())
-    pairs = [(a, b, (ha ^ hb).bit_count()) for i, (a, ha) in enumerate(items) for b, hb in items[i + 1:]]
-    return sorted((p for p in pairs if p[2] <= max_bits), key=lambda p: (p[2], p[0], p[1]))
+    pairs = [(a, b, (ha ^ hb).bit_count()) for i, (a, (ha, ca)) in enumerate(items) for b, (hb, cb) in items[i + 1:]
+             if np.abs(ca - cb).max() <= NEAR_DUPLICATE_COLOUR]
+    return sorted((p for p in pairs if p[2] <= NEAR_DUPLICATE_BITS), key=lambda p: (p[2], p[0], p[1]))
 
 
 def word_frequency(captions) -> Counter:
