@@ -108,3 +108,18 @@ def test_a_folder_without_a_model_is_named(tmp_path):
     with pytest.raises(ValueError, match="holds a 'bart' model, not Florence-2"):
         caption_dataset(folder, empty)
     assert not (folder / "a.txt").exists()
+
+
+def test_auto_caption_node_finds_the_model_in_models_llm(tmp_path, florence, monkeypatch):
+    import shutil
+
+    from nodes.dataset import AutoCaption
+
+    monkeypatch.setenv("FLUX_LORA_TRAINER_BASE_DIR", str(tmp_path))
+    shutil.copytree(florence, tmp_path / "models" / "LLM" / "Florence-2-tiny")
+    folder = dataset(tmp_path / "input" / "pets")
+    out = AutoCaption().caption("pets", "Florence-2-tiny", "sks", "<CAPTION>", False)
+    assert out["result"] == (str(folder),) and out["ui"]["text"] == [f"3 caption(s) written in {folder}"]
+    assert (folder / "a.txt").read_text("utf-8").startswith("sks")
+    with pytest.raises(FileNotFoundError, match=f"no Florence-2 model in {tmp_path / 'models' / 'LLM' / 'nope'}"):
+        AutoCaption().caption("pets", "nope", "", "<CAPTION>", True)

@@ -260,3 +260,15 @@ def test_several_datasets_train_resume_exactly_and_tag_the_lora(tiny_flux, two_d
                     "2_zqx": {"zqx": 1, "a glyph on a teal background": 1}}
     assert metadata["ss_resolution"] == "64,128" and metadata["trigger_word"] == "fltglyph"
     assert tag_frequency(resumed.dataset.records) == tags
+
+
+def test_dataset_report_node_gives_text_and_contact_sheet(tmp_path, monkeypatch):
+    from nodes.dataset import DatasetReport
+
+    monkeypatch.setenv("FLUX_LORA_TRAINER_BASE_DIR", str(tmp_path))
+    folder = planted_dataset(tmp_path / "input" / "chairs")
+    out = DatasetReport().report("chairs", "sks", "512", 1, 512)
+    text, sheet = out["result"]
+    assert f"Folder {folder}" in text and "copy_resized.jpg ~ img2.png" in text
+    assert sheet.shape == (1, 2 * 164, 10 * 136, 3) and len(out["ui"]["images"]) == 1
+    assert out["ui"]["text"][0].startswith("dataset: 12 image(s) used")
