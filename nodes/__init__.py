@@ -3,6 +3,7 @@
 Node ids carry the pack's prefix so they never collide with core's or other packs' training nodes.
 """
 from . import comfy_bridge
+from .dataset import AutoCaption, DatasetReport
 from .images import LossPlot, ValidationSample, XYLoraStrengthGrid
 from .init_trainer import InitTrainer
 from .training import SaveCheckpoint, TrainLoop
@@ -14,6 +15,8 @@ _NODES = {
     "LossPlot": (LossPlot, "Loss Plot"),
     "ValidationSample": (ValidationSample, "Validation Sample"),
     "XYLoraStrengthGrid": (XYLoraStrengthGrid, "XY LoRA Strength Grid"),
+    "DatasetReport": (DatasetReport, "Dataset Report"),
+    "AutoCaption": (AutoCaption, "Auto Caption (Florence-2)"),
 }
 NODE_CLASS_MAPPINGS = {f"FluxLoRA_{name}": cls for name, (cls, _) in _NODES.items()}
 NODE_DISPLAY_NAME_MAPPINGS = {f"FluxLoRA_{name}": f"{title} (Flux LoRA)" for name, (_, title) in _NODES.items()}

@@ -90,6 +90,13 @@ def input_directory() -> Path:
     return Path(fp.get_input_directory()) if fp is not None else _base_dir() / "input"
 
 
+def llm_directory() -> Path:
+    """ComfyUI's models/LLM, where caption models such as Florence-2 are kept (ComfyUI itself registers no such
+    folder, so it is found beside the other model folders)."""
+    fp = _comfy("folder_paths")
+    return Path(fp.models_dir) / "LLM" if fp is not None else _base_dir() / "models" / "LLM"
+
+
 def temp_directory() -> Path:
     fp = _comfy("folder_paths")
     return Path(fp.get_temp_directory()) if fp is not None else _base_dir() / "temp"

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 from trainer_core.checkpoints import STATE_SUFFIX, TrainingState, latest_state_file, load_training_state
-from trainer_core.config import LR_SCHEDULES, MIXED_PRECISIONS, OPTIMIZERS, TrainConfig
+from trainer_core.config import LR_SCHEDULES, MIXED_PRECISIONS, OPTIMIZERS, DatasetEntry, TrainConfig
 from trainer_core.flow_matching import TIMESTEP_SAMPLINGS
 from trainer_core.models import KIND_DESCRIPTIONS, MODEL_ROLES, detect_file_kind
 from trainer_core.presets import PRESETS
@@ -66,6 +66,28 @@ def dataset_path(value: str) -> Path:
     return path
 
 
+def parse_datasets(dataset_dir: str, trigger_word: str, resolutions: str, repeats: int) -> list[DatasetEntry]:
+    """The dataset_dir widget: one folder, or one entry per line `folder | trigger word | resolutions | repeats`,
+    where a part left out (or empty) takes its widget's value."""
+    lines = [line for line in dataset_dir.splitlines() if line.strip()] or [""]
+    entries = []
+    for n, line in enumerate(lines, 1):
+        where = f"dataset_dir line {n}" if len(lines) > 1 else "dataset_dir"
+        parts = [p.strip() for p in line.split("|")]
+        if len(parts) > 4:
+            raise ValueError(f"{where}: {line!r} has {len(parts)} parts; write folder | trigger word | resolutions "
+                             "| repeats")
+        folder, trigger, res, reps = parts + [""] * (4 - len(parts))
+        if reps and not reps.isdigit():
+            raise ValueError(f"{where}: repeats {reps!r} is not a whole number; write e.g. 10")
+        path = str(dataset_path(folder))  # its errors name the folder
+        try:
+            entries.append(DatasetEntry(path, trigger or trigger_word, res or resolutions, int(reps) if reps else repeats))
+        except ValueError as e:  # resolutions that are not numbers
+            raise ValueError(f"{where}: {e}") from e
+    return entries
+
+
 def tokenizer_settings(clip_path: Path) -> dict[str, str]:
     """`tokenizers/clip` + `tokenizers/t5` beside the CLIP file (as the tiny demo ships), else ComfyUI's own."""
     beside = clip_path.parent / "tokenizers"
@@ -109,6 +131,14 @@ def load_resume(name: str, config: TrainConfig) -> TrainingState | None:
     return state
 
 
+def dataset_settings(dataset_dir: str, settings: dict) -> dict:
+    """`dataset_dir` for one folder on one line, else `datasets` with an entry per line (see `parse_datasets`)."""
+    if len([line for line in dataset_dir.splitlines() if line.strip()]) <= 1 and "|" not in dataset_dir:
+        return {"dataset_dir": str(dataset_path(dataset_dir))}
+    return {"datasets": parse_datasets(dataset_dir, settings["trigger_word"], settings["resolutions"],
+                                       settings["repeats"])}
+
+
 def build_config(transformer: str, validation_transformer: str, vae: str, clip_l: str, t5: str, dataset_dir: str,
                  memory_preset: str, resume_state: str, **settings) -> tuple[TrainConfig, TrainingState | None]:
     """Every widget checked and no model loaded yet: errors name the widget and say what to do."""
@@ -118,19 +148,25 @@ def build_config(transformer: str, validation_transformer: str, vae: str, clip_l
         str(model_path("validation_transformer", validation_transformer))
     config = TrainConfig(
         transformer_path=paths["transformer"], vae_path=paths["vae"], clip_path=paths["clip_l"], t5_path=paths["t5"],
-        validation_transformer_path=validation, dataset_dir=str(dataset_path(dataset_dir)),
+        validation_transformer_path=validation, **dataset_settings(dataset_dir, settings),
         output_dir=str(comfy_bridge.folder_paths("loras")[0]), device=comfy_bridge.torch_device(),
         **tokenizer_settings(Path(paths["clip_l"])),
         **{**settings, **memory_settings(memory_preset, settings)},
     )
     preset = PRESETS.get(memory_preset)
-    if preset is not None and max(config.resolutions) > preset.resolution:
+    largest = max(r for entry in config.dataset_entries() for r in entry.resolutions)
+    if preset is not None and largest > preset.resolution:
         log.warning("memory_preset %s was sized for %d px; %d px may run out of memory",
-                    preset.name, preset.resolution, max(config.resolutions))
+                    preset.name, preset.resolution, largest)
     return config, load_resume(resume_state, config)
 
 
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+DATASET_DIR_TOOLTIP = (
+    "Folder of images with same-name .txt captions: an absolute path, or a folder name inside ComfyUI's input folder. "
+    "Kohya subfolders '10_ohwx woman' repeat their images 10 times (and give the trigger word when it is empty). "
+    "Several datasets: one per line, 'folder | trigger word | resolutions | repeats'; parts left out take the "
+    "widgets' values.")
 
 
 class InitTrainer:
@@ -156,8 +192,7 @@ class InitTrainer:
             "vae": (comfy_bridge.filename_list("vae"), {"tooltip": "The Flux VAE (ae.safetensors), from models/vae."}),
             "clip_l": (encoders, {"tooltip": "CLIP-L text encoder from models/text_encoders (or models/clip)."}),
             "t5": (encoders, {"tooltip": "T5-XXL text encoder from models/text_encoders (or models/clip)."}),
-            "dataset_dir": ("STRING", {"default": "", "tooltip": "Folder of images with same-name .txt captions: an "
-                                       "absolute path, or a folder name inside ComfyUI's input folder."}),
+            "dataset_dir": ("STRING", {"default": "", "multiline": True, "tooltip": DATASET_DIR_TOOLTIP}),
             "trigger_word": ("STRING", {"default": d["trigger_word"],
                                         "tooltip": "Made-up word put in front of every caption that lacks it."}),
             "resolutions": ("STRING", {"default": "512", "tooltip": "Bucket sizes: one (512) or several "

@@ -149,13 +149,13 @@ def test_trainer_core_and_the_pack_import_without_comfyui(tmp_path):
         print(len(pack.NODE_CLASS_MAPPINGS), sys.path[-1] == {str(ROOT)!r}, {COMFY_MODULES})
     """, tmp_path)
     # the pack folder is appended to sys.path, never first, so its nodes/ cannot shadow ComfyUI's `nodes` module
-    assert out.splitlines() == ["[]", "6 True []"]
+    assert out.splitlines() == ["[]", "8 True []"]
 
 
 def test_node_declarations():
     assert set(pack.NODE_CLASS_MAPPINGS) == set(pack.NODE_DISPLAY_NAME_MAPPINGS) == {
         f"FluxLoRA_{n}" for n in ("InitTrainer", "TrainLoop", "SaveCheckpoint", "LossPlot", "ValidationSample",
-                                  "XYLoraStrengthGrid")}
+                                  "XYLoraStrengthGrid", "DatasetReport", "AutoCaption")}
     assert (ROOT / pack.WEB_DIRECTORY).is_dir()
     for node_id, cls in pack.NODE_CLASS_MAPPINGS.items():
         assert pack.NODE_DISPLAY_NAME_MAPPINGS[node_id].endswith("(Flux LoRA)")

@@ -1,4 +1,4 @@
-"""Command line: `python -m trainer_core train CONFIG.toml` and `python -m trainer_core demo`."""
+"""Command line: `python -m trainer_core train CONFIG.toml`, `demo`, `report DATASET` and `caption DATASET`."""
 from __future__ import annotations
 
 import argparse
@@ -79,6 +79,36 @@ def _install_tiny(args) -> None:
     print("now load example_workflows/flux_tiny_demo.json in ComfyUI and queue it")
 
 
+def _report(args) -> None:
+    from .checkpoints import atomic_write
+    from .config import DatasetEntry, TrainConfig, read_toml
+    from .dataset_report import build_report, load_t5_tokenizer, report_for_config
+
+    path = Path(args.dataset)
+    if path.suffix.lower() == ".toml":
+        values = read_toml(path)
+        values.pop("plan", None)
+        config = TrainConfig.from_dict(values, source=str(path), base_dir=path.parent)
+        report = report_for_config(config, thumbnails=bool(args.sheet))
+    else:
+        entry = DatasetEntry(str(path), args.trigger_word, args.resolutions, args.repeats)
+        report = build_report([entry], t5_tokenizer=load_t5_tokenizer(args.t5_tokenizer),
+                              token_limit=args.max_sequence_length, thumbnails=bool(args.sheet))
+    print(report.text())
+    if args.sheet:
+        atomic_write(args.sheet, lambda tmp: report.contact_sheet().save(tmp, format="PNG"))
+        print(f"contact sheet: {args.sheet}")
+
+
+def _caption(args) -> None:
+    from .captioning import caption_dataset
+    from .trainer import resolve_device
+
+    written = caption_dataset(args.dataset, args.model, trigger_word=args.trigger_word, overwrite=args.overwrite,
+                              task=args.task, device=resolve_device(args.device))
+    print(f"{len(written)} caption file(s) written in {args.dataset}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m trainer_core", description="Flux.1 LoRA trainer")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -95,6 +125,27 @@ def main(argv: list[str] | None = None) -> int:
                                                   "for example_workflows/flux_tiny_demo.json")
     install.add_argument("base_dir", metavar="COMFYUI_BASE_DIR", help="ComfyUI's folder (holding models/ and input/)")
     install.set_defaults(run=_install_tiny)
+    report = sub.add_parser("report", help="the dataset report: images used and skipped, buckets, near-duplicates, "
+                                           "caption problems, trigger-word coverage, caption words (no model loads)")
+    report.add_argument("dataset", metavar="DATASET_OR_CONFIG", help="a dataset folder, or a training .toml")
+    report.add_argument("--trigger-word", default="", help="for a folder: the trigger word training would prepend")
+    report.add_argument("--resolutions", default="512", help="for a folder: bucket sizes, e.g. 512,768,1024")
+    report.add_argument("--repeats", type=int, default=1, help="for a folder: times each image is seen per epoch")
+    report.add_argument("--t5-tokenizer", default="", help="for a folder: a T5 tokenizer folder (tokenizer.json), "
+                                                          "to count caption tokens")
+    report.add_argument("--max-sequence-length", type=int, default=512, help="T5 tokens a caption may use")
+    report.add_argument("--sheet", help="also write a contact sheet of the images to this PNG")
+    report.set_defaults(run=_report)
+    caption = sub.add_parser("caption", help="write a caption for each image without one, with a local Florence-2")
+    caption.add_argument("dataset", help="the dataset folder")
+    caption.add_argument("--model", required=True, help="a local transformers Florence-2 folder, e.g. "
+                                                        "ComfyUI/models/LLM/Florence-2-base (nothing is downloaded)")
+    caption.add_argument("--trigger-word", default="", help="put in front of each new caption")
+    caption.add_argument("--overwrite", action="store_true", help="rewrite existing captions too")
+    caption.add_argument("--task", default="<MORE_DETAILED_CAPTION>",
+                         help="<MORE_DETAILED_CAPTION>, <DETAILED_CAPTION> or <CAPTION>")
+    caption.add_argument("--device", default="auto", help="auto, cuda or cpu")
+    caption.set_defaults(run=_caption)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:

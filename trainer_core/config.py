@@ -30,13 +30,27 @@ def _parse_resolutions(value) -> tuple[int, ...]:
 
 
 @dataclass(frozen=True)
+class DatasetEntry:
+    """One dataset folder of a run, with its own trigger word, bucket resolutions and repeats (a `[[datasets]]`
+    table; keys it leaves out take the top-level `trigger_word`, `resolutions` and `repeats`)."""
+
+    dataset_dir: str  # images with same-stem .txt captions, and/or kohya `N_name` subfolders
+    trigger_word: str = ""
+    resolutions: tuple[int, ...] = (512,)
+    repeats: int = 1
+
+    def __post_init__(self):
+        object.__setattr__(self, "resolutions", _parse_resolutions(self.resolutions))
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     # --- model files (paths; resolved by the caller: the CLI takes them as given, the nodes via ComfyUI's folders)
     transformer_path: str  # Flux transformer: BFL .safetensors (bf16 or fp8) or a diffusers folder; ideally Flux-dev2pro
     vae_path: str  # ae.safetensors or a diffusers VAE folder
     clip_path: str  # clip_l.safetensors or a transformers folder
     t5_path: str  # t5xxl_fp16 / fp8 .safetensors or a transformers folder
-    dataset_dir: str  # images with same-stem .txt captions
+    dataset_dir: str = ""  # images with same-stem .txt captions (and/or kohya `N_name` subfolders); or use datasets
     clip_tokenizer_dir: str = ""  # CLIP vocab.json + merges.txt; "" = <tokenizer_dir>/clip
     t5_tokenizer_dir: str = ""  # T5 tokenizer.json folder; "" = <tokenizer_dir>/t5
     tokenizer_dir: str = ""  # folder holding clip/ and t5/ tokenizer folders
@@ -46,6 +60,7 @@ class TrainConfig:
     trigger_word: str = ""  # prepended to every caption unless already present
     resolutions: tuple[int, ...] = (512,)  # bucket base sizes, multiples of 64; several train multi-resolution
     repeats: int = 1  # times each image is seen per epoch
+    datasets: tuple[DatasetEntry, ...] = ()  # several folders, each with its own settings ([[datasets]] tables)
     batch_size: int = 1
     flip_augment: bool = False  # random horizontal flips (not for subjects whose sides differ, e.g. text)
     caption_dropout: float = 0.0  # probability of training a step on the empty caption
@@ -90,15 +105,42 @@ class TrainConfig:
 
     def __post_init__(self):
         object.__setattr__(self, "resolutions", _parse_resolutions(self.resolutions))
+        object.__setattr__(self, "datasets", tuple(self._dataset_entry(i, e) for i, e in enumerate(self.datasets)))
         self._validate()
+
+    def _dataset_entry(self, index: int, entry) -> DatasetEntry:
+        """A `[[datasets]]` table (a dict) -> DatasetEntry, its missing keys taken from the top-level fields."""
+        if isinstance(entry, DatasetEntry):
+            return entry
+        if not isinstance(entry, dict):
+            raise ValueError(f"datasets[{index}]: {entry!r} is not a table; write [[datasets]] tables with a dataset_dir")
+        known = {f.name for f in dataclasses.fields(DatasetEntry)}
+        unknown = sorted(set(entry) - known)
+        if unknown or "dataset_dir" not in entry:
+            raise ValueError(f"datasets[{index}]: {'unknown key(s) ' + ', '.join(unknown) if unknown else 'no dataset_dir'}"
+                             f"; a [[datasets]] table takes {', '.join(sorted(known))}")
+        return DatasetEntry(**{"trigger_word": self.trigger_word, "resolutions": self.resolutions,
+                               "repeats": self.repeats, **entry})
+
+    def dataset_entries(self) -> tuple[DatasetEntry, ...]:
+        """The run's dataset folders: `datasets`, or the one-folder form of the top-level fields."""
+        return self.datasets or (DatasetEntry(self.dataset_dir, self.trigger_word, self.resolutions, self.repeats),)
 
     def _validate(self):
         def need(ok: bool, message: str):
             if not ok:
                 raise ValueError(message)
 
-        for name in ("transformer_path", "vae_path", "clip_path", "t5_path", "dataset_dir"):
+        for name in ("transformer_path", "vae_path", "clip_path", "t5_path"):
             need(bool(str(getattr(self, name)).strip()), f"{name}: empty; give the path of the file or folder")
+        need(bool(self.dataset_dir.strip()) != bool(self.datasets),
+             "dataset_dir: give the one dataset folder, or several as [[datasets]] tables, not both"
+             if self.datasets else "dataset_dir: empty; give the path of the folder of images")
+        for i, entry in enumerate(self.datasets):
+            need(bool(entry.dataset_dir.strip()), f"datasets[{i}].dataset_dir: empty; give the path of the folder")
+            need(len(entry.resolutions) > 0 and all(r >= 64 and r % 64 == 0 for r in entry.resolutions),
+                 f"datasets[{i}].resolutions: {list(entry.resolutions)}; use multiples of 64, e.g. 512 or 512,768,1024")
+            need(entry.repeats >= 1, f"datasets[{i}].repeats: {entry.repeats}; use 1 or more")
         need(len(self.resolutions) > 0, "resolutions: give at least one, e.g. 512 or 512,768,1024")
         for r in self.resolutions:
             need(r >= 64 and r % 64 == 0, f"resolutions: {r} is not a positive multiple of 64; use e.g. 512, 768 or 1024")
@@ -154,8 +196,13 @@ class TrainConfig:
         if missing:
             raise ValueError(f"{source}: missing setting(s) {', '.join(missing)}; give the path of each")
         if base_dir is not None:
-            values = {k: str(Path(base_dir) / v) if k in _PATH_FIELDS and v and not Path(v).is_absolute() else v
-                      for k, v in values.items()}
+            def resolve(k, v):
+                return str(Path(base_dir) / v) if k in _PATH_FIELDS and v and not Path(v).is_absolute() else v
+
+            values = {k: resolve(k, v) for k, v in values.items()}
+            if isinstance(values.get("datasets"), (list, tuple)):
+                values["datasets"] = [{k: resolve(k, v) for k, v in e.items()} if isinstance(e, dict) else e
+                                      for e in values["datasets"]]
         return cls(**values)
 
     def replace(self, **changes) -> "TrainConfig":

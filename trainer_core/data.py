@@ -12,7 +12,7 @@ import math
 import os
 import re
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,11 +20,15 @@ import numpy as np
 import torch
 from PIL import ExifTags, Image, ImageOps
 
+from .config import DatasetEntry
+
 logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 BUCKET_STEP = 64  # bucket sides are multiples of this: Flux needs 16 (8 px per latent, 2x2 patches), trainers use 64
 MAX_ASPECT = 4.0  # buckets span aspect ratios 1:4 to 4:1
+LOOK_SIZE = 160  # px: the scan decodes a JPEG no smaller than this (for the dataset report's hash and thumbnail)
+KOHYA_FOLDER = re.compile(r"(\d+)_(.*)", re.DOTALL)  # kohya's `<repeats>_<name>` subfolder: `10_ohwx woman`
 
 
 @dataclass(frozen=True)
@@ -70,28 +74,93 @@ def scan_dataset(
     repeats: int = 1,
     caption_extension: str = ".txt",
 ) -> list[ImageRecord]:
-    """Find the images in `folder` and in its direct subfolders (not deeper), caption them and bucket them.
+    """The records of one dataset folder: `scan_datasets` with one entry."""
+    return scan_datasets([DatasetEntry(str(folder), trigger_word, tuple(resolutions), repeats)], caption_extension)
+
+
+def scan_datasets(entries: Sequence[DatasetEntry], caption_extension: str = ".txt") -> list[ImageRecord]:
+    """The training records of every dataset entry, in entry order (see `inspect_datasets`)."""
+    return inspect_datasets(entries, caption_extension).records()
+
+
+@dataclass(frozen=True)
+class ScannedImage:
+    """One usable image as the scan found it: what the dataset report shows and the records are made of."""
+
+    path: Path
+    size: tuple[int, int]  # (width, height) as displayed (EXIF orientation applied)
+    caption_file_text: str  # whitespace collapsed; "" when the caption file is missing or empty
+    caption_issue: str  # "", "missing", "empty" or "not UTF-8"
+    caption: str  # as trained: trigger word included
+    trigger_word: str  # the one this image gets: its entry's, or its kohya folder's name
+    buckets: tuple[tuple[int, int], ...]  # one per distinct bucket over its entry's resolutions
+    repeats: int
+    entry: int  # index of its DatasetEntry
+
+
+@dataclass
+class DatasetScan:
+    images: list[ScannedImage]  # in record order
+    skipped: list[tuple[Path, str]]  # files left out, each with the reason
+
+    def records(self) -> list[ImageRecord]:
+        """One record per image per bucket, each repeated its image's `repeats` times."""
+        return [ImageRecord(im.path, im.caption, bucket)
+                for im in self.images for bucket in im.buckets for _ in range(im.repeats)]
+
+
+def inspect_datasets(entries: Sequence[DatasetEntry], caption_extension: str = ".txt",
+                     look: Callable[[Path, Image.Image], None] | None = None) -> DatasetScan:
+    """Find, caption and bucket the images of every entry; each entry's folder is scanned as `_scan_folder` says.
+
+    `look(path, image)` is shown each image as the scan decodes it (a JPEG at reduced scale, at least `LOOK_SIZE`
+    on its long side where the file allows; EXIF orientation not yet applied), so the dataset report needs no
+    second decode.
+
+    An entry whose folder is missing or has no usable image raises, naming the folder (and its entry when there are
+    several); a file that cannot be used is logged, named and left out (`DatasetScan.skipped`)."""
+    if not entries:
+        raise ValueError("datasets: empty; give dataset_dir, or at least one [[datasets]] table with a dataset_dir")
+    if not caption_extension.startswith("."):
+        raise ValueError(f"caption_extension: {caption_extension!r} must start with a dot, e.g. '.txt'")
+    scan = DatasetScan([], [])
+    for i, entry in enumerate(entries):
+        where = f"datasets[{i}]: " if len(entries) > 1 else ""
+        try:
+            part = _scan_folder(entry, i, caption_extension, look)
+        except (ValueError, FileNotFoundError) as e:
+            raise type(e)(where + str(e)) from e
+        scan.images += part.images
+        scan.skipped += part.skipped
+    return scan
+
+
+def _scan_folder(entry: DatasetEntry, index: int, caption_extension: str, look=None) -> DatasetScan:
+    """Find the images in an entry's folder and in its direct subfolders (not deeper), caption them and bucket them.
 
     Each image's caption is the same-stem `caption_extension` file beside it, whitespace collapsed; UTF-8 (a BOM
     is fine) or UTF-16 with its BOM (Notepad's "Unicode"), falling back to Windows-1252 with a warning, the encoding
     Windows editors most often leave. A missing or empty caption becomes the trigger word, with a warning. The
     trigger word is prepended ("trigger, caption") unless the caption already contains it as a word, in any case.
 
+    A kohya-style subfolder `N_name` (`10_ohwx woman`) repeats its images N times instead of the entry's `repeats`,
+    and when the entry has no trigger word, `name` is its images' trigger word (`0_name` is left out, as kohya does).
+
     Every image is decoded once here (JPEG cheaply, at 1/8 scale; an animation's first frame, which is the one
     trained on): an unreadable, truncated or empty file, one under 64 px on a side or over PIL's
-    decompression-bomb limit is skipped with a warning naming it. Files whose extension is not an image's
-    (`IMAGE_EXTENSIONS`) and hidden files and folders are ignored.
+    decompression-bomb limit is skipped with a warning naming it. A file reached twice (through a link to a folder)
+    is used once; a link that loops or points nowhere is named and skipped. Files whose extension is not an
+    image's (`IMAGE_EXTENSIONS`) and hidden files and folders are ignored.
 
-    Returns one record per image per distinct bucket over `resolutions` (an image smaller than several
-    resolutions gets the bucket they share once), each repeated `repeats` times, sorted by path then resolution.
+    Images come sorted by path; each gets one bucket per distinct bucket over the entry's resolutions (an image
+    smaller than several resolutions gets the bucket they share once).
     """
-    folder = Path(folder).expanduser()
+    folder = Path(entry.dataset_dir).expanduser()
+    resolutions, repeats, trigger_word = entry.resolutions, entry.repeats, entry.trigger_word.strip()
     if not resolutions or any(r <= 0 or r % BUCKET_STEP for r in resolutions):
         raise ValueError(f"resolutions: {list(resolutions)} must be positive multiples of 64, e.g. [512, 768, 1024]")
     if repeats < 1:
         raise ValueError(f"repeats: {repeats} must be at least 1")
-    if not caption_extension.startswith("."):
-        raise ValueError(f"caption_extension: {caption_extension!r} must start with a dot, e.g. '.txt'")
     if not folder.exists():
         raise FileNotFoundError(
             f"dataset folder {folder} does not exist: check the path (absolute, or relative to {Path.cwd()})"
@@ -99,10 +168,7 @@ def scan_dataset(
     if not folder.is_dir():
         raise ValueError(f"dataset folder {folder} is a file, not a folder: give the folder that holds the images")
 
-    files = sorted(
-        p for p in [*folder.iterdir(), *folder.glob("*/*")]
-        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)
-    )
+    files, skipped = _list_files(folder)
     candidates = [p for p in files if p.suffix.lower() in IMAGE_EXTENSIONS]
     if not candidates:
         n_captions = sum(p.suffix.lower() == caption_extension.lower() for p in files)
@@ -112,24 +178,73 @@ def scan_dataset(
             f" direct subfolders, each beside its same-named caption file"
         )
 
-    records = []
+    images = []
     for path in candidates:
+        sub = path.relative_to(folder).parts[0] if path.parent != folder else ""
+        kohya = KOHYA_FOLDER.fullmatch(sub)
+        if kohya and int(kohya[1]) == 0:
+            skipped.append((path, f"its folder {sub} asks for 0 repeats"))
+            continue
         try:
-            width, height = _probe_image(path)
+            width, height = _probe_image(path, look)
         except Exception as e:  # a broken file in a user's folder must never stop the scan; PIL raises many kinds
             logger.warning("skipping image %s: %s", path, str(e) or type(e).__name__)
+            skipped.append((path, str(e) or type(e).__name__))
             continue
-        caption = _with_trigger(_read_caption(path.with_suffix(caption_extension)), trigger_word.strip())
-        buckets = dict.fromkeys(choose_bucket(width, height, r) for r in sorted(resolutions))
-        records += [ImageRecord(path, caption, bucket) for bucket in buckets]
-    if not records:
+        trigger = trigger_word or (kohya[2].strip() if kohya else "")
+        text, issue = _read_caption(path.with_suffix(caption_extension))
+        buckets = tuple(dict.fromkeys(choose_bucket(width, height, r) for r in sorted(resolutions)))
+        images.append(ScannedImage(path, (width, height), text, issue, with_trigger(text, trigger), trigger,
+                                   buckets, int(kohya[1]) if kohya else repeats, index))
+    if not images:
         raise ValueError(
             f"none of the {len(candidates)} images in dataset folder {folder} could be read (see the warnings"
             " above): re-export them as PNG or JPEG, at least 64 px on each side"
         )
-    logger.info("dataset %s: %d of %d images usable, %d records", folder, len({r.path for r in records}),
-                len(candidates), len(records) * repeats)
-    return [r for r in records for _ in range(repeats)]
+    logger.info("dataset %s: %d of %d images usable, %d records", folder, len(images), len(candidates),
+                sum(len(im.buckets) * im.repeats for im in images))
+    return DatasetScan(images, skipped)
+
+
+def _list_files(folder: Path) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """The visible files in `folder` and its direct subfolders, sorted, each real file once; and the links skipped.
+
+    Links are followed (a folder of links is a dataset), but one that loops or dangles is named and skipped, and a
+    file reached again through a link (a link to `.`) is used only under its first path."""
+    def visible(p: Path) -> bool:
+        return not any(part.startswith(".") for part in p.relative_to(folder).parts)
+
+    top = sorted(p for p in folder.iterdir() if visible(p))
+    entries = sorted([*top, *(q for d in top if d.is_dir() for q in d.iterdir() if visible(q))])
+    files, skipped, first = [], [], {}
+    for p in entries:
+        if broken := _broken_link(p):
+            logger.warning("skipping %s: %s", p, broken)
+            skipped.append((p, broken))
+            continue
+        if not p.is_file():
+            continue
+        real = p.resolve()
+        if real in first:
+            skipped.append((p, f"the same file as {first[real]} (reached through a link)"))
+            logger.info("skipping %s: the same file as %s", p, first[real])
+            continue
+        first[real] = p
+        files.append(p)
+    return files, skipped
+
+
+def _broken_link(path: Path) -> str:
+    """Why the link `path` leads nowhere, or "" for a working link or a plain file."""
+    if not path.is_symlink():
+        return ""
+    try:
+        path.resolve(strict=True)
+    except FileNotFoundError:
+        return f"a link to {os.readlink(path)}, which does not exist"
+    except (RuntimeError, OSError):  # Python 3.11 raises RuntimeError for a loop, later ones OSError
+        return "a link that loops back to itself"
+    return ""
 
 
 def dataset_fingerprint(records: Sequence[ImageRecord]) -> str:
@@ -146,39 +261,48 @@ def dataset_fingerprint(records: Sequence[ImageRecord]) -> str:
     return h.hexdigest()[:16]
 
 
-def _probe_image(path: Path) -> tuple[int, int]:
+def _probe_image(path: Path, look=None) -> tuple[int, int]:
     """Decode an image as cheaply as its format allows, to prove it readable; -> (width, height) as displayed."""
+    if path.stat().st_size == 0:  # PIL would only say it "cannot identify" the file
+        raise ValueError("the file is empty (0 bytes)")
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)  # PIL only warns between 1x and 2x its limit
         with Image.open(path) as im:
             width, height = im.size
             if min(width, height) < BUCKET_STEP:
                 raise ValueError(f"{width}x{height} px is under {BUCKET_STEP} px on a side")
-            im.draft(None, (width // 8, height // 8))  # JPEG decodes at 1/8 scale; other formats in full
+            scale = max(1 / 8, min(1.0, LOOK_SIZE / max(width, height)))
+            im.draft(None, (int(width * scale), int(height * scale)))  # JPEG decodes at down to 1/8; others in full
             im.load()  # finds truncated data (verify() would not for JPEG, and would forbid reading EXIF for PNG)
+            if look is not None:
+                look(path, im)
             turned = im.getexif().get(ExifTags.Base.Orientation, 1) in (5, 6, 7, 8)  # displayed turned by 90°
     return (height, width) if turned else (width, height)
 
 
-def _read_caption(path: Path) -> str:
-    """The caption file's text with whitespace collapsed; "" (and a warning) when it is missing or empty."""
+def _read_caption(path: Path) -> tuple[str, str]:
+    """The caption file's text with whitespace collapsed, and its issue: "" or "missing", "empty", "not UTF-8".
+
+    A missing or empty caption gives "" and a warning."""
     if not path.is_file():
         logger.warning("no caption file %s: using the trigger word alone as its caption", path)
-        return ""
+        return "", "missing"
     raw = path.read_bytes()
     utf16 = raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE))
+    issue = ""
     try:
         text = raw.decode("utf-16" if utf16 else "utf-8-sig")
     except UnicodeDecodeError:
         logger.warning("caption file %s is not UTF-8: read as Windows-1252; save it as UTF-8 to be sure", path)
-        text = raw.decode("cp1252", errors="replace")
+        text, issue = raw.decode("cp1252", errors="replace"), "not UTF-8"
     text = " ".join(text.split())
     if not text:
         logger.warning("caption file %s is empty: using the trigger word alone as its caption", path)
-    return text
+        issue = "empty"
+    return text, issue
 
 
-def _with_trigger(caption: str, trigger_word: str) -> str:
+def with_trigger(caption: str, trigger_word: str) -> str:
     """Prepend the trigger word unless the caption already holds it as a whole word (any case)."""
     if not trigger_word or re.search(rf"(?<!\w){re.escape(trigger_word)}(?!\w)", caption, re.IGNORECASE):
         return caption
@@ -192,7 +316,7 @@ def load_image(record: ImageRecord, flip: bool = False) -> torch.Tensor:
     down rather than clipped), then the image is resized with Lanczos to cover the bucket and centre-cropped.
     """
     with Image.open(record.path) as im:
-        rgb = _to_rgb(ImageOps.exif_transpose(im))
+        rgb = to_rgb(ImageOps.exif_transpose(im))
     rgb = ImageOps.fit(rgb, record.bucket, method=Image.Resampling.LANCZOS)
     if flip:
         rgb = ImageOps.mirror(rgb)
@@ -200,7 +324,7 @@ def load_image(record: ImageRecord, flip: bool = False) -> torch.Tensor:
     return pixels.permute(2, 0, 1) / 127.5 - 1
 
 
-def _to_rgb(im: Image.Image) -> Image.Image:
+def to_rgb(im: Image.Image) -> Image.Image:
     """Any PIL mode -> 8-bit RGB."""
     if im.mode in ("I", "I;16", "I;16L", "I;16B", "I;16N"):
         # PIL's convert clips 16-bit grey at 255 instead of scaling it; 32-bit "I" is taken as 16-bit data too
@@ -228,3 +352,15 @@ def batches(records: Sequence[ImageRecord], batch_size: int, seed: int, epoch: i
         by_bucket.setdefault(records[i].bucket, []).append(i)
     groups = [idx[k : k + batch_size] for idx in by_bucket.values() for k in range(0, len(idx), batch_size)]
     return [groups[i] for i in rng.permutation(len(groups)).tolist()]
+
+
+def tag_frequency(records: Sequence[ImageRecord]) -> dict[str, dict[str, int]]:
+    """Caption tag counts as kohya writes `ss_tag_frequency`: per image folder name (`10_ohwx woman`), how many
+    images' captions hold each comma-separated tag. Each image counts once, whatever its repeats and buckets."""
+    counts: dict[str, dict[str, int]] = {}
+    for r in {r.path: r for r in records}.values():
+        folder = counts.setdefault(r.path.parent.name, {})
+        for tag in dict.fromkeys(t.strip() for t in r.caption.split(",")):
+            if tag:
+                folder[tag] = folder.get(tag, 0) + 1
+    return counts

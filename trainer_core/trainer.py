@@ -6,6 +6,7 @@ which is what lets ComfyUI re-run a loop from any earlier point and what makes s
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import time
@@ -16,7 +17,7 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from . import caching, data, lora, models, plots, sampling
+from . import caching, data, dataset_report, lora, models, plots, sampling
 from .block_swap import BlockSwap, model_blocks
 from .checkpoints import TrainingState, file_fingerprint, save_training_state
 from .config import TrainConfig
@@ -56,13 +57,18 @@ def compute_dtype(config: TrainConfig) -> torch.dtype:
 def preflight(config: TrainConfig) -> list[data.ImageRecord]:
     """Every check that needs no weights, so a wrong input fails in seconds, before gigabytes load: each model file's
     kind from its header, the LoRA settings tried on an empty model of the base's shape, and the dataset scanned
-    (each image decoded once to prove it readable). Returns the dataset's records, captioned and bucketed."""
+    (each image decoded to prove it readable, and hashed for the dataset report, whose summary and serious findings
+    are logged). Returns the dataset's records, captioned and bucketed."""
     for role, path in (("transformer", config.transformer_path), ("vae", config.vae_path),
                        ("clip", config.clip_path), ("t5", config.t5_path)):
         models.check_model_file(path, role)
     lora.check_lora_settings(models.transformer_config(config.transformer_path), config.rank, config.alpha,
                              config.lora_dropout, config.blocks)
-    return data.scan_dataset(config.dataset_dir, config.trigger_word, config.resolutions, config.repeats)
+    report = dataset_report.report_for_config(config)
+    log.info("%s", report.summary())
+    for serious, finding in report.findings():
+        log.log(logging.WARNING if serious else logging.INFO, "dataset: %s", finding)
+    return report.records()
 
 
 def resolve_device(name: str) -> torch.device:
@@ -309,7 +315,7 @@ class Trainer:
             "ss_network_dim": str(cfg.rank),
             "ss_network_alpha": str(cfg.alpha),
             "ss_steps": str(self.step),
-            "ss_resolution": ",".join(str(r) for r in cfg.resolutions),
+            "ss_resolution": ",".join(dict.fromkeys(str(r) for e in cfg.dataset_entries() for r in e.resolutions)),
             "ss_num_train_images": str(len({r.path for r in self.dataset.records})),
             "ss_learning_rate": str(cfg.learning_rate),
             "ss_optimizer": cfg.optimizer,
@@ -319,8 +325,8 @@ class Trainer:
             "ss_discrete_flow_shift": str(cfg.timestep_shift),
             "ss_sd_model_name": Path(cfg.transformer_path).name,
             "ss_sd_model_hash": self._base_fingerprint,
-            "ss_tag_frequency": "",
-            "trigger_word": cfg.trigger_word,
+            "ss_tag_frequency": json.dumps(data.tag_frequency(self.dataset.records)),
+            "trigger_word": ", ".join(dict.fromkeys(e.trigger_word for e in cfg.dataset_entries() if e.trigger_word)),
             "training_guidance": str(cfg.guidance),
         }
 
