@@ -51,7 +51,7 @@ def main() -> int:
         folder, models = Path(tmp) / "data", tiny.write_tiny_flux(Path(tmp) / "tiny")
         folder.mkdir()
         write_folder(folder, args.images)
-        entry = DatasetEntry(str(folder), "sks", (512, 1024))
+        entry = DatasetEntry(str(folder), "sks", (512, 1024), 1)
         tokenizer = load_t5_tokenizer(models.tokenizers / "t5")
         times: dict[str, list[float]] = {"scan": [], "report": []}
         for _ in range(args.rounds):

@@ -30,6 +30,10 @@ def photo(seed: int, size: tuple[int, int] = (256, 192)) -> Image.Image:
     return Image.fromarray(coarse).resize(size, Image.Resampling.BICUBIC)
 
 
+def entry(folder: Path, trigger_word: str = "", resolutions=(128,), repeats: int = 1) -> DatasetEntry:
+    return DatasetEntry(str(folder), trigger_word, resolutions, repeats)
+
+
 def put(folder: Path, name: str, image: Image.Image, caption: str | None = None, **save) -> Path:
     path = folder / name
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -61,7 +65,7 @@ def test_kohya_folders_give_repeats_and_trigger(tmp_path):
     records = scan_dataset(tmp_path, "sks", resolutions=(128,))
     assert {r.caption for r in records if r.path.name == "a.png"} == {"sks, a woman in a park"}
     assert sum(r.path.name == "a.png" for r in records) == 10
-    skipped = inspect_datasets([DatasetEntry(str(tmp_path))]).skipped
+    skipped = inspect_datasets([entry(tmp_path)]).skipped
     assert [(p.name, "0 repeats" in why) for p, why in skipped] == [("d.png", True)]
 
 
@@ -108,7 +112,7 @@ def test_dataset_settings_errors_name_the_entry(values, match):
 def test_a_missing_folder_among_several_names_its_entry(tmp_path):
     put(tmp_path / "a", "a.png", photo(0))
     with pytest.raises(FileNotFoundError, match=rf"datasets\[1\]: dataset folder {tmp_path / 'gone'} does not exist"):
-        scan_datasets([DatasetEntry(str(tmp_path / "a")), DatasetEntry(str(tmp_path / "gone"))])
+        scan_datasets([entry(tmp_path / "a"), entry(tmp_path / "gone")])
 
 
 def test_node_dataset_lines(tmp_path, monkeypatch):
@@ -138,7 +142,7 @@ def test_links_are_followed_once_and_broken_links_named(tmp_path, caplog):
     os.symlink(tmp_path / "missing.png", tmp_path / "dangling.png")
     os.symlink(tmp_path / "loop.png", tmp_path / "loop.png")
     with caplog.at_level(logging.WARNING):
-        scan = inspect_datasets([DatasetEntry(str(tmp_path), resolutions=(128,))])
+        scan = inspect_datasets([entry(tmp_path)])
     assert [im.path.relative_to(tmp_path).as_posix() for im in scan.images] == ["a.png", "sub/b.png"]
     reasons = {p.relative_to(tmp_path).as_posix(): why for p, why in scan.skipped}
     assert "does not exist" in reasons["dangling.png"] and "loops" in reasons["loop.png"]
@@ -150,7 +154,7 @@ def test_an_empty_image_file_is_called_empty(tmp_path, caplog):
     put(tmp_path, "a.png", photo(0))
     (tmp_path / "zero.jpg").write_bytes(b"")
     with caplog.at_level(logging.WARNING):
-        scan = inspect_datasets([DatasetEntry(str(tmp_path), resolutions=(128,))])
+        scan = inspect_datasets([entry(tmp_path)])
     assert [(p.name, why) for p, why in scan.skipped] == [("zero.jpg", "the file is empty (0 bytes)")]
     assert "zero.jpg: the file is empty" in caplog.text
 
@@ -160,7 +164,7 @@ def test_over_long_captions_are_named_with_the_tokens_dropped(tiny_flux, tmp_pat
     short, long = "a photo", " ".join(["a photo of a dog"] * 20)
     put(tmp_path, "short.png", photo(0), short)
     put(tmp_path, "long.png", photo(1), long)
-    report = build_report([DatasetEntry(str(tmp_path), resolutions=(128,))], t5_tokenizer=tokenizer,
+    report = build_report([entry(tmp_path)], t5_tokenizer=tokenizer,
                           token_limit=MAX_SEQUENCE_LENGTH)
     expected = len(tokenizer(long).input_ids) - MAX_SEQUENCE_LENGTH
     assert expected > 0 and report.dropped_tokens == {tmp_path / "long.png": expected}
@@ -185,7 +189,7 @@ def planted_dataset(folder: Path) -> Path:
 
 def test_report_finds_planted_problems_and_names_the_files(tmp_path):
     folder = planted_dataset(tmp_path)
-    report = build_report([DatasetEntry(str(folder), "sks", (512,))])
+    report = build_report([entry(folder, "sks", (512,))])
 
     pairs = {frozenset((a.name, b.name)) for a, b, _ in report.near_duplicates}
     assert pairs == {frozenset(p) for p in [("img2.png", "copy_resized.jpg"), ("img2.png", "copy_brighter.png"),
@@ -233,7 +237,7 @@ def two_datasets(tmp_path_factory):
     root = tmp_path_factory.mktemp("two")
     write_demo_dataset(root / "first", count=2, size=64)
     write_demo_dataset(root / "second" / "2_zqx", count=1, size=128, seed=1)
-    return [DatasetEntry(str(root / "first"), "fltglyph", (64,), 1), DatasetEntry(str(root / "second"), "", (64, 128))]
+    return [DatasetEntry(str(root / "first"), "fltglyph", (64,), 1), DatasetEntry(str(root / "second"), "", (64, 128), 1)]
 
 
 def test_several_datasets_train_resume_exactly_and_tag_the_lora(tiny_flux, two_datasets, tmp_path):

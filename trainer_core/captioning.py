@@ -69,7 +69,7 @@ def caption_dataset(
     written. Each file is written whole or not at all. Returns the caption files written."""
     if task not in TASKS:
         raise ValueError(f"task: {task!r}; choose one of {', '.join(TASKS)}")
-    scan = data.inspect_datasets([DatasetEntry(str(folder), trigger_word)], caption_extension)
+    scan = data.inspect_datasets([DatasetEntry(str(folder), trigger_word, (512,), 1)], caption_extension)  # buckets unused
     todo = [im for im in scan.images if overwrite or im.caption_issue in ("missing", "empty")]
     logger.info("captioning %d of %d images in %s (%s)", len(todo), len(scan.images), folder,
                 "all, overwriting" if overwrite else "those without a caption")

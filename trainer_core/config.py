@@ -32,15 +32,16 @@ def _parse_resolutions(value) -> tuple[int, ...]:
 @dataclass(frozen=True)
 class DatasetEntry:
     """One dataset folder of a run, with its own trigger word, bucket resolutions and repeats (a `[[datasets]]`
-    table; keys it leaves out take the top-level `trigger_word`, `resolutions` and `repeats`)."""
+    table). None: the run's top-level field of that name (`TrainConfig.dataset_entries` fills it in)."""
 
     dataset_dir: str  # images with same-stem .txt captions, and/or kohya `N_name` subfolders
-    trigger_word: str = ""
-    resolutions: tuple[int, ...] = (512,)
-    repeats: int = 1
+    trigger_word: str | None = None
+    resolutions: tuple[int, ...] | None = None
+    repeats: int | None = None
 
     def __post_init__(self):
-        object.__setattr__(self, "resolutions", _parse_resolutions(self.resolutions))
+        if self.resolutions is not None:
+            object.__setattr__(self, "resolutions", _parse_resolutions(self.resolutions))
 
 
 @dataclass(frozen=True)
@@ -109,7 +110,7 @@ class TrainConfig:
         self._validate()
 
     def _dataset_entry(self, index: int, entry) -> DatasetEntry:
-        """A `[[datasets]]` table (a dict) -> DatasetEntry, its missing keys taken from the top-level fields."""
+        """A `[[datasets]]` table (a dict) -> DatasetEntry."""
         if isinstance(entry, DatasetEntry):
             return entry
         if not isinstance(entry, dict):
@@ -119,12 +120,18 @@ class TrainConfig:
         if unknown or "dataset_dir" not in entry:
             raise ValueError(f"datasets[{index}]: {'unknown key(s) ' + ', '.join(unknown) if unknown else 'no dataset_dir'}"
                              f"; a [[datasets]] table takes {', '.join(sorted(known))}")
-        return DatasetEntry(**{"trigger_word": self.trigger_word, "resolutions": self.resolutions,
-                               "repeats": self.repeats, **entry})
+        return DatasetEntry(**entry)
 
     def dataset_entries(self) -> tuple[DatasetEntry, ...]:
-        """The run's dataset folders: `datasets`, or the one-folder form of the top-level fields."""
-        return self.datasets or (DatasetEntry(self.dataset_dir, self.trigger_word, self.resolutions, self.repeats),)
+        """The run's dataset folders, complete: `datasets` with the top-level fields for what an entry leaves out,
+        or the one-folder form of the top-level fields."""
+        def value(entry: DatasetEntry, name: str):
+            own = getattr(entry, name)
+            return getattr(self, name) if own is None else own
+
+        return tuple(DatasetEntry(e.dataset_dir, *(value(e, n) for n in ("trigger_word", "resolutions", "repeats")))
+                     for e in self.datasets) or (DatasetEntry(self.dataset_dir, self.trigger_word, self.resolutions,
+                                                              self.repeats),)
 
     def _validate(self):
         def need(ok: bool, message: str):
@@ -136,7 +143,7 @@ class TrainConfig:
         need(bool(self.dataset_dir.strip()) != bool(self.datasets),
              "dataset_dir: give the one dataset folder, or several as [[datasets]] tables, not both"
              if self.datasets else "dataset_dir: empty; give the path of the folder of images")
-        for i, entry in enumerate(self.datasets):
+        for i, entry in enumerate(self.dataset_entries() if self.datasets else ()):
             need(bool(entry.dataset_dir.strip()), f"datasets[{i}].dataset_dir: empty; give the path of the folder")
             need(len(entry.resolutions) > 0 and all(r >= 64 and r % 64 == 0 for r in entry.resolutions),
                  f"datasets[{i}].resolutions: {list(entry.resolutions)}; use multiples of 64, e.g. 512 or 512,768,1024")
