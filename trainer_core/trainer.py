@@ -74,8 +74,10 @@ def resolve_device(name: str) -> torch.device:
 
 
 class Trainer:
-    def __init__(self, config: TrainConfig, transformer, vae, text_encoders, dataset: caching.CachedDataset, device=None):
+    def __init__(self, config: TrainConfig, transformer, vae, text_encoders, dataset: caching.CachedDataset, device=None,
+                 dataset_identity: str = ""):
         self.config = config
+        self.dataset_identity = dataset_identity  # data.dataset_fingerprint of the records, saved with each state
         self.device = torch.device(device) if device is not None else resolve_device(config.device)
         self.dtype = compute_dtype(config)
         self.vae = vae
@@ -130,7 +132,7 @@ class Trainer:
         if device.type == "cuda":
             torch.cuda.empty_cache()
         transformer = models.load_transformer(config.transformer_path, dtype=dtype, device="cpu", fp8_base=config.fp8_base)
-        return cls(config, transformer, vae, text_encoders, dataset, device)
+        return cls(config, transformer, vae, text_encoders, dataset, device, data.dataset_fingerprint(records))
 
     # ------------------------------------------------------------------ the loop
     def train(
@@ -246,6 +248,8 @@ class Trainer:
         fp = {name: str(getattr(self.config, name)) for name in _FINGERPRINT_FIELDS}
         tc = self.transformer.config
         fp["architecture"] = f"{tc.num_layers}x{tc.num_single_layers}x{tc.num_attention_heads * tc.attention_head_dim}"
+        if self.dataset_identity:
+            fp["dataset"] = self.dataset_identity
         return fp
 
     def snapshot(self) -> TrainingState:
