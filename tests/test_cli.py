@@ -8,6 +8,7 @@ than torch's import; `test_a_bad_setting_fails_without_importing_torch` checks t
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import multiprocessing
 import os
@@ -16,6 +17,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -24,6 +26,7 @@ import psutil
 import pytest
 
 from cli_process import cli_child
+from trainer_core import cli
 from trainer_core.config import toml_text
 from trainer_core.demo import demo_config, write_demo_dataset
 from trainer_core.output_guard import LOCK_NAME
@@ -311,3 +314,39 @@ def test_a_bad_setting_fails_without_importing_torch(tmp_path):
                             cwd=ROOT, timeout=120)
     assert result.returncode == 2, result.stderr
     assert result.stderr.startswith('error: rank: "sixteen" is not a whole number'), result.stderr
+
+
+def test_help_lists_every_setting_with_its_default_and_meaning(capsys):
+    from trainer_core.config import TrainConfig, field_docs
+    from trainer_core.plan import RunPlan
+
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["train", "--help"])
+    assert exit_.value.code == 0
+    text = capsys.readouterr().out
+    for cls in (TrainConfig, RunPlan):
+        for doc in field_docs(cls):
+            default = "(required)" if doc.default is dataclasses.MISSING else f"= {toml_text(doc.default)}"
+            assert f"  {doc.name} {default}\n" in text
+            assert doc.meaning, f"{cls.__name__}.{doc.name} has no comment to explain it"
+            assert f"      {doc.meaning}\n" in text
+    assert "  rank = 16\n      LoRA rank" in text and "[plan] the run:\n  steps = 3000" in text
+
+
+def test_the_example_config_and_each_setting_commented_in_it_are_valid():
+    from trainer_core.config import TrainConfig, read_toml
+    from trainer_core.plan import RunPlan
+
+    path = ROOT / "examples" / "train.toml"
+    values = read_toml(path)
+    TrainConfig.from_dict({k: v for k, v in values.items() if k != "plan"}, source=str(path), base_dir=path.parent)
+    RunPlan.from_dict(values["plan"])
+    commented = 0
+    for line in path.read_text().splitlines():
+        setting = re.fullmatch(r"# (\w+ = .*?)(\s+#.*)?", line)
+        if setting:  # uncommented, it must still be a valid config
+            changed = tomllib.loads(path.read_text().replace(line, setting[1]))
+            TrainConfig.from_dict({k: v for k, v in changed.items() if k != "plan"}, base_dir=path.parent)
+            RunPlan.from_dict(changed["plan"])
+            commented += 1
+    assert commented >= 25

@@ -177,8 +177,8 @@ def settings_help() -> str:
             if (table, doc.section) != section:
                 section = (table, doc.section)
                 lines.append(f"\n{table}{doc.section or 'the run'}:")
-            default = "(required)" if doc.default is dataclasses.MISSING else f"= {toml_text(doc.default)}"
-            lines.append(f"  {doc.name} {default}  [{doc.type}]")
+            default = " (required)" if doc.default is dataclasses.MISSING else f" = {toml_text(doc.default)}"
+            lines.append(f"  {doc.name}{default}")
             if doc.meaning:
                 lines.append(f"      {doc.meaning}")
     lines.append("\nexample: examples/train.toml")

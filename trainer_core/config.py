@@ -55,28 +55,28 @@ class TrainConfig:
     trigger_word: str = ""  # prepended to every caption unless already present
     resolutions: tuple[int, ...] = (512,)  # bucket base sizes, multiples of 64; several train multi-resolution
     repeats: int = 1  # times each image is seen per epoch
-    batch_size: int = 1
+    batch_size: int = 1  # images per step (of one bucket); more needs more memory
     flip_augment: bool = False  # random horizontal flips (not for subjects whose sides differ, e.g. text)
     caption_dropout: float = 0.0  # probability of training a step on the empty caption
     cache_dir: str = ""  # disk cache of latents and text embeddings; "" = memory only
     max_sequence_length: int = 512  # T5 tokens; 512 for dev, 256 for schnell
 
     # --- LoRA
-    rank: int = 16
+    rank: int = 16  # LoRA rank: capacity and file size; 16 suits a subject or style
     alpha: float = 16.0  # scale is alpha / rank
-    lora_dropout: float = 0.0
+    lora_dropout: float = 0.0  # dropout inside the LoRA layers while training
     blocks: str = "all"  # "all", "double", "single" or e.g. "double:0-9,single:0-37"
 
     # --- optimisation
     optimizer: str = "adamw"  # adamw, adamw8bit (bitsandbytes), adafactor, prodigy
     learning_rate: float = 1e-4  # for prodigy this is the multiplier d-coefficient, normally 1.0
-    weight_decay: float = 0.0
+    weight_decay: float = 0.0  # decoupled weight decay of the optimizer
     lr_schedule: str = "constant"  # constant, cosine, cosine_restarts, cyclic
-    warmup_steps: int = 0
+    warmup_steps: int = 0  # steps of linear learning-rate warmup from 0
     min_lr_ratio: float = 0.0  # floor of the cosine schedules as a fraction of learning_rate
     lr_cycles: int = 3  # restarts / cycles for cosine_restarts and cyclic
     total_steps: int = 3000  # length of the schedule; the run may stop earlier or go on at the final LR
-    gradient_accumulation: int = 1
+    gradient_accumulation: int = 1  # batches summed per optimizer step: a larger batch in the same memory
     max_grad_norm: float = 1.0  # 0 disables clipping
 
     # --- flow matching
@@ -87,14 +87,14 @@ class TrainConfig:
     # --- compute and memory
     mixed_precision: str = "bf16"  # bf16 base and activations with fp32 LoRA, or fp32 throughout
     fp8_base: bool = False  # keep frozen block weights in float8_e4m3fn, compute in bf16
-    gradient_checkpointing: bool = True
+    gradient_checkpointing: bool = True  # recompute activations in backward: far less memory, ~30% slower
     blocks_to_swap: int = 0  # transformer blocks kept on the CPU and streamed to the GPU just before use
     compile_blocks: bool = False  # torch.compile each transformer block: faster steps on GPUs after a cold start of minutes
     device: str = "auto"  # auto (cuda when available), cuda, cuda:1, cpu
-    seed: int = 42
+    seed: int = 42  # LoRA init, data order, noise and timesteps: the same seed trains the same LoRA
 
     # --- output
-    output_dir: str = "output"
+    output_dir: str = "output"  # LoRA files, training states, samples and plots
     output_name: str = "flux_lora"  # file stem; the step is appended
 
     def __post_init__(self):
