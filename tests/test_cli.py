@@ -350,3 +350,17 @@ def test_the_example_config_and_each_setting_commented_in_it_are_valid():
             RunPlan.from_dict(changed["plan"])
             commented += 1
     assert commented >= 25
+
+
+def test_overwrite_moves_the_earlier_run_aside_and_starts_over(shared, processes, tmp_path):
+    earlier_run(tmp_path, shared)
+    before = snapshot(tmp_path / "out")
+    write_config(tmp_path / "run.toml", {**shared["config"], "output_dir": str(tmp_path / "out")},
+                 {**PLAN, "steps": 3})
+    result = run_cli(processes, tmp_path, "train", "run.toml", "--fresh", "--overwrite")
+    assert result.code == 0, result.err
+    aside = re.search(r"--overwrite: moved the 5 files of the earlier run to (\S+)", result.err)[1]
+    moved = snapshot(Path(aside))
+    assert sorted(moved.values()) == sorted(before.values())  # every earlier file kept, byte for byte
+    assert [p.name for p in sorted((tmp_path / "out").glob("*.safetensors"))] == [
+        f"{RUN}_000003.safetensors", f"{RUN}_000003.state.safetensors"]  # no state of the earlier run left to resume

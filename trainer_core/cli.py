@@ -34,21 +34,24 @@ def _train(args) -> int:
     with output_guard.RunLock(out):
         resume = Path(args.resume) if args.resume else None if args.fresh else \
             latest_state_file(out, config.output_name)  # after a crash or Ctrl-C: the newest complete state
-        if resume is None and not args.overwrite:
-            _refuse_to_overwrite(out, config.output_name, args.fresh)
-        return _run(args, path, config, plan, resume)
+        earlier = [] if resume is not None else _earlier_run(out, config.output_name, args.fresh, args.overwrite)
+        return _run(path, config, plan, resume, earlier)
 
 
-def _refuse_to_overwrite(out: Path, name: str, fresh: bool) -> None:
+def _earlier_run(out: Path, name: str, fresh: bool, overwrite: bool) -> list[Path]:
+    """The files of an earlier run that a run starting at step 0 would overwrite: refused unless `overwrite`."""
     files = output_guard.run_files(out, name)
-    if files:
+    if files and not overwrite:
         why = "--fresh starts at step 0" if fresh else "there is no training state to resume from, so the run starts at step 0"
         raise ValueError(f"output_dir: {out} already holds {len(files)} file(s) of output_name {name!r} "
                          f"(e.g. {files[0].name}); {why} and would overwrite them. Give another output_name or "
                          "output_dir, or add --overwrite")
+    return files
 
 
-def _run(args, path: Path, config, plan, resume: Path | None) -> int:
+def _run(path: Path, config, plan, resume: Path | None, earlier: list[Path]) -> int:
+    """`earlier`: an earlier run's files, moved aside once every check passed (so that a later resume never picks
+    up the earlier run's newer states)."""
     from . import data, lora, models
     from .checkpoints import latest_state_file, load_training_state
     from .plan import execute
@@ -60,7 +63,8 @@ def _run(args, path: Path, config, plan, resume: Path | None) -> int:
         differ = settings_mismatches(state.fingerprint, config)
     records = preflight(config)
     if state is not None:
-        if state.fingerprint.get("dataset", data.dataset_fingerprint(records)) != data.dataset_fingerprint(records):
+        identity = data.dataset_fingerprint(records)
+        if state.fingerprint.get("dataset", identity) != identity:  # states saved before the identity was kept pass
             differ.append(f"the dataset (images added, removed, edited or re-captioned in {config.dataset_dir})")
         if differ:
             raise ValueError(f"{resume} belongs to a run with other settings: {', '.join(differ)}. Set them as the "
@@ -78,6 +82,10 @@ def _run(args, path: Path, config, plan, resume: Path | None) -> int:
         lora_params, config.optimizer, saves, plan.save_state, len(plan.prompts) + len(plan.strengths),
         plan.sample_width * plan.sample_height, plan.steps))
 
+    if earlier:
+        aside = output_guard.set_aside(earlier, Path(config.output_dir),
+                                       f"{config.output_name}_replaced_{time.strftime('%Y%m%d-%H%M%S')}")
+        log.warning("--overwrite: moved the %d files of the earlier run to %s", len(earlier), aside)
     trainer = Trainer.from_config(config, records=records)
     if state is not None:
         trainer.restore(state)
@@ -195,8 +203,8 @@ def main(argv: list[str] | None = None) -> int:
     start.add_argument("--resume", help="a *.state.safetensors file to continue from (default: the newest in output_dir)")
     start.add_argument("--fresh", action="store_true", help="ignore saved states and start from step 0")
     train.add_argument("--overwrite", action="store_true",
-                       help="let a run that starts at step 0 overwrite the files of an earlier run of the same "
-                            "output_name (refused without it)")
+                       help="let a run that starts at step 0 replace an earlier run of the same output_name (its "
+                            "files are moved into a <output_name>_replaced_<time> folder); refused without it")
     train.set_defaults(run=_train)
     demo = sub.add_parser("demo", help="train a tiny random Flux on a generated dataset, end to end, on the CPU")
     demo.add_argument("--out", default="demo_output", help="folder for the model, data and results")

@@ -53,6 +53,16 @@ def run_files(folder: str | Path, name: str) -> list[Path]:
                   if pattern.fullmatch(p.name))
 
 
+def set_aside(files: list[Path], folder: Path, name: str) -> Path:
+    """Move `files` (inside `folder`) into `folder/name`, keeping their relative paths: replaced, never deleted."""
+    aside = folder / name
+    for p in files:
+        target = aside / p.relative_to(folder)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        p.rename(target)
+    return aside
+
+
 def planned_bytes(lora_params: int, optimizer: str, saves: int, save_state: bool, images_per_save: int,
                   image_pixels: int, steps: int) -> int:
     """What `saves` saves write at most: a bf16 LoRA, an fp32 LoRA with its optimizer state, uncompressed images."""
