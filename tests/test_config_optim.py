@@ -1,4 +1,5 @@
 """TrainConfig validation and the learning-rate schedules."""
+import dataclasses
 import math
 
 import pytest
@@ -32,6 +33,47 @@ def test_bad_settings_name_the_field(field, value, message):
     with pytest.raises(ValueError, match=None) as e:
         config(**{field: value})
     assert message in str(e.value)
+
+
+def test_values_are_converted_to_each_fields_type():
+    cfg = config(rank="8", flip_augment="false", gradient_checkpointing="true", learning_rate="1e-3", alpha=4)
+    assert (cfg.rank, cfg.flip_augment, cfg.gradient_checkpointing, cfg.learning_rate) == (8, False, True, 1e-3)
+    assert type(cfg.alpha) is float and cfg.alpha == 4.0
+
+    from trainer_core.plan import RunPlan
+
+    plan = RunPlan(prompts=["a photo"], strengths=[0, 1])
+    assert plan.prompts == ("a photo",) and plan.strengths == (0.0, 1.0) and type(plan.strengths[0]) is float
+
+
+@pytest.mark.parametrize("changes,message", [
+    ({"rank": "abc"}, 'rank: "abc" is not a whole number (Input should be a valid integer, unable to parse string as '
+                      'an integer); write e.g. rank = 16'),
+    ({"flip_augment": "maybe"}, 'flip_augment: "maybe" is not true or false'),
+    ({"learning_rate": True}, "learning_rate: true is not a number (true/false is not a number)"),
+    ({"resolutions": [512, 640.5]}, "resolutions: [512, 640.5] (item 2: 640.5) is not a list of whole numbers"),
+    ({"output_name": None}, "output_name: None is not text in quotes"),
+])
+def test_a_value_of_the_wrong_type_names_the_field_the_value_and_the_form(changes, message):
+    with pytest.raises(ValueError) as e:
+        config(**changes)
+    assert message in str(e.value)
+
+
+def test_a_list_where_the_plan_wants_one_is_required():
+    from trainer_core.plan import RunPlan
+
+    with pytest.raises(ValueError, match=r'plan\.prompts: "a photo" is not a list of texts'):
+        RunPlan(prompts="a photo")  # once split into one prompt per letter
+
+
+def test_each_settings_comment_is_read_back_as_its_meaning():
+    from trainer_core.config import field_docs
+
+    docs = {d.name: d for d in field_docs(TrainConfig)}
+    assert list(docs) == [f.name for f in dataclasses.fields(TrainConfig)]
+    assert docs["alpha"].meaning == "scale is alpha / rank" and docs["alpha"].default == 16.0
+    assert docs["alpha"].section == "LoRA" and docs["transformer_path"].default is dataclasses.MISSING
 
 
 def test_unknown_keys_are_rejected():

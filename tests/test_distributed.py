@@ -103,5 +103,5 @@ def test_a_killed_process_stops_the_run_and_a_resume_with_one_process_continues(
     config.write_text(config.read_text().replace("steps = 400", f"steps = {newest + 2}"))
     resumed = train([sys.executable], config)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"resumed from" in resumed.stderr and f"at step {newest}" in resumed.stderr
+    assert f"resuming from" in resumed.stderr and f"at step {newest}" in resumed.stderr
     assert load_training_state(out / f"flux_tiny_demo_{newest + 2:06d}.state.safetensors")[0].step == newest + 2

@@ -9,6 +9,7 @@ import copy
 import glob
 import hashlib
 import json
+import logging
 import os
 import re
 import uuid
@@ -19,6 +20,8 @@ from typing import Callable
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
+
+log = logging.getLogger(__name__)
 
 STATE_FORMAT = "flux-lora-trainer/state/1"
 STATE_SUFFIX = ".state.safetensors"
@@ -179,8 +182,9 @@ def latest_state_file(folder: str | Path, stem: str, max_step: int | None = None
             with safe_open(str(p), framework="pt") as f:
                 meta = f.metadata() or {}
             step = json.loads(meta["state"])["step"] if meta.get("format") == STATE_FORMAT else -1
-        except (SafetensorError, KeyError, ValueError, OSError):
-            continue  # damaged: skip it and fall back to an older one
+        except (SafetensorError, KeyError, ValueError, OSError) as e:
+            log.warning("skipped %s: damaged or incomplete (%s); an older state is used instead", p, e)
+            continue
         if step > best_step and (max_step is None or step <= max_step):
             best, best_step = p, step
     return best

@@ -2,53 +2,145 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
+import json
 import logging
 import resource
 import sys
 import time
 from pathlib import Path
 
+from . import output_guard
+
 log = logging.getLogger("trainer_core")
 
 
-def _train(args) -> None:
-    from .checkpoints import latest_state_file, load_training_state
+def _train(args) -> int:
     from .config import TrainConfig, read_toml
-    from .distributed import launched_processes
-    from .plan import RunPlan, execute
-    from .trainer import NonFiniteLossError, Trainer
 
     path = Path(args.config)
     values = read_toml(path)
-    plan = RunPlan.from_dict(values.pop("plan", {}))
-    # every setting is validated (and named when wrong) before any model loads
+    plan_values = values.pop("plan", {})
+    if not isinstance(plan_values, dict):
+        raise ValueError(f"{path}: plan = {plan_values!r} is not a table; put the run's steps under a [plan] heading")
+    # every setting is checked (and named when wrong) before anything heavy is imported or loaded
     config = TrainConfig.from_dict(values, source=str(path), base_dir=path.parent)
-    if args.resume:
-        resume = Path(args.resume)
-    else:  # after a crash or a cancel, pick up from the newest complete state instead of starting over
-        resume = None if args.fresh else latest_state_file(config.output_dir, config.output_name)
-    state = load_training_state(resume)[0] if resume is not None else None  # a wrong file fails before loading
+    out = output_guard.check_output_dir(config.output_dir)
+
+    from .checkpoints import latest_state_file
+    from .distributed import launched_processes
+    from .plan import RunPlan
+
+    plan = RunPlan.from_dict(plan_values)
     processes = launched_processes(config.device)
-    if not processes.is_main:  # one voice: the main process logs and prints for the run
+    if not processes.is_main:  # one voice: the main process logs, prints, locks and moves files for the run
         logging.getLogger().setLevel(logging.WARNING)
-    trainer = Trainer.from_config(config, processes=processes)
+    with output_guard.RunLock(out) if processes.is_main else contextlib.nullcontext():
+        resume = Path(args.resume) if args.resume else None if args.fresh else \
+            latest_state_file(out, config.output_name)  # after a crash or Ctrl-C: the newest complete state
+        earlier = [] if resume is not None or not processes.is_main else \
+            _earlier_run(out, config.output_name, args.fresh, args.overwrite)
+        return _run(path, config, plan, resume, earlier, processes)
+
+
+def _earlier_run(out: Path, name: str, fresh: bool, overwrite: bool) -> list[Path]:
+    """The files of an earlier run that a run starting at step 0 would overwrite: refused unless `overwrite`."""
+    files = output_guard.run_files(out, name)
+    if files and not overwrite:
+        why = "--fresh starts at step 0" if fresh else "there is no training state to resume from, so the run starts at step 0"
+        raise ValueError(f"output_dir: {out} already holds {len(files)} file(s) of output_name {name!r} "
+                         f"(e.g. {files[0].name}); {why} and would overwrite them. Give another output_name or "
+                         "output_dir, or add --overwrite")
+    return files
+
+
+def _run(path: Path, config, plan, resume: Path | None, earlier: list[Path], processes) -> int:
+    """`earlier`: an earlier run's files, moved aside once every check passed (so that a later resume never picks
+    up the earlier run's newer states)."""
+    from . import data, lora, models
+    from .checkpoints import latest_state_file, load_training_state
+    from .plan import execute
+    from .trainer import NonFiniteLossError, Trainer, preflight, settings_mismatches
+
+    state = None
+    if resume is not None:  # a wrong file fails here, before anything loads
+        state, saved_config = load_training_state(resume)
+        differ = settings_mismatches(state.fingerprint, config)
+    records = preflight(config)
+    if state is not None:
+        identity = data.dataset_fingerprint(records)
+        if state.fingerprint.get("dataset", identity) != identity:  # states saved before the identity was kept pass
+            differ.append(f"the dataset (images added, removed, edited or re-captioned in {config.dataset_dir})")
+        if differ:
+            raise ValueError(f"{resume} belongs to a run with other settings: {', '.join(differ)}. Set them as the "
+                             "state had them, or start another run with --fresh and another output_name")
+        changed = [f"{k} {v} (state: {saved_config[k]})" for k, v in config.to_dict().items()
+                   if k in saved_config and json.dumps(v) != json.dumps(saved_config[k])]
+        if changed:
+            log.info("settings changed since %s: %s", resume.name, ", ".join(changed))
+        log.info("resuming from %s at step %d", resume, state.step)
+    start = state.step if state is not None else 0
+    lora_params = lora.check_lora_settings(models.transformer_config(config.transformer_path), config.rank,
+                                           config.alpha, config.lora_dropout, config.blocks)
+    saves = -(-max(plan.steps - start, 0) // plan.save_every)
+    output_guard.check_free_space(config.output_dir, output_guard.planned_bytes(
+        lora_params, config.optimizer, saves, plan.save_state, len(plan.prompts) + len(plan.strengths),
+        plan.sample_width * plan.sample_height, plan.steps))
+
+    if earlier:
+        aside = output_guard.set_aside(earlier, Path(config.output_dir),
+                                       f"{config.output_name}_replaced_{time.strftime('%Y%m%d-%H%M%S')}")
+        log.warning("--overwrite: moved the %d files of the earlier run to %s", len(earlier), aside)
+    trainer = Trainer.from_config(config, records=records, processes=processes)
     if state is not None:
         trainer.restore(state)
-        log.info("resumed from %s at step %d", resume, trainer.step)
     try:
-        result = execute(trainer, plan)
+        with output_guard.CtrlC() as ctrl_c:
+            result = execute(trainer, plan, should_stop=ctrl_c)
     except NonFiniteLossError as e:  # a setting to change, reported like the other settings' errors
         # the weights of the last step done gave the NaN, so a state of that step would only give it again
         good = latest_state_file(config.output_dir, config.output_name, max_step=trainer.step - 1)
         where = f"--resume {good}" if good else "--fresh"
         raise ValueError(f"{e} Lower learning_rate in {path} and run it again with {where}.") from e
+    except OSError as e:  # a save failed mid-run: the run in memory is still whole, keep it elsewhere
+        rescued = _rescue(trainer)
+        print(f"error: {e}", file=sys.stderr)
+        if rescued is None:
+            print(f"error: the state at step {trainer.step} could not be saved anywhere either", file=sys.stderr)
+        else:
+            print(f"the run's state at step {trainer.step} was saved to {rescued}; fix {config.output_dir} and "
+                  f"continue with: {_prog()} train {path} --resume {rescued}", file=sys.stderr)
+        return 1
     if not processes.is_main:
-        return
+        return 130 if result.interrupted else 0
     for p in result.loras:
         print(f"LoRA: {p}")
+    if result.interrupted:
+        print(f"stopped at step {trainer.step} (Ctrl-C): saved {result.loras[-1]} and {result.states[-1]}; continue "
+              f"with: {_prog()} train {path}", file=sys.stderr)
+        return 130
     print(f"loss plot: {result.loss_plot}")
     if result.grid:
         print(f"XY grid: {result.grid}")
+    return 0
+
+
+def _rescue(trainer) -> Path | None:
+    from .checkpoints import STATE_SUFFIX, checkpoint_stem
+
+    name = f"{checkpoint_stem(trainer.config.output_name, trainer.step)}{STATE_SUFFIX}"
+    for folder in output_guard.rescue_folders():
+        try:
+            return trainer.save_state(folder / name)
+        except OSError as e:
+            log.warning("could not save the state to %s either: %s", folder, e)
+    return None
+
+
+def _prog() -> str:
+    """How this command was started, for the command lines it prints."""
+    return "flux-lora-train" if Path(sys.argv[0]).name == "flux-lora-train" else "python -m trainer_core"
 
 
 def _demo(args) -> None:
@@ -107,15 +199,48 @@ def _caption(args) -> None:
     written = caption_dataset(args.dataset, args.model, trigger_word=args.trigger_word, overwrite=args.overwrite,
                               task=args.task, device=resolve_device(args.device))
     print(f"{len(written)} caption file(s) written in {args.dataset}")
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose epilog may be a function, called only when help is shown (the settings list needs the
+    heavy plan module, which a failing run should not wait for)."""
+
+    def format_help(self) -> str:
+        if callable(self.epilog):
+            self.epilog = self.epilog()
+        return super().format_help()
+
+
+def settings_help() -> str:
+    """Every setting with its default and meaning, read from the config classes (their fields' comments)."""
+    from .config import TrainConfig, field_docs, toml_text
+    from .plan import RunPlan
+
+    lines = ["settings (TOML keys; TrainConfig at the top level, RunPlan under [plan]):"]
+    for cls, table in ((TrainConfig, ""), (RunPlan, "[plan] ")):
+        section = None
+        for doc in field_docs(cls):
+            if (table, doc.section) != section:
+                section = (table, doc.section)
+                lines.append(f"\n{table}{doc.section or 'the run'}:")
+            default = " (required)" if doc.default is dataclasses.MISSING else f" = {toml_text(doc.default)}"
+            lines.append(f"  {doc.name}{default}")
+            if doc.meaning:
+                lines.append(f"      {doc.meaning}")
+    lines.append("\nexample: examples/train.toml")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m trainer_core", description="Flux.1 LoRA trainer")
+    parser = _Parser(prog=_prog(), description="Flux.1 LoRA trainer")
     sub = parser.add_subparsers(dest="command", required=True)
-    train = sub.add_parser("train", help="train from a TOML config (TrainConfig fields at top level, a [plan] table)")
+    train = sub.add_parser("train", help="train from a TOML config (TrainConfig fields at top level, a [plan] table)",
+                           epilog=settings_help, formatter_class=argparse.RawDescriptionHelpFormatter)
     train.add_argument("config")
-    train.add_argument("--resume", help="a *.state.safetensors file to continue from (default: the newest in output_dir)")
-    train.add_argument("--fresh", action="store_true", help="ignore saved states and start from step 0")
+    start = train.add_mutually_exclusive_group()
+    start.add_argument("--resume", help="a *.state.safetensors file to continue from (default: the newest in output_dir)")
+    start.add_argument("--fresh", action="store_true", help="ignore saved states and start from step 0")
+    train.add_argument("--overwrite", action="store_true",
+                       help="let a run that starts at step 0 replace an earlier run of the same output_name (its "
+                            "files are moved into a <output_name>_replaced_<time> folder); refused without it")
     train.set_defaults(run=_train)
     demo = sub.add_parser("demo", help="train a tiny random Flux on a generated dataset, end to end, on the CPU")
     demo.add_argument("--out", default="demo_output", help="folder for the model, data and results")
@@ -149,9 +274,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        args.run(args)
+        return args.run(args) or 0
     except (ValueError, FileNotFoundError) as e:
         # a user's mistake: the message says what and where; a traceback would only hide it
         print(f"error: {e}", file=sys.stderr)
         return 2
-    return 0
+    except KeyboardInterrupt:  # before training started, or a second Ctrl-C: files on disk are whole (atomic writes)
+        print("stopped by Ctrl-C; the steps since the last saved state were not kept", file=sys.stderr)
+        return 130

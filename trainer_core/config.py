@@ -5,16 +5,25 @@ unknown keys raise instead of being silently ignored.
 """
 from __future__ import annotations
 
+import ast
 import dataclasses
+import functools
+import inspect
+import io
 import math
+import tokenize
+import typing
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated, NamedTuple
 
-from .flow_matching import TIMESTEP_SAMPLINGS
+import pydantic
 
 OPTIMIZERS = ("adamw", "adamw8bit", "adafactor", "prodigy")
 LR_SCHEDULES = ("constant", "cosine", "cosine_restarts", "cyclic")
 MIXED_PRECISIONS = ("bf16", "fp32")
+# flow_matching.py implements these; they are named here so that checking a config needs no torch import
+TIMESTEP_SAMPLINGS = ("shift", "sigmoid", "logit_normal", "uniform")
 
 
 def _parse_resolutions(value) -> tuple[int, ...]:
@@ -26,7 +35,7 @@ def _parse_resolutions(value) -> tuple[int, ...]:
             raise ValueError(f"resolutions: {value!r} is not a list of whole numbers; write e.g. '512' or '512,768,1024'")
     if isinstance(value, int):
         value = [value]
-    return tuple(int(v) for v in value)
+    return value  # each entry is then checked to be a whole number by `check_fields`
 
 
 @dataclass(frozen=True)
@@ -42,6 +51,7 @@ class DatasetEntry:
     def __post_init__(self):
         if self.resolutions is not None:
             object.__setattr__(self, "resolutions", _parse_resolutions(self.resolutions))
+        check_fields(self)
 
 
 @dataclass(frozen=True)
@@ -62,28 +72,28 @@ class TrainConfig:
     resolutions: tuple[int, ...] = (512,)  # bucket base sizes, multiples of 64; several train multi-resolution
     repeats: int = 1  # times each image is seen per epoch
     datasets: tuple[DatasetEntry, ...] = ()  # several folders, each with its own settings ([[datasets]] tables)
-    batch_size: int = 1
+    batch_size: int = 1  # images per step (of one bucket); more needs more memory
     flip_augment: bool = False  # random horizontal flips (not for subjects whose sides differ, e.g. text)
     caption_dropout: float = 0.0  # probability of training a step on the empty caption
     cache_dir: str = ""  # disk cache of latents and text embeddings; "" = memory only
     max_sequence_length: int = 512  # T5 tokens; 512 for dev, 256 for schnell
 
     # --- LoRA
-    rank: int = 16
+    rank: int = 16  # LoRA rank: capacity and file size; 16 suits a subject or style
     alpha: float = 16.0  # scale is alpha / rank
-    lora_dropout: float = 0.0
+    lora_dropout: float = 0.0  # dropout inside the LoRA layers while training
     blocks: str = "all"  # "all", "double", "single" or e.g. "double:0-9,single:0-37"
 
     # --- optimisation
     optimizer: str = "adamw"  # adamw, adamw8bit (bitsandbytes), adafactor, prodigy
     learning_rate: float = 1e-4  # for prodigy this is the multiplier d-coefficient, normally 1.0
-    weight_decay: float = 0.0
+    weight_decay: float = 0.0  # decoupled weight decay of the optimizer
     lr_schedule: str = "constant"  # constant, cosine, cosine_restarts, cyclic
-    warmup_steps: int = 0
+    warmup_steps: int = 0  # steps of linear learning-rate warmup from 0
     min_lr_ratio: float = 0.0  # floor of the cosine schedules as a fraction of learning_rate
     lr_cycles: int = 3  # restarts / cycles for cosine_restarts and cyclic
     total_steps: int = 3000  # length of the schedule; the run may stop earlier or go on at the final LR
-    gradient_accumulation: int = 1
+    gradient_accumulation: int = 1  # batches summed per optimizer step: a larger batch in the same memory
     max_grad_norm: float = 1.0  # 0 disables clipping
 
     # --- flow matching
@@ -94,19 +104,20 @@ class TrainConfig:
     # --- compute and memory
     mixed_precision: str = "bf16"  # bf16 base and activations with fp32 LoRA, or fp32 throughout
     fp8_base: bool = False  # keep frozen block weights in float8_e4m3fn, compute in bf16
-    gradient_checkpointing: bool = True
+    gradient_checkpointing: bool = True  # recompute activations in backward: far less memory, ~30% slower
     blocks_to_swap: int = 0  # transformer blocks kept on the CPU and streamed to the GPU just before use
     compile_blocks: bool = False  # torch.compile each transformer block: faster steps on GPUs after a cold start of minutes
     device: str = "auto"  # auto (cuda when available), cuda, cuda:1, cpu
-    seed: int = 42
+    seed: int = 42  # LoRA init, data order, noise and timesteps: the same seed trains the same LoRA
 
     # --- output
-    output_dir: str = "output"
+    output_dir: str = "output"  # LoRA files, training states, samples and plots
     output_name: str = "flux_lora"  # file stem; the step is appended
 
     def __post_init__(self):
         object.__setattr__(self, "resolutions", _parse_resolutions(self.resolutions))
         object.__setattr__(self, "datasets", tuple(self._dataset_entry(i, e) for i, e in enumerate(self.datasets)))
+        check_fields(self)
         self._validate()
 
     def _dataset_entry(self, index: int, entry) -> DatasetEntry:
@@ -120,7 +131,10 @@ class TrainConfig:
         if unknown or "dataset_dir" not in entry:
             raise ValueError(f"datasets[{index}]: {'unknown key(s) ' + ', '.join(unknown) if unknown else 'no dataset_dir'}"
                              f"; a [[datasets]] table takes {', '.join(sorted(known))}")
-        return DatasetEntry(**entry)
+        try:
+            return DatasetEntry(**entry)
+        except ValueError as e:  # its messages start with the field's name
+            raise ValueError(f"datasets[{index}].{e}") from None
 
     def dataset_entries(self) -> tuple[DatasetEntry, ...]:
         """The run's dataset folders, complete: `datasets` with the top-level fields for what an entry leaves out,
@@ -204,7 +218,8 @@ class TrainConfig:
             raise ValueError(f"{source}: missing setting(s) {', '.join(missing)}; give the path of each")
         if base_dir is not None:
             def resolve(k, v):
-                return str(Path(base_dir) / v) if k in _PATH_FIELDS and v and not Path(v).is_absolute() else v
+                return str(Path(base_dir) / v) if k in _PATH_FIELDS and isinstance(v, str) and v \
+                    and not Path(v).is_absolute() else v
 
             values = {k: resolve(k, v) for k, v in values.items()}
             if isinstance(values.get("datasets"), (list, tuple)):
@@ -259,3 +274,101 @@ def check_output_name(name: str) -> str:
         raise ValueError(f"output_name: {len(name.encode('utf-8'))} bytes long; file systems refuse such long file "
                          f"names, use at most {MAX_OUTPUT_NAME_BYTES}")
     return name
+
+
+# ---------------------------------------------------------------- type checking of a settings dataclass, by pydantic
+def _not_a_bool(value):
+    # pydantic's lax mode reads True as 1: `rank = true` is a slip, not a number
+    if isinstance(value, bool):
+        raise ValueError("true/false is not a number")
+    return value
+
+
+def _checked(hint):
+    """The annotation pydantic checks a field with: numbers refuse booleans, also inside tuples."""
+    if hint in (int, float):
+        return Annotated[hint, pydantic.BeforeValidator(_not_a_bool)]
+    if typing.get_origin(hint) is tuple:
+        return tuple[tuple(_checked(a) if a is not Ellipsis else a for a in typing.get_args(hint))]
+    return hint
+
+
+@functools.cache
+def _model(cls) -> type[pydantic.BaseModel]:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: (_checked(hints[f.name]), ...) for f in dataclasses.fields(cls)}
+    return pydantic.create_model(f"{cls.__name__}Check", __config__=pydantic.ConfigDict(arbitrary_types_allowed=True),
+                                 **fields)
+
+
+def check_fields(obj, prefix: str = "") -> None:
+    """Convert each field of the frozen dataclass `obj` to its declared type ("16" -> 16, "false" -> False), or raise a
+    ValueError naming the field, the value given and the form expected. Range checks come after, in the class."""
+    values = {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}
+    try:
+        checked = _model(type(obj)).model_validate(values)
+    except pydantic.ValidationError as e:
+        raise ValueError("\n".join(_describe(obj, prefix, error) for error in e.errors())) from None
+    for name in values:
+        object.__setattr__(obj, name, getattr(checked, name))
+
+
+_FORMS = {int: ("a whole number", "whole numbers"), float: ("a number", "numbers"), bool: ("true or false", None),
+          str: ("text in quotes", "texts in quotes")}
+
+
+def _describe(obj, prefix: str, error: dict) -> str:
+    name, *where = error["loc"]
+    hint = typing.get_type_hints(type(obj))[name]
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) is tuple:
+        form = f"a list of {_FORMS.get(args[0], ('', 'values'))[1]}"
+    else:
+        form = _FORMS.get(hint, (str(hint),))[0]
+    default = next(f.default for f in dataclasses.fields(obj) if f.name == name)
+    example = f"; write e.g. {name} = {toml_text(default)}" if default not in (dataclasses.MISSING, (), "") else ""
+    item = f" (item {where[0] + 1}: {toml_text(error['input'])})" if where else ""
+    given = getattr(obj, name)
+    reason = error["msg"].removeprefix("Value error, ")
+    return f"{prefix}{name}: {toml_text(given)}{item} is not {form} ({reason}){example}"
+
+
+def toml_text(value) -> str:
+    """`value` as it is written in a TOML file."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (list, tuple)):
+        return f"[{', '.join(toml_text(v) for v in value)}]"
+    if isinstance(value, dict):
+        return f"{{{', '.join(f'{k} = {toml_text(v)}' for k, v in value.items())}}}"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return repr(value)
+
+
+class FieldDoc(NamedTuple):
+    section: str  # the `# --- section` comment above the field, "" when there is none
+    name: str
+    type: str  # as annotated, e.g. "int" or "tuple[int, ...]"
+    default: object  # dataclasses.MISSING for a required field
+    meaning: str  # the field's trailing comment
+
+
+@functools.cache
+def field_docs(cls) -> tuple[FieldDoc, ...]:
+    """Each field of a settings dataclass with its trailing `# comment` from the class's source: the one place where a
+    setting is explained, read back for `train --help` instead of being copied there."""
+    source = inspect.getsource(cls)
+    comments = {t.start[0]: (t.string.lstrip("#").strip(), t.line.lstrip().startswith("#"))
+                for t in tokenize.generate_tokens(io.StringIO(source).readline) if t.type == tokenize.COMMENT}
+    defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+    docs, section = [], ""
+    for node in ast.parse(source).body[0].body:
+        above = [text for line, (text, alone) in comments.items() if alone and line < node.lineno]
+        if above and above[-1].startswith("---"):
+            section = above[-1].lstrip("- ")
+        if isinstance(node, ast.AnnAssign) and node.target.id in defaults:
+            meaning = comments.get(node.end_lineno, ("", True))
+            docs.append(FieldDoc(section, node.target.id, ast.unparse(node.annotation), defaults[node.target.id],
+                                 "" if meaning[1] else meaning[0]))
+    return tuple(docs)

@@ -9,7 +9,7 @@ import math
 
 import torch
 
-TIMESTEP_SAMPLINGS = ("shift", "sigmoid", "logit_normal", "uniform")
+from .config import TIMESTEP_SAMPLINGS
 
 
 def pack_latents(latents: torch.Tensor) -> torch.Tensor:

@@ -149,12 +149,14 @@ def add_lora(
 
 
 def check_lora_settings(transformer_config: dict, rank: int, alpha: float, dropout: float = 0.0,
-                        blocks: str | Sequence[str] = "all") -> None:
+                        blocks: str | Sequence[str] = "all") -> int:
     """Raise now, naming the field, wherever `add_lora` would: it is tried on an empty (meta-device) model of that
-    config, so a rank too wide or a mistyped `blocks` fails in a second instead of after the models load."""
+    config, so a rank too wide or a mistyped `blocks` fails in a second instead of after the models load.
+    Returns the LoRA's parameter count (what its files will weigh)."""
     with init_empty_weights():
         model = FluxTransformer2DModel.from_config(transformer_config)
     add_lora(model, rank, alpha, dropout=dropout, blocks=blocks)
+    return sum(p.numel() for p in lora_parameters(model))
 
 
 def lora_parameters(transformer: nn.Module) -> list[nn.Parameter]:

@@ -7,11 +7,13 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from tqdm import tqdm
 
 from . import plots
 from .checkpoints import STATE_SUFFIX, atomic_write, checkpoint_stem
+from .config import check_fields
 from .trainer import StepInfo, Trainer, strength_grid
 
 
@@ -21,17 +23,16 @@ class RunPlan:
     save_every: int = 750  # a LoRA file, a sample and a grid row every this many steps
     save_state: bool = True  # also write the full training state at each save, to resume from
     prompts: tuple[str, ...] = ()  # validation prompts; the grid uses the first
-    strengths: tuple[float, ...] = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
-    sample_steps: int = 20
-    sample_guidance: float = 3.5
-    sample_width: int = 512
-    sample_height: int = 512
-    sample_seed: int = 0
+    strengths: tuple[float, ...] = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)  # LoRA strengths, the XY grid's columns
+    sample_steps: int = 20  # sampling steps of each validation image
+    sample_guidance: float = 3.5  # guidance of the validation images (Flux-dev's usual 3.5)
+    sample_width: int = 512  # validation image width, a multiple of 16
+    sample_height: int = 512  # validation image height, a multiple of 16
+    sample_seed: int = 0  # the same noise at every checkpoint, so samples compare
     validation_base: str = ""  # "" = the training base
 
     def __post_init__(self):
-        object.__setattr__(self, "prompts", tuple(self.prompts))
-        object.__setattr__(self, "strengths", tuple(float(s) for s in self.strengths))
+        check_fields(self, "plan.")
         if self.steps < 1:
             raise ValueError(f"plan.steps: {self.steps}; use 1 or more")
         if self.save_every < 1:
@@ -56,11 +57,13 @@ class RunResult:
     samples: list[Path] = field(default_factory=list)
     loss_plot: Path | None = None
     grid: Path | None = None
+    interrupted: bool = False  # `should_stop` ended the run before plan.steps; its last state is in `states`
 
 
-def execute(trainer: Trainer, plan: RunPlan) -> RunResult:
-    """Train to `plan.steps`, saving, sampling and plotting on the way. Of several data-parallel processes only the
-    main one writes files and samples; the others train along and return an empty result."""
+def execute(trainer: Trainer, plan: RunPlan, should_stop: Callable[[], bool] | None = None) -> RunResult:
+    """Train to `plan.steps`. `should_stop()` (a Ctrl-C) ends it after the current step, with a LoRA and a state saved at
+    that step so that no step done is lost. Of several data-parallel processes only the main one writes files and
+    samples; the others train along and return an empty result."""
     cfg = trainer.config
     main = trainer.processes.is_main
     out = Path(cfg.output_dir)
@@ -72,11 +75,19 @@ def execute(trainer: Trainer, plan: RunPlan) -> RunResult:
               disable=not main) as bar:
         while trainer.step < plan.steps:
             next_save = (trainer.step // plan.save_every + 1) * plan.save_every
-            trainer.train(min(next_save, plan.steps) - trainer.step, on_step=lambda info: _advance(bar, info))
+            trainer.train(min(next_save, plan.steps) - trainer.step, on_step=lambda info: _advance(bar, info),
+                          should_stop=should_stop)
+            stopping = should_stop is not None and should_stop()
             if not main:
+                if stopping:
+                    return result
                 continue
             stem = checkpoint_stem(cfg.output_name, trainer.step)
             result.loras.append(trainer.save_lora(out / f"{stem}.safetensors"))
+            if stopping:
+                result.states.append(trainer.save_state(out / f"{stem}{STATE_SUFFIX}"))
+                result.interrupted = True
+                return result
             state = trainer.snapshot()
             if plan.save_state:
                 result.states.append(trainer.save_state(out / f"{stem}{STATE_SUFFIX}", state))

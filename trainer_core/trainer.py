@@ -82,8 +82,9 @@ def resolve_device(name: str) -> torch.device:
 
 class Trainer:
     def __init__(self, config: TrainConfig, transformer, vae, text_encoders, dataset: caching.CachedDataset, device=None,
-                 processes: Processes = SINGLE):
+                 dataset_identity: str = "", processes: Processes = SINGLE):
         self.config = config
+        self.dataset_identity = dataset_identity  # data.dataset_fingerprint of the records, saved with each state
         self.processes = processes  # several when data-parallel: each trains on its share of every batch
         self.device = torch.device(device) if device is not None else resolve_device(config.device)
         self.dtype = compute_dtype(config)
@@ -139,7 +140,7 @@ class Trainer:
         if device.type == "cuda":
             torch.cuda.empty_cache()
         transformer = models.load_transformer(config.transformer_path, dtype=dtype, device="cpu", fp8_base=config.fp8_base)
-        return cls(config, transformer, vae, text_encoders, dataset, device, processes)
+        return cls(config, transformer, vae, text_encoders, dataset, device, data.dataset_fingerprint(records), processes)
 
     # ------------------------------------------------------------------ the loop
     def train(
@@ -268,6 +269,8 @@ class Trainer:
         fp = {name: str(getattr(self.config, name)) for name in _FINGERPRINT_FIELDS}
         tc = self.transformer.config
         fp["architecture"] = f"{tc.num_layers}x{tc.num_single_layers}x{tc.num_attention_heads * tc.attention_head_dim}"
+        if self.dataset_identity:
+            fp["dataset"] = self.dataset_identity
         return fp
 
     def snapshot(self) -> TrainingState:
