@@ -21,7 +21,7 @@ from trainer_core.data import dataset_fingerprint, inspect_datasets, scan_datase
 from trainer_core.dataset_report import build_report, load_t5_tokenizer, perceptual_hash
 from trainer_core.demo import demo_config, write_demo_dataset
 from trainer_core.tiny import MAX_SEQUENCE_LENGTH
-from trainer_core.trainer import Trainer
+from trainer_core.trainer import Trainer, preflight
 
 
 def photo(seed: int, size: tuple[int, int] = (256, 192)) -> Image.Image:
@@ -229,6 +229,21 @@ def test_cli_report_of_a_config_and_its_contact_sheet(tiny_flux, tmp_path, capsy
     assert Image.open(sheet).size == (1360, 328)
 
 
+def test_preflight_logs_the_summary_and_warns_on_serious_findings(tiny_flux, tmp_path, caplog):
+    folder = planted_dataset(tmp_path / "data")
+    config = demo_config(tiny_flux, folder, tmp_path / "out", steps=10).replace(resolutions=(512,), trigger_word="sks",
+                                                                                 max_sequence_length=8)
+    with caplog.at_level(logging.INFO):
+        records = preflight(config)  # no model loads
+    assert len(records) == 12
+    assert "dataset: 12 image(s) used, 0 skipped, 12 records per epoch" in caplog.text
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and r.name == "trainer_core.trainer"]
+    for finding in ("near-duplicate", "small.png", "missing: no_caption.png", "empty: empty_caption.png",
+                    "longer than T5's 8 tokens"):
+        assert sum(finding in m for m in warned) == 1, (finding, warned)
+    assert len(warned) == 5
+
+
 # --- training on several datasets ----------------------------------------------------------------------------------
 
 
@@ -240,9 +255,11 @@ def two_datasets(tmp_path_factory):
     return [DatasetEntry(str(root / "first"), "fltglyph", (64,), 1), DatasetEntry(str(root / "second"), "", (64, 128), 1)]
 
 
-def test_several_datasets_train_resume_exactly_and_tag_the_lora(tiny_flux, two_datasets, tmp_path):
+def test_several_datasets_train_resume_exactly_and_tag_the_lora(tiny_flux, two_datasets, tmp_path, caplog):
     config = demo_config(tiny_flux, Path(), tmp_path / "out", steps=50).replace(dataset_dir="", datasets=two_datasets)
-    straight = Trainer.from_config(config)
+    with caplog.at_level(logging.INFO):
+        straight = Trainer.from_config(config)
+    assert "dataset: 3 image(s) used, 0 skipped, 6 records per epoch in 2 bucket(s) over 2 folder(s)" in caplog.text
     assert sorted({r.bucket for r in straight.dataset.records}) == [(64, 64), (128, 128)]
     straight.train(6)
 
