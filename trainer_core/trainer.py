@@ -132,7 +132,8 @@ class Trainer:
         if device.type == "cuda":
             torch.cuda.empty_cache()
         transformer = models.load_transformer(config.transformer_path, dtype=dtype, device="cpu", fp8_base=config.fp8_base)
-        return cls(config, transformer, vae, text_encoders, dataset, device, data.dataset_fingerprint(records))
+        return cls(config, transformer, vae, text_encoders, dataset, device,
+                   dataset_identity=data.dataset_fingerprint(records))
 
     # ------------------------------------------------------------------ the loop
     def train(
