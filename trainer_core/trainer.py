@@ -140,7 +140,8 @@ class Trainer:
         if device.type == "cuda":
             torch.cuda.empty_cache()
         transformer = models.load_transformer(config.transformer_path, dtype=dtype, device="cpu", fp8_base=config.fp8_base)
-        return cls(config, transformer, vae, text_encoders, dataset, device, data.dataset_fingerprint(records), processes)
+        return cls(config, transformer, vae, text_encoders, dataset, device,
+                   dataset_identity=data.dataset_fingerprint(records), processes=processes)
 
     # ------------------------------------------------------------------ the loop
     def train(
