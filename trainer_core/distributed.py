@@ -62,9 +62,13 @@ class Processes:
             offset += g.numel()
         return flat[-1]
 
-    def wait_for_everyone(self) -> None:
-        if self.accelerator is not None:
-            self.accelerator.wait_for_everyone()
+    def any(self, flag: bool) -> bool:
+        """Whether `flag` is set in any process (a Ctrl-C reaches each process at its own moment; they must stop at
+        the same step, or the others would wait for the stopped one's gradients)."""
+        if self.count == 1:
+            return flag
+        flags = torch.tensor([float(flag)], device=self.accelerator.device)  # NCCL exchanges GPU tensors only
+        return bool(self.accelerator.reduce(flags, reduction="sum").item())
 
 
 SINGLE = Processes()

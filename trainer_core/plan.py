@@ -75,9 +75,9 @@ def execute(trainer: Trainer, plan: RunPlan, should_stop: Callable[[], bool] | N
               disable=not main) as bar:
         while trainer.step < plan.steps:
             next_save = (trainer.step // plan.save_every + 1) * plan.save_every
-            trainer.train(min(next_save, plan.steps) - trainer.step, on_step=lambda info: _advance(bar, info),
-                          should_stop=should_stop)
-            stopping = should_stop is not None and should_stop()
+            target = min(next_save, plan.steps)
+            trainer.train(target - trainer.step, on_step=lambda info: _advance(bar, info), should_stop=should_stop)
+            stopping = trainer.step < target  # every process stopped at the same step
             if not main:
                 if stopping:
                     return result

@@ -160,7 +160,7 @@ class Trainer:
         done = 0
         with torch.inference_mode(False), torch.enable_grad():
             while done < num_steps:
-                if should_stop is not None and should_stop():
+                if should_stop is not None and self.processes.any(should_stop()):
                     break
                 t0 = time.perf_counter()
                 position = self._position()
