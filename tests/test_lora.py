@@ -504,3 +504,16 @@ def test_lora_file_errors_name_the_file(tmp_path):
         lora.load_lora_file(tmp_path / "top.safetensors", model)
     with pytest.raises(FileNotFoundError, match="nope"):
         lora.lora_file_rank(tmp_path / "nope.safetensors")
+
+
+def test_dora_strength_interpolates_between_base_and_full_as_comfyui_does(inputs):
+    model = dora_transformer(std=0.002)
+    base = run(tiny_transformer(), inputs)
+    full = run(model, inputs)
+    lora.set_lora_strength(model, 0.0)
+    assert torch.equal(run(model, inputs), base)
+    lora.set_lora_strength(model, 0.5)
+    half = run(model, inputs)  # each Linear is interpolated; the network is near-linear in a small change
+    assert (half - base - 0.5 * (full - base)).norm() < 0.05 * (full - base).norm()
+    lora.set_lora_strength(model, 1.0)
+    assert torch.equal(run(model, inputs), full)

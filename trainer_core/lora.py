@@ -22,6 +22,7 @@ from safetensors import safe_open
 from torch import nn
 
 from .checkpoints import save_safetensors
+from .config import LORA_FORMATS
 from .models import DOUBLE_BLOCK_LINEARS, SINGLE_BLOCK_LINEARS
 
 logger = logging.getLogger(__name__)
@@ -36,7 +37,6 @@ BLOCK_KINDS: dict[str, tuple[str, str, dict[str, tuple[str, ...]]]] = {
     "single": ("single_transformer_blocks", "single_blocks", SINGLE_BLOCK_LINEARS),
 }
 KOHYA_SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".alpha", ".dora_scale")
-LORA_FORMATS = ("kohya", "diffusers")
 DIFFUSERS_PREFIX = "transformer."  # diffusers' LoRA files prefix the transformer's module names with it
 
 
@@ -197,10 +197,25 @@ def lora_parameters_by_name(transformer: nn.Module) -> dict[str, nn.Parameter]:
 def set_lora_strength(transformer: nn.Module, strength: float) -> None:
     """Scale the adapter's output by `strength` (0: the base model exactly, 1: as trained); weights are untouched.
 
-    Never fused into the base weights: with peft 0.21, changing scales while fused corrupted the base.
+    Never fused into the base weights: with peft 0.21, changing scales while fused corrupted the base. A DoRA
+    layer is not linear in peft's scale (its norm moves too, and scale 0 is not the base), so it keeps scale 1 and
+    its output is interpolated from the base's instead: y = base(x) + strength (dora(x) - base(x)), the same as
+    ComfyUI's W + strength (W' - W).
     """
     for layer in _require_adapter(transformer).values():
-        layer.set_scale(ADAPTER, strength)
+        if not _is_dora(layer):
+            layer.set_scale(ADAPTER, strength)
+            continue
+        layer.set_scale(ADAPTER, 1.0)
+        hook = getattr(layer, "_dora_strength_hook", None)
+        if hook is not None:
+            hook.remove()
+        layer._dora_strength_hook = None if strength == 1.0 else layer.register_forward_hook(
+            lambda module, args, out, s=strength: _interpolate(module.get_base_layer()(args[0]), out, s))
+
+
+def _interpolate(base: torch.Tensor, out: torch.Tensor, strength: float) -> torch.Tensor:
+    return base + strength * (out - base)
 
 
 def lora_state(transformer: nn.Module) -> dict[str, torch.Tensor]:
