@@ -59,6 +59,8 @@ class RunResult:
 
 
 def execute(trainer: Trainer, plan: RunPlan) -> RunResult:
+    if trainer.config.total_steps == 0:  # auto: the schedule spans the plan
+        trainer.config = trainer.config.replace(total_steps=plan.steps)
     cfg = trainer.config
     out = Path(cfg.output_dir)
     result = RunResult()

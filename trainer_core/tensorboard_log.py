@@ -18,35 +18,36 @@ log = logging.getLogger(__name__)
 
 
 class TensorBoardLog:
+    """Writes nothing, and creates no folder, until the first value arrives."""
+
     def __init__(self, output_dir: str | Path, output_name: str, enabled: bool = True):
         self.folder = Path(output_dir) / "tensorboard" / output_name / time.strftime("%Y%m%d-%H%M%S")
+        self._enabled = enabled
         self._writer = None
-        if not enabled:
-            return
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:  # torch's writer needs the tensorboard package
-            log.info("tensorboard is not installed: no event files (pip install tensorboard to get them)")
-            return
-        self._writer = SummaryWriter(str(self.folder))
-        log.info("TensorBoard event files in %s", self.folder)
 
-    @property
-    def enabled(self) -> bool:
-        return self._writer is not None
+    def _open(self):
+        if self._writer is None and self._enabled:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:  # torch's writer needs the tensorboard package
+                log.info("tensorboard is not installed: no event files (pip install tensorboard to get them)")
+                self._enabled = False
+                return None
+            self._writer = SummaryWriter(str(self.folder))
+            log.info("TensorBoard event files in %s", self.folder)
+        return self._writer
 
     def step(self, step: int, loss: float, lr: float) -> None:
-        if self._writer is not None:
-            self._writer.add_scalar("train/loss", loss, step)
-            self._writer.add_scalar("train/learning_rate", lr, step)
+        if (writer := self._open()) is not None:
+            writer.add_scalar("train/loss", loss, step)
+            writer.add_scalar("train/learning_rate", lr, step)
 
     def images(self, tag: str, images: Sequence[Image.Image], step: int) -> None:
         """Each image as `<tag>/<index>` at `step`, written out at once (samples are rare and wanted now)."""
-        if self._writer is None:
-            return
-        for i, image in enumerate(images):
-            self._writer.add_image(f"{tag}/{i}", np.asarray(image.convert("RGB")), step, dataformats="HWC")
-        self._writer.flush()
+        if (writer := self._open()) is not None:
+            for i, image in enumerate(images):
+                writer.add_image(f"{tag}/{i}", np.asarray(image.convert("RGB")), step, dataformats="HWC")
+            writer.flush()
 
     def flush(self) -> None:
         if self._writer is not None:
