@@ -341,6 +341,14 @@ def _split_fused(
     return parts
 
 
+def _read_lora_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, metadata) of a LoRA file; FileNotFoundError naming it when it is not there."""
+    if not path.is_file():
+        raise FileNotFoundError(f"LoRA file {path} does not exist; check the path")
+    with safe_open(path, framework="pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
+
+
 def load_kohya_lora(path: str | os.PathLike, transformer: nn.Module) -> dict[str, str]:
     """Load a kohya-layout Flux LoRA file into the existing adapter; returns the file's metadata.
 
@@ -349,11 +357,7 @@ def load_kohya_lora(path: str | os.PathLike, transformer: nn.Module) -> dict[str
     Adapter Linears the file does not cover are zeroed, so the adapter then equals the file.
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"LoRA file {path} does not exist; check the path")
-    with safe_open(path, framework="pt") as f:
-        metadata = f.metadata() or {}
-        state = {k: f.get_tensor(k) for k in f.keys()}
+    state, metadata = _read_lora_file(path)
     layers = _require_adapter(transformer)
     groups = dict(_kohya_groups(transformer))
     unknown = sorted(k for k in state if not (k.endswith(KOHYA_SUFFIXES) and k.split(".", 1)[0] in groups))
@@ -541,11 +545,7 @@ def load_lora_file(path: str | os.PathLike, transformer: nn.Module) -> dict[str,
     A DoRA file needs a DoRA adapter; a plain LoRA file into a DoRA adapter starts the magnitudes where DoRA equals
     that LoRA."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"LoRA file {path} does not exist; check the path")
-    with safe_open(path, framework="pt") as f:
-        metadata = f.metadata() or {}
-        state = {k: f.get_tensor(k) for k in f.keys()}
+    state, metadata = _read_lora_file(path)
     if lora_file_format(path, list(state)) == "kohya":
         load_kohya_lora(path, transformer)
     else:
