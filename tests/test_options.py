@@ -1,6 +1,7 @@
 """Training options: continuing a LoRA file, DoRA, the file formats, auto total_steps, TensorBoard event files."""
 import logging
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -129,7 +130,7 @@ def test_tensorboard_event_files_hold_loss_lr_samples_and_grid(trained):
     assert [e.step for e in loss] == [1, 2]
     assert [e.value for e in loss] == pytest.approx(trainer.losses, rel=1e-6)
     assert [e.value for e in events.Scalars("train/learning_rate")] == pytest.approx(trainer.lrs, rel=1e-6)
-    (sample,) = events.Images("samples/0")
+    sample = events.Images("samples/0")[0]  # the fixture's; later tests may render more
     assert sample.step == 2 and (sample.width, sample.height) == (64, 64)
     (grid,) = events.Images("xy_grid/0")
     assert grid.width > 2 * 64
@@ -139,3 +140,18 @@ def test_tensorboard_off_writes_nothing(tiny_flux, dataset, tmp_path):
     trainer = Trainer.from_config(config(tiny_flux, dataset, tmp_path, tensorboard=False))
     trainer.train(1)
     assert not (tmp_path / "out" / "tensorboard").exists()
+
+
+# --------------------------------------------------------------------------------------------- true CFG
+def test_true_cfg_renders_with_the_negative_prompt_only_when_on(trained):
+    trainer, _ = trained
+    render = dict(steps=2, width=64, height=64, seed=3)
+
+    def pixels(**kwargs):
+        return torch.from_numpy(np.asarray(trainer.sample(["fltglyph"], **render, **kwargs)[0]).copy())
+
+    plain = pixels()
+    assert torch.equal(pixels(negative_prompt="blurry"), plain)  # true_cfg_scale 1.0: off
+    cfg = pixels(negative_prompt="blurry", true_cfg_scale=4.0)
+    assert not torch.equal(cfg, plain)
+    assert not torch.equal(pixels(negative_prompt="a cat", true_cfg_scale=4.0), cfg)  # the negative prompt counts

@@ -234,8 +234,8 @@ def load_lora_state(transformer: nn.Module, state: dict[str, torch.Tensor]) -> N
     if missing or unexpected:
         raise ValueError(
             f"LoRA state does not match the adapter (missing: {_preview(missing) or 'none'}; unexpected: "
-            f"{_preview(unexpected) or 'none'}); create the adapter with the rank, blocks and include_modulation "
-            "the state was saved with"
+            f"{_preview(unexpected) or 'none'}); create the adapter with the rank, blocks, include_modulation and "
+            "dora the state was saved with"
         )
     wrong = [k for k, p in params.items() if state[k].shape != p.shape]
     if wrong:

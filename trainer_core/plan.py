@@ -27,6 +27,8 @@ class RunPlan:
     sample_width: int = 512
     sample_height: int = 512
     sample_seed: int = 0
+    sample_negative_prompt: str = ""  # for true CFG
+    sample_true_cfg_scale: float = 1.0  # true classifier-free guidance (de-distilled bases such as dev2pro); 1.0 = off
     validation_base: str = ""  # "" = the training base
 
     def __post_init__(self):
@@ -66,7 +68,8 @@ def execute(trainer: Trainer, plan: RunPlan) -> RunResult:
     result = RunResult()
     checkpoints: list[tuple[int, dict]] = []
     sample = dict(seed=plan.sample_seed, steps=plan.sample_steps, guidance=plan.sample_guidance,
-                  width=plan.sample_width, height=plan.sample_height, base_path=plan.validation_base or None)
+                  width=plan.sample_width, height=plan.sample_height, base_path=plan.validation_base or None,
+                  negative_prompt=plan.sample_negative_prompt, true_cfg_scale=plan.sample_true_cfg_scale)
     with tqdm(total=plan.steps, initial=min(trainer.step, plan.steps), desc="training", unit="step") as bar:
         while trainer.step < plan.steps:
             next_save = (trainer.step // plan.save_every + 1) * plan.save_every
