@@ -84,7 +84,7 @@ def test_init_lora_rank_mismatch_and_missing_file_fail_in_preflight(tiny_flux, d
 
 # --------------------------------------------------------------------------------------------- DoRA
 def test_dora_run_trains_its_magnitudes_resumes_exactly_and_saves_dora_scale(tiny_flux, dataset, tmp_path):
-    trainer = Trainer.from_config(config(tiny_flux, dataset, tmp_path, dora=True))
+    trainer = Trainer.from_config(config(tiny_flux, dataset, tmp_path, dora=True, gradient_checkpointing=True))
     start = trainer.snapshot()
     magnitudes = [k for k in start.lora if k.endswith("lora_magnitude_vector.weight")]
     assert magnitudes and len(trainer.params) == len(start.lora)
