@@ -24,15 +24,23 @@ SAMPLING_INPUTS = {
                        "tooltip": "Image height, a multiple of 16."}),
     "base": (list(BASES), {"tooltip": "Render on the training base, or on the validation base chosen in InitTrainer "
                                       "(train on Flux-dev2pro, judge on Flux-dev)."}),
+    "negative_prompt": ("STRING", {"multiline": True, "default": "", "tooltip": "What true CFG steers away from; "
+                                   "used only when true_cfg_scale is not 1.0."}),
+    "true_cfg_scale": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 30.0, "step": 0.1, "tooltip": "True "
+                                 "classifier-free guidance (two passes per step) for de-distilled bases such as "
+                                 "Flux-dev2pro, whose guidance embedding does not work: 3-5 with guidance 1.0. "
+                                 "1.0 = off (Flux-dev)."}),
 }
 
 
-def sampling_kwargs(seed: int, steps: int, guidance: float, width: int, height: int, base: str) -> dict:
+def sampling_kwargs(seed: int, steps: int, guidance: float, width: int, height: int, base: str,
+                    negative_prompt: str = "", true_cfg_scale: float = 1.0) -> dict:
     """`TrainingRun.sample` keyword arguments from the shared sampling widgets."""
     if base not in BASES:
         raise ValueError(f"base: {base!r}; choose one of {', '.join(BASES)}")
     return dict(seed=seed, steps=steps, guidance=guidance, width=width, height=height,
-                validation_base=base == "validation base")
+                validation_base=base == "validation base", negative_prompt=negative_prompt.strip(),
+                true_cfg_scale=true_cfg_scale)
 
 
 def to_image(images) -> torch.Tensor:

@@ -58,12 +58,13 @@ class ValidationSample:
             **SAMPLING_INPUTS,
         }}
 
-    def sample(self, handle, prompts, strength, seed, steps, guidance, width, height, base):
+    def sample(self, handle, prompts, strength, **sampling):
         lines = [p.strip() for p in prompts.splitlines() if p.strip()]
         if not lines:
             raise ValueError("prompts: empty; write one prompt per line")
-        images = handle.run.sample(handle, lines, strength=strength, callback=_sampling_progress(steps),  # one batch
-                                   **sampling_kwargs(seed, steps, guidance, width, height, base))
+        images = handle.run.sample(handle, lines, strength=strength, step=handle.step,  # one batch
+                                   callback=_sampling_progress(sampling["steps"]),
+                                   **sampling_kwargs(**sampling))
         return image_output(images)
 
 
@@ -86,11 +87,12 @@ class XYLoraStrengthGrid:
             **SAMPLING_INPUTS,
         }}
 
-    def grid(self, handle, strengths, prompt, seed, steps, guidance, width, height, base):
+    def grid(self, handle, strengths, prompt, **sampling):
         values = plots.parse_strengths(strengths)
         if not prompt.strip():
             raise ValueError("prompt: empty; write the prompt every cell renders, with the trigger word")
         cells = len(handle.checkpoints) * len(values)
-        image = handle.run.strength_grid(handle, values, prompt.strip(), callback=_sampling_progress(cells * steps),
-                                         **sampling_kwargs(seed, steps, guidance, width, height, base))
+        image = handle.run.strength_grid(handle, values, prompt.strip(),
+                                         callback=_sampling_progress(cells * sampling["steps"]),
+                                         **sampling_kwargs(**sampling))
         return image_output([image])

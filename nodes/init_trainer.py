@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 from trainer_core.checkpoints import STATE_SUFFIX, TrainingState, latest_state_file, load_training_state
-from trainer_core.config import LR_SCHEDULES, MIXED_PRECISIONS, OPTIMIZERS, DatasetEntry, TrainConfig
+from trainer_core.config import LORA_FORMATS, LR_SCHEDULES, MIXED_PRECISIONS, OPTIMIZERS, DatasetEntry, TrainConfig
 from trainer_core.flow_matching import TIMESTEP_SAMPLINGS
 from trainer_core.models import KIND_DESCRIPTIONS, MODEL_ROLES, detect_file_kind
 from trainer_core.presets import PRESETS
@@ -16,6 +16,7 @@ from trainer_core.trainer import settings_mismatches
 
 from . import comfy_bridge
 from .common import CATEGORY, HANDLE
+from .queued_graph import planned_train_steps
 
 log = logging.getLogger(__name__)
 
@@ -137,18 +138,33 @@ def dataset_settings(dataset_dir: str, settings: dict) -> dict:
         return {"dataset_dir": str(dataset_path(dataset_dir))}
     return {"datasets": parse_datasets(dataset_dir, settings["trigger_word"], settings["resolutions"],
                                        settings["repeats"])}
+def auto_total_steps(total_steps: int, prompt: dict | None, unique_id: str | None) -> int:
+    """total_steps as set, or for 0 (auto) the steps the queued graph's TrainLoops add up to."""
+    if total_steps != 0:
+        return total_steps
+    planned = planned_train_steps(prompt, unique_id)
+    if planned is None:
+        raise ValueError("total_steps: 0 (auto) needs every TrainLoop's steps as a number in the queued graph, and "
+                         "at least one TrainLoop after this node; set total_steps to the steps of all loops instead")
+    log.info("total_steps auto: %d, the steps of the queued TrainLoops", planned)
+    return planned
 
 
 def build_config(transformer: str, validation_transformer: str, vae: str, clip_l: str, t5: str, dataset_dir: str,
-                 memory_preset: str, resume_state: str, **settings) -> tuple[TrainConfig, TrainingState | None]:
-    """Every widget checked and no model loaded yet: errors name the widget and say what to do."""
+                 memory_preset: str, resume_state: str, init_lora: str = NONE, prompt: dict | None = None,
+                 unique_id: str | None = None, **settings) -> tuple[TrainConfig, TrainingState | None]:
+    """Every widget checked and no model loaded yet: errors name the widget and say what to do. `prompt` and
+    `unique_id` (the queued graph and this node's id) make total_steps 0 the loops' total."""
     paths = {w: str(model_path(w, name)) for w, name in
              (("transformer", transformer), ("vae", vae), ("clip_l", clip_l), ("t5", t5))}
     validation = "" if validation_transformer == SAME_AS_TRAINING else \
         str(model_path("validation_transformer", validation_transformer))
+    if "total_steps" in settings:
+        settings["total_steps"] = auto_total_steps(settings["total_steps"], prompt, unique_id)
     config = TrainConfig(
         transformer_path=paths["transformer"], vae_path=paths["vae"], clip_path=paths["clip_l"], t5_path=paths["t5"],
         validation_transformer_path=validation, **dataset_settings(dataset_dir, settings),
+        init_lora="" if init_lora == NONE else str(comfy_bridge.full_path("loras", init_lora, "init_lora")),
         output_dir=str(comfy_bridge.folder_paths("loras")[0]), device=comfy_bridge.torch_device(),
         **tokenizer_settings(Path(paths["clip_l"])),
         **{**settings, **memory_settings(memory_preset, settings)},
@@ -182,7 +198,8 @@ class InitTrainer:
     def INPUT_TYPES(cls):
         transformers = comfy_bridge.filename_list("diffusion_models")
         encoders = comfy_bridge.filename_list("text_encoders")
-        states = [n for n in comfy_bridge.filename_list("loras") if n.endswith(STATE_SUFFIX)]
+        loras = comfy_bridge.filename_list("loras")
+        states = [n for n in loras if n.endswith(STATE_SUFFIX)]
         d = _DEFAULTS
         return {"required": {
             "transformer": (transformers, {"tooltip": "Flux transformer to train on (models/diffusion_models or "
@@ -210,8 +227,8 @@ class InitTrainer:
                                         "round": False, "tooltip": "Peak learning rate (1e-4 for AdamW)."}),
             "lr_schedule": (list(LR_SCHEDULES), {"default": d["lr_schedule"],
                                                  "tooltip": "How the learning rate moves over total_steps."}),
-            "total_steps": ("INT", {"default": d["total_steps"], "min": 1, "max": 1_000_000, "tooltip": "Length "
-                                    "of the LR schedule; the TrainLoops decide how many steps really run."}),
+            "total_steps": ("INT", {"default": 0, "min": 0, "max": 1_000_000, "tooltip": "Length of the LR "
+                                    "schedule; 0 = auto, the steps of the TrainLoops in the queued graph."}),
             "timestep_sampling": (list(TIMESTEP_SAMPLINGS), {"default": d["timestep_sampling"], "tooltip": "How "
                                   "noise levels are drawn: shift (3.1582) as kohya; sigmoid for de-distilled bases."}),
             "guidance": ("FLOAT", {"default": d["guidance"], "min": 0.0, "max": 10.0, "step": 0.1, "tooltip":
@@ -236,7 +253,17 @@ class InitTrainer:
                                                        "continue from, with the same settings; latest: the newest of "
                                                        "this output_name (step 0 if none), so after a crash just "
                                                        "queue again; none starts fresh."}),
-        }}
+            # appended, so saved workflows keep their widget positions
+            "init_lora": ([NONE, *(n for n in loras if not n.endswith(STATE_SUFFIX))], {
+                "tooltip": "A Flux LoRA (kohya or diffusers format) to start from instead of a fresh one; rank must "
+                           "be the file's."}),
+            "dora": ("BOOLEAN", {"default": d["dora"], "tooltip": "DoRA: also learn a magnitude per output row. "
+                                 "Not with fp8_base or blocks_to_swap (memory_preset custom)."}),
+            "lora_format": (list(LORA_FORMATS), {"default": d["lora_format"], "tooltip": "kohya: fused qkv, as "
+                            "kohya saves; diffusers: peft keys, separate q/k/v, a smaller file. Both load in ComfyUI."}),
+            "tensorboard": ("BOOLEAN", {"default": d["tensorboard"], "tooltip": "TensorBoard event files (loss, LR, "
+                            "samples, grids) in models/loras/tensorboard/<output_name>, if tensorboard is installed."}),
+        }, "hidden": {"prompt": "PROMPT", "unique_id": "UNIQUE_ID"}}  # the queued graph: total_steps auto
 
     def init(self, **widgets):
         config, resume = build_config(**widgets)

@@ -211,7 +211,7 @@ INIT_CASES: list[tuple[str, Setup, type, str]] = [
     ("learning rate NaN", lambda c: {"learning_rate": math.nan}, ValueError, r"learning_rate: nan; use a positive"),
     ("learning rate inf", lambda c: {"learning_rate": math.inf}, ValueError, r"learning_rate: inf; use a positive"),
     ("learning rate negative", lambda c: {"learning_rate": -1e-4}, ValueError, r"learning_rate: -0.0001"),
-    ("total_steps 0", lambda c: {"total_steps": 0}, ValueError, r"total_steps: 0; use 1 or more"),
+    ("total_steps negative", lambda c: {"total_steps": -1}, ValueError, r"total_steps: -1; use 0 \(auto"),
     ("repeats 0", lambda c: {"repeats": 0}, ValueError, r"repeats: 0; use 1 or more"),
     ("alpha 0", lambda c: {"alpha": 0.0}, ValueError, r"alpha: 0.0; use a positive number"),
     ("max_sequence_length 0", lambda c: {"max_sequence_length": 0}, ValueError, r"max_sequence_length: 0"),
@@ -389,8 +389,9 @@ def test_widgets_declare_the_limits_comfyui_enforces_before_running():
     loop = nodes["TrainLoop"].INPUT_TYPES()["required"]
     init_widgets = nodes["InitTrainer"].INPUT_TYPES()["required"]
     assert loop["steps"][1]["min"] == 1
-    for name in ("rank", "total_steps", "repeats", "max_sequence_length"):
+    for name in ("rank", "repeats", "max_sequence_length"):
         assert init_widgets[name][1]["min"] == 1, name
+    assert init_widgets["total_steps"][1]["min"] == 0  # 0 = auto
     assert init_widgets["learning_rate"][1]["min"] > 0 and init_widgets["alpha"][1]["min"] > 0
 
 
@@ -445,7 +446,7 @@ def cli_files(tmp_path_factory, canary) -> Path:
 
 # the model files a config can name wrongly; tests/test_cli.py runs the settings, folder and resume cases as processes
 CLI_CASES = [  # (id, config changes (None deletes), [plan] changes, extra arguments, expected message)
-    ("total_steps 0", {"total_steps": 0}, {}, [], r"total_steps: 0; use 1 or more"),
+    ("total_steps negative", {"total_steps": -1}, {}, [], r"total_steps: -1; use 0 \(auto"),
     ("resolution 1000", {"resolutions": [512, 1000]}, {}, [], r"resolutions: 1000 is not a positive multiple of 64"),
     ("transformer misspelled", {"transformer_path": "TINY/flux-tiny-bf61.safetensors"}, {}, [],
      r"Flux transformer not found: .*flux-tiny-bf61.safetensors\. Did you mean: flux-tiny-bf16.safetensors"),

@@ -19,7 +19,7 @@ def config(**kw):
     ("rank", 0, "rank: 0"),
     ("learning_rate", 0.0, "learning_rate: 0.0"),
     ("learning_rate", float("nan"), "learning_rate: nan"),
-    ("total_steps", 0, "total_steps: 0"),
+    ("total_steps", -1, "total_steps: -1"),
     ("resolutions", "512,700", "resolutions: 700 is not a positive multiple of 64"),
     ("resolutions", "512,abc", "resolutions: '512,abc' is not a list of whole numbers"),
     ("optimizer", "sgd", "optimizer: 'sgd'; choose one of"),

@@ -377,7 +377,7 @@ def test_sigkill_mid_save_loses_nothing_and_a_restart_resumes_the_last_complete_
         kills_mid_write += bool(tmp_files(out))
 
         # what the crash left: every visible file is whole, and the newest state is the newest complete one
-        visible = sorted(p for p in out.iterdir() if not p.name.startswith("."))
+        visible = sorted(p for p in out.iterdir() if p.is_file() and not p.name.startswith("."))
         for path in visible:
             assert load_file(path), path  # raises on a partial file
         states = [p for p in visible if p.name.endswith(STATE_SUFFIX)]

@@ -361,3 +361,159 @@ def test_lora_trains_on_an_fp8_storage_base(inputs):
     lora.set_lora_strength(model, 1.0)
     forward(model, inputs, torch.bfloat16).square().mean().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in lora.lora_parameters(model))
+
+
+# --------------------------------------------------------------------------------------------- DoRA
+def dora_transformer(seed=0, std=0.05) -> FluxTransformer2DModel:
+    """A DoRA adapter moved off its init: random B and magnitudes off the base norms."""
+    model = tiny_transformer()
+    torch.manual_seed(seed)
+    lora.add_lora(model, RANK, ALPHA, dora=True)
+    randomise_lora_b(model, std=std, seed=seed + 1)
+    g = torch.Generator().manual_seed(seed + 2)
+    with torch.no_grad():
+        for name, p in lora.lora_parameters_by_name(model).items():
+            if "magnitude" in name:
+                p.mul_(1 + 0.1 * torch.randn(p.shape, generator=g))
+    return model
+
+
+def comfyui_dora_apply(weight: torch.Tensor, delta: torch.Tensor, dora_scale: torch.Tensor, strength: float):
+    """ComfyUI's `weight_decompose` for a dora_scale with one entry per output row (the output axis)."""
+    calc = (weight + delta) * (dora_scale / (weight.norm(dim=1, keepdim=True) + torch.finfo(weight.dtype).eps))
+    return weight + strength * (calc - weight)
+
+
+def test_dora_starts_as_the_base_and_its_magnitudes_train(inputs):
+    model = tiny_transformer()
+    base, linears = run(model, inputs), block_linear_names(model)
+    lora.add_lora(model, RANK, ALPHA, dora=True)
+    params = lora.lora_parameters_by_name(model)
+    magnitudes = [k for k in params if k.endswith(".lora_magnitude_vector.weight")]
+    assert {k.removesuffix(".lora_magnitude_vector.weight") for k in magnitudes} == linears
+    assert all(params[k].dtype == torch.float32 and params[k].requires_grad for k in magnitudes)
+    torch.testing.assert_close(run(model, inputs), base, rtol=1e-5, atol=1e-6)
+    randomise_lora_b(model)
+    forward(model, inputs).square().mean().backward()
+    assert all(params[k].grad is not None and params[k].grad.abs().sum() > 0 for k in magnitudes)
+
+
+def test_dora_kohya_file_applied_by_comfyui_rule_equals_peft_merge():
+    model = dora_transformer()
+    kohya = lora.kohya_state_dict(model, dtype=torch.float32) | lora.kohya_dora_scales(model)
+    scale = kohya["lora_unet_single_blocks_0_linear1.dora_scale"]
+    assert scale.shape == (224, 1) and scale.dtype == torch.float32
+    base = diffusers_to_bfl(diffusers_weights(model, merged=False))
+    merged = diffusers_to_bfl(diffusers_weights(model, merged=True))
+    for key, weight in base.items():
+        name = "lora_unet_" + key.removesuffix(".weight").replace(".", "_")
+        if f"{name}.lora_up.weight" not in kohya:
+            assert torch.equal(weight, merged[key]), key
+            continue
+        up, down = kohya[f"{name}.lora_up.weight"], kohya[f"{name}.lora_down.weight"]
+        delta = kohya[f"{name}.alpha"].item() / down.shape[0] * (up @ down)
+        applied = comfyui_dora_apply(weight, delta, kohya[f"{name}.dora_scale"], 1.0)
+        torch.testing.assert_close(applied, merged[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+@pytest.mark.parametrize("lora_format", ["kohya", "diffusers"])
+def test_dora_file_round_trip(tmp_path, inputs, lora_format):
+    model = dora_transformer()
+    path = tmp_path / "dora.safetensors"
+    lora.save_lora_file(path, model, {}, lora_format=lora_format, dtype=torch.float32)
+    fresh = tiny_transformer()
+    lora.add_lora(fresh, RANK, ALPHA, dora=True)
+    lora.load_lora_file(path, fresh)
+    torch.testing.assert_close(run(fresh, inputs), run(model, inputs), rtol=1e-5, atol=1e-5)
+    plain = tiny_transformer()
+    lora.add_lora(plain, RANK, ALPHA)
+    with pytest.raises(ValueError, match="dora.safetensors is a DoRA LoRA .*turn dora on"):
+        lora.load_lora_file(path, plain)
+
+
+def test_a_plain_lora_file_continues_as_dora_from_the_same_weights(tmp_path, inputs):
+    model = lora_transformer()
+    lora.save_lora_file(tmp_path / "plain.safetensors", model, {}, dtype=torch.float32)
+    fresh = tiny_transformer()
+    lora.add_lora(fresh, RANK, ALPHA, dora=True)
+    lora.load_lora_file(tmp_path / "plain.safetensors", fresh)
+    torch.testing.assert_close(run(fresh, inputs), run(model, inputs), rtol=1e-5, atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------- diffusers format
+def test_diffusers_file_has_peft_keys_and_applies_like_the_peft_merge():
+    model = lora_transformer()
+    state = lora.diffusers_state_dict(model, dtype=torch.float32)
+    assert {k.rsplit(".", 2)[0] for k in state} == {"transformer." + n for n in lora_layer_names(model)}
+    assert state["transformer.transformer_blocks.0.attn.to_q.lora_A.weight"].shape == (RANK, 32)
+    base, merged = diffusers_weights(model, merged=False), diffusers_weights(model, merged=True)
+    for key, weight in base.items():  # ComfyUI: W += strength * up @ down (no alpha key: alpha = rank)
+        module = "transformer." + key.removesuffix(".weight")
+        if f"{module}.lora_B.weight" in state:
+            weight = weight + state[f"{module}.lora_B.weight"] @ state[f"{module}.lora_A.weight"]
+        torch.testing.assert_close(weight, merged[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_diffusers_file_is_smaller_than_kohya(tmp_path):
+    model = lora_transformer()
+    sizes = {}
+    for lora_format in lora.LORA_FORMATS:
+        path = tmp_path / f"{lora_format}.safetensors"
+        lora.save_lora_file(path, model, {}, lora_format=lora_format)
+        sizes[lora_format] = sum(v.numel() for v in load_file(path).values())
+    # fused qkv at 3r and linear1 at 4r against r per part: the attention and linear1 downs are stored once per part
+    assert sizes["diffusers"] < sizes["kohya"]
+
+
+@pytest.mark.parametrize("lora_format", ["kohya", "diffusers"])
+def test_lora_file_round_trip_and_rank_from_header(tmp_path, inputs, lora_format):
+    model = lora_transformer()
+    path = tmp_path / "x.safetensors"
+    lora.save_lora_file(path, model, {"trigger_word": "sks"}, lora_format=lora_format, dtype=torch.float32)
+    assert lora.lora_file_rank(path) == RANK
+    fresh = lora_transformer(seed=7, std=0.0)
+    assert lora.load_lora_file(path, fresh)["trigger_word"] == "sks"
+    torch.testing.assert_close(run(fresh, inputs), run(model, inputs), rtol=1e-6, atol=1e-6)
+
+
+def test_diffusers_file_with_alpha_and_missing_modules(tmp_path, inputs):
+    """Other tools' files: an `.alpha` per module, no `transformer.` prefix, not every Linear covered."""
+    model = lora_transformer()
+    state = {k.removeprefix("transformer."): v for k, v in lora.diffusers_state_dict(model, torch.float32).items()
+             if "single_transformer_blocks.1." not in k}
+    state = {k: v * 2 if k.endswith("lora_B.weight") else v for k, v in state.items()}
+    state |= {k.replace(".lora_A.weight", ".alpha"): torch.tensor(RANK / 2) for k in state if k.endswith("lora_A.weight")}
+    save_file(state, tmp_path / "other.safetensors")
+    fresh = lora_transformer(seed=3)
+    lora.load_lora_file(tmp_path / "other.safetensors", fresh)
+    assert not any(m.lora_B["default"].weight.any() for n, m in fresh.named_modules()
+                   if isinstance(m, LoraLayer) and n.startswith("single_transformer_blocks.1."))
+    lora.load_lora_state(model, {k: v * 0 if k.startswith("single_transformer_blocks.1.") and ".lora_B." in k else v
+                                 for k, v in lora.lora_state(model).items()})
+    torch.testing.assert_close(run(fresh, inputs), run(model, inputs), rtol=1e-6, atol=1e-6)
+
+
+def test_lora_file_errors_name_the_file(tmp_path):
+    model = lora_transformer()
+    save_file({"lora_te1_x.alpha": torch.tensor(1.0), "foo.bar": torch.zeros(1)}, tmp_path / "odd.safetensors")
+    with pytest.raises(ValueError, match=r"odd\.safetensors: not a Flux LoRA file"):
+        lora.load_lora_file(tmp_path / "odd.safetensors", model)
+    save_file({"transformer.proj_out.lora_A.weight": torch.zeros(RANK, 32),
+               "transformer.proj_out.lora_B.weight": torch.zeros(64, RANK)}, tmp_path / "top.safetensors")
+    with pytest.raises(ValueError, match=r"top\.safetensors: LoRA on modules .*proj_out"):
+        lora.load_lora_file(tmp_path / "top.safetensors", model)
+    with pytest.raises(FileNotFoundError, match="nope"):
+        lora.lora_file_rank(tmp_path / "nope.safetensors")
+
+
+def test_dora_strength_interpolates_between_base_and_full_as_comfyui_does(inputs):
+    model = dora_transformer(std=0.002)
+    base = run(tiny_transformer(), inputs)
+    full = run(model, inputs)
+    lora.set_lora_strength(model, 0.0)
+    assert torch.equal(run(model, inputs), base)
+    lora.set_lora_strength(model, 0.5)
+    half = run(model, inputs)  # each Linear is interpolated; the network is near-linear in a small change
+    assert (half - base - 0.5 * (full - base)).norm() < 0.05 * (full - base).norm()
+    lora.set_lora_strength(model, 1.0)
+    assert torch.equal(run(model, inputs), full)

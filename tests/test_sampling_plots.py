@@ -80,6 +80,27 @@ def test_matches_diffusers_flux_pipeline(vae, text):
     assert np.abs(ours_images.astype(int) - np.round(images * 255).astype(int)).max() <= 1
 
 
+@pytest.mark.parametrize("guidance_embeds", [False, True])  # dev2pro-like (no working embedding) and dev-like
+def test_true_cfg_matches_diffusers_flux_pipeline(text, guidance_embeds):
+    model = tiny_transformer(guidance_embeds)
+    pipe = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULER), vae=None, text_encoder=None,
+                        tokenizer=None, text_encoder_2=None, tokenizer_2=None, transformer=model)
+    pipe.set_progress_bar_config(disable=True)
+    embeds, pooled = text
+    g = torch.Generator().manual_seed(9)
+    negative = torch.randn(embeds.shape, generator=g), torch.randn(pooled.shape, generator=g)
+    packed = pipe(generator=torch.Generator().manual_seed(5), output_type="latent", num_inference_steps=3,
+                  guidance_scale=1.0, true_cfg_scale=4.0, prompt_embeds=embeds, pooled_prompt_embeds=pooled,
+                  negative_prompt_embeds=negative[0], negative_pooled_prompt_embeds=negative[1], **SIZE).images
+    ours = sampling.sample_latents(model, embeds, pooled, **SIZE, steps=3, guidance=1.0, seed=5, negative=negative,
+                                   true_cfg_scale=4.0)
+    torch.testing.assert_close(fm.pack_latents(ours), packed, rtol=0, atol=1e-5)
+    plain = sampling.sample_latents(model, embeds, pooled, **SIZE, steps=3, guidance=1.0, seed=5, negative=negative)
+    assert not torch.allclose(plain, ours)  # true_cfg_scale 1.0 is off: the negative prompt is not used
+    with pytest.raises(ValueError, match="true_cfg_scale"):
+        sampling.sample_latents(model, embeds, pooled, **SIZE, steps=3, true_cfg_scale=4.0)
+
+
 @pytest.mark.parametrize("guidance_embeds", [False, True])
 def test_guidance_only_matters_with_guidance_embeds(text, guidance_embeds):
     model = tiny_transformer(guidance_embeds)

@@ -143,8 +143,22 @@ def test_dev2pro_workflow_trains_at_guidance_1_and_judges_on_flux_dev():
     loops = [n["widgets_values"][0] for n in workflow["nodes"] if n["type"] == "FluxLoRA_TrainLoop"]
     assert loops == [750] * 4
     sampler_types = ("FluxLoRA_ValidationSample", "FluxLoRA_XYLoraStrengthGrid")
-    samplers = [n for n in workflow["nodes"] if n["type"] in sampler_types]
-    assert samplers and all(n["widgets_values"][-1] == "validation base" for n in samplers)
+    samplers = [sampler_widgets(n) for n in workflow["nodes"] if n["type"] in sampler_types]
+    on_dev = [w for w in samplers if w["base"] == "validation base"]
+    on_dev2pro = [w for w in samplers if w["base"] == "training base"]
+    # Flux-dev with its guidance embedding; dev2pro, whose embedding does not work, with true CFG
+    assert len(on_dev) == 5 and all(w["guidance"] == 3.5 and w["true_cfg_scale"] == 1.0 for w in on_dev)
+    assert on_dev2pro and all(w["guidance"] == 1.0 and w["true_cfg_scale"] > 1 and w["negative_prompt"]
+                              for w in on_dev2pro)
+
+
+def sampler_widgets(node: dict) -> dict:
+    return dict(zip(node_spec(node["type"])[1], node["widgets_values"]))
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.name)
+def test_workflows_size_the_schedule_automatically(path):
+    assert init_widgets(load(path))["total_steps"] == 0
 
 
 def test_tiny_workflow_settings_pass_init_trainer_checks_on_an_installed_comfyui(comfy_base):
@@ -152,7 +166,11 @@ def test_tiny_workflow_settings_pass_init_trainer_checks_on_an_installed_comfyui
     base, installed = comfy_base
     widgets = init_widgets(load(ROOT / "example_workflows" / "flux_tiny_demo.json"))
     init_trainer = sys.modules[f"{pack.__name__}.nodes.init_trainer"]
-    config, resume = init_trainer.build_config(**widgets)
+    workflow = load(ROOT / "example_workflows" / "flux_tiny_demo.json")
+    with pytest.raises(ValueError, match=r"^total_steps: 0 \(auto\) needs"):
+        init_trainer.build_config(**widgets)  # no queued graph to count the loops of
+    config, resume = init_trainer.build_config(**widgets, prompt=api_prompt(workflow, {}), unique_id="2")
+    assert config.total_steps == 4 * 25
     assert Path(config.transformer_path) == installed.transformer
     assert Path(config.validation_transformer_path) == installed.validation_transformer
     assert Path(config.vae_path) == installed.vae
@@ -162,30 +180,40 @@ def test_tiny_workflow_settings_pass_init_trainer_checks_on_an_installed_comfyui
     assert resume is None and config.device == "auto"
 
 
+def api_prompt(workflow: dict, changes: dict[str, dict]) -> dict[str, dict]:
+    """The API-format prompt ComfyUI would queue for the workflow's nodes of this pack, with `changes` applied."""
+    links = {link[0]: link for link in workflow["links"]}
+    prompt = {}
+    for node in workflow["nodes"]:
+        if node["type"] in pack.NODE_CLASS_MAPPINGS:
+            inputs = dict(zip(node_spec(node["type"])[1], node["widgets_values"])) | changes.get(node["type"], {})
+            inputs |= {i["name"]: [str(links[i["link"]][1]), links[i["link"]][2]] for i in node["inputs"]}
+            prompt[str(node["id"])] = {"class_type": node["type"], "inputs": inputs}
+    return prompt
+
+
 def execute(workflow: dict, changes: dict[str, dict]) -> dict[int, tuple]:
     """Run the workflow's nodes of this pack in dependency order as ComfyUI would, under inference mode, with
-    `changes` {node type: {widget: value}} applied: -> {node id: outputs}."""
-    nodes = {n["id"]: n for n in workflow["nodes"]}
-    links = {link[0]: link for link in workflow["links"]}
+    `changes` {node type: {widget: value}} applied and the hidden PROMPT / UNIQUE_ID inputs given: -> {node id:
+    outputs}."""
+    prompt = api_prompt(workflow, changes)
     outputs = {}
 
     def run(node_id: int) -> tuple:
         if node_id not in outputs:
-            node = nodes[node_id]
-            sockets, widgets, _ = node_spec(node["type"])
-            kwargs = dict(zip(widgets, node["widgets_values"])) | changes.get(node["type"], {})
-            for i in node["inputs"]:
-                _, src, slot, *_ = links[i["link"]]
-                kwargs[i["name"]] = run(src)[slot]
-            cls = pack.NODE_CLASS_MAPPINGS[node["type"]]
+            cls = pack.NODE_CLASS_MAPPINGS[prompt[str(node_id)]["class_type"]]
+            kwargs = {}
+            for name, value in prompt[str(node_id)]["inputs"].items():
+                kwargs[name] = run(int(value[0]))[value[1]] if isinstance(value, list) else value
+            hidden = {"PROMPT": prompt, "UNIQUE_ID": str(node_id)}
+            kwargs |= {name: hidden[kind] for name, kind in cls.INPUT_TYPES().get("hidden", {}).items()}
             with torch.inference_mode():
                 result = getattr(cls(), cls.FUNCTION)(**kwargs)
             outputs[node_id] = result["result"] if isinstance(result, dict) else result
         return outputs[node_id]
 
-    for node_id, node in nodes.items():
-        if node["type"] in pack.NODE_CLASS_MAPPINGS:
-            run(node_id)
+    for node_id in prompt:
+        run(int(node_id))
     return outputs
 
 
@@ -204,6 +232,8 @@ def test_tiny_workflow_runs_end_to_end_through_the_nodes(comfy_base):
         if node["id"] in outputs:
             by_type.setdefault(node["type"], []).append(outputs[node["id"]])
     assert [r[1] for r in by_type["FluxLoRA_TrainLoop"]] == [2, 4, 6, 8]
+    (init,) = by_type["FluxLoRA_InitTrainer"]
+    assert init[0].run.trainer.config.total_steps == 8  # auto: the loops as queued, shrunk to 2 steps each
     assert all(r[0].shape == (2, 64, 64, 3) for r in by_type["FluxLoRA_ValidationSample"])
     (grid,) = by_type["FluxLoRA_XYLoraStrengthGrid"]
     assert grid[0].shape[0] == 1 and grid[0].shape[1] > 4 * 64 and grid[0].shape[2] > 2 * 64  # 4 rows x 2 columns

@@ -24,6 +24,7 @@ LR_SCHEDULES = ("constant", "cosine", "cosine_restarts", "cyclic")
 MIXED_PRECISIONS = ("bf16", "fp32")
 # flow_matching.py implements these; they are named here so that checking a config needs no torch import
 TIMESTEP_SAMPLINGS = ("shift", "sigmoid", "logit_normal", "uniform")
+LORA_FORMATS = ("kohya", "diffusers")
 
 
 def _parse_resolutions(value) -> tuple[int, ...]:
@@ -83,6 +84,8 @@ class TrainConfig:
     alpha: float = 16.0  # scale is alpha / rank
     lora_dropout: float = 0.0  # dropout inside the LoRA layers while training
     blocks: str = "all"  # "all", "double", "single" or e.g. "double:0-9,single:0-37"
+    init_lora: str = ""  # a kohya or diffusers-format Flux LoRA file to start from (its rank); "" = a fresh LoRA
+    dora: bool = False  # DoRA (peft's use_dora): a trained magnitude per output row on top of the LoRA
 
     # --- optimisation
     optimizer: str = "adamw"  # adamw, adamw8bit (bitsandbytes), adafactor, prodigy
@@ -92,7 +95,7 @@ class TrainConfig:
     warmup_steps: int = 0  # steps of linear learning-rate warmup from 0
     min_lr_ratio: float = 0.0  # floor of the cosine schedules as a fraction of learning_rate
     lr_cycles: int = 3  # restarts / cycles for cosine_restarts and cyclic
-    total_steps: int = 3000  # length of the schedule; the run may stop earlier or go on at the final LR
+    total_steps: int = 3000  # length of the schedule; 0 = auto: the steps the run plans (the graph's TrainLoops, the CLI plan)
     gradient_accumulation: int = 1  # batches summed per optimizer step: a larger batch in the same memory
     max_grad_norm: float = 1.0  # 0 disables clipping
 
@@ -113,6 +116,8 @@ class TrainConfig:
     # --- output
     output_dir: str = "output"  # LoRA files, training states, samples and plots
     output_name: str = "flux_lora"  # file stem; the step is appended
+    lora_format: str = "kohya"  # kohya (fused qkv, BFL names) or diffusers (peft keys, separate q/k/v: smaller)
+    tensorboard: bool = True  # TensorBoard event files in <output_dir>/tensorboard/<output_name> (if installed)
 
     def __post_init__(self):
         object.__setattr__(self, "resolutions", _parse_resolutions(self.resolutions))
@@ -182,7 +187,7 @@ class TrainConfig:
         need(self.warmup_steps >= 0, f"warmup_steps: {self.warmup_steps}; use 0 or more")
         need(0.0 <= self.min_lr_ratio <= 1.0, f"min_lr_ratio: {self.min_lr_ratio}; use a value in [0, 1]")
         need(self.lr_cycles >= 1, f"lr_cycles: {self.lr_cycles}; use 1 or more")
-        need(self.total_steps >= 1, f"total_steps: {self.total_steps}; use 1 or more (3000 is typical)")
+        need(self.total_steps >= 0, f"total_steps: {self.total_steps}; use 0 (auto: the planned steps) or more")
         need(self.gradient_accumulation >= 1, f"gradient_accumulation: {self.gradient_accumulation}; use 1 or more")
         need(math.isfinite(self.max_grad_norm) and self.max_grad_norm >= 0, f"max_grad_norm: {self.max_grad_norm}; use 0 (off) or more")
         need(
@@ -203,6 +208,11 @@ class TrainConfig:
             "compile_blocks cannot be combined with blocks_to_swap (compiled blocks would capture the swapped weights); "
             "turn one of them off",
         )
+        need(self.lora_format in LORA_FORMATS, f"lora_format: {self.lora_format!r}; choose one of {', '.join(LORA_FORMATS)}")
+        need(not (self.dora and self.fp8_base), "dora cannot train on an fp8 base (peft's DoRA adds the LoRA to the "
+             "float8 weight to measure its norms); turn fp8_base off (memory_preset custom) or dora off")
+        need(not (self.dora and self.blocks_to_swap), "dora cannot be combined with blocks_to_swap (DoRA's weight norms "
+             "read every swapped weight, untested with block swap); set blocks_to_swap to 0 or dora off")
         need(bool(self.output_name.strip()), "output_name: empty; give a file name stem such as my_lora")
         check_output_name(self.output_name)
 
@@ -235,7 +245,7 @@ class TrainConfig:
 
 
 _PATH_FIELDS = {"transformer_path", "vae_path", "clip_path", "t5_path", "dataset_dir", "tokenizer_dir", "clip_tokenizer_dir",
-                "t5_tokenizer_dir", "validation_transformer_path", "cache_dir", "output_dir"}
+                "t5_tokenizer_dir", "validation_transformer_path", "cache_dir", "output_dir", "init_lora"}
 
 
 def read_toml(path: str | Path) -> dict:

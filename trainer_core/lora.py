@@ -22,6 +22,7 @@ from safetensors import safe_open
 from torch import nn
 
 from .checkpoints import save_safetensors
+from .config import LORA_FORMATS
 from .models import DOUBLE_BLOCK_LINEARS, SINGLE_BLOCK_LINEARS
 
 logger = logging.getLogger(__name__)
@@ -35,7 +36,8 @@ BLOCK_KINDS: dict[str, tuple[str, str, dict[str, tuple[str, ...]]]] = {
     "double": ("transformer_blocks", "double_blocks", DOUBLE_BLOCK_LINEARS),
     "single": ("single_transformer_blocks", "single_blocks", SINGLE_BLOCK_LINEARS),
 }
-KOHYA_SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".alpha")
+KOHYA_SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".alpha", ".dora_scale")
+DIFFUSERS_PREFIX = "transformer."  # diffusers' LoRA files prefix the transformer's module names with it
 
 
 def parse_blocks(blocks: str | Sequence[str], num_blocks: dict[str, int]) -> dict[str, list[int]]:
@@ -99,12 +101,19 @@ def _require_adapter(transformer: nn.Module) -> dict[str, LoraLayer]:
 
 
 def _named_lora_parameters(transformer: nn.Module) -> dict[str, nn.Parameter]:
-    """peft/diffusers names (`transformer_blocks.0.attn.to_q.lora_A.weight`) -> the adapter's parameters."""
-    return {
-        f"{name}.{ab}.weight": getattr(layer, ab)[ADAPTER].weight
-        for name, layer in _require_adapter(transformer).items()
-        for ab in ("lora_A", "lora_B")
-    }
+    """peft/diffusers names (`transformer_blocks.0.attn.to_q.lora_A.weight`, DoRA's
+    `...lora_magnitude_vector.weight`) -> the adapter's parameters."""
+    params = {}
+    for name, layer in _require_adapter(transformer).items():
+        for ab in ("lora_A", "lora_B"):
+            params[f"{name}.{ab}.weight"] = getattr(layer, ab)[ADAPTER].weight
+        if ADAPTER in layer.lora_magnitude_vector:
+            params[f"{name}.lora_magnitude_vector.weight"] = layer.lora_magnitude_vector[ADAPTER].weight
+    return params
+
+
+def _is_dora(layer: LoraLayer) -> bool:
+    return ADAPTER in layer.lora_magnitude_vector
 
 
 def _scale(layer: LoraLayer) -> float:
@@ -120,11 +129,14 @@ def add_lora(
     blocks: str | Sequence[str] = "all",
     include_modulation: bool = True,
     lora_dtype: torch.dtype = torch.float32,
+    dora: bool = False,
 ) -> None:
     """Add the peft LoRA adapter "default" to every Linear of the selected double/single blocks.
 
     Only LoRA parameters stay trainable. Init is peft's default (A Kaiming-uniform, B zero), drawn from the global
     torch RNG in `lora_dtype`, so a seed fixes it whatever the base dtype (bf16, fp8-storage Linear subclasses).
+    `dora`: peft's DoRA, whose magnitude vector (one per output row) starts at the base weight's row norms, so the
+    adapter starts as a no-op like a LoRA.
     """
     selection = parse_blocks(blocks, _block_counts(transformer))
     target = target_regex(selection, include_modulation)
@@ -138,14 +150,29 @@ def add_lora(
         raise ValueError(f"dropout: must be in [0, 1), got {dropout!r}")
 
     # Created without init: peft would init, then cast to the base dtype (rounding the init, or fp8).
-    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=target, init_lora_weights=False)
+    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=target, init_lora_weights=False,
+                        use_dora=dora)
     transformer.add_adapter(config, ADAPTER)
     for layer in _lora_layers(transformer).values():
         layer.lora_A[ADAPTER].to(lora_dtype)
         layer.lora_B[ADAPTER].to(lora_dtype)
         layer.reset_lora_parameters(ADAPTER, True)
+        if dora:  # peft measured the norms with the uninitialised B; B is zero now
+            magnitude = layer.lora_magnitude_vector[ADAPTER]
+            magnitude.weight = nn.Parameter(_row_norms(layer).to(lora_dtype))
     n_params = sum(p.numel() for p in lora_parameters(transformer))
     logger.info("LoRA rank %d alpha %g on %d Linears (%d parameters)", rank, alpha, len(targeted), n_params)
+
+
+def _row_norms(layer: LoraLayer, delta: torch.Tensor | None = None) -> torch.Tensor:
+    """(out,) float32 L2 norms of the base weight's rows (plus `delta`, a weight difference), as DoRA measures."""
+    weight = layer.get_base_layer().weight.float()
+    return (weight if delta is None else weight + delta.to(weight.device)).norm(dim=1)
+
+
+def _delta(layer: LoraLayer) -> torch.Tensor:
+    """(out, in) float32 weight change of the LoRA part at strength 1: (alpha / rank) B A."""
+    return _scale(layer) * (layer.lora_B[ADAPTER].weight.float() @ layer.lora_A[ADAPTER].weight.float())
 
 
 def check_lora_settings(transformer_config: dict, rank: int, alpha: float, dropout: float = 0.0,
@@ -164,13 +191,33 @@ def lora_parameters(transformer: nn.Module) -> list[nn.Parameter]:
     return list(_named_lora_parameters(transformer).values())
 
 
+def lora_parameters_by_name(transformer: nn.Module) -> dict[str, nn.Parameter]:
+    """The adapter's trainable tensors under the names `lora_state` gives them."""
+    return _named_lora_parameters(transformer)
+
+
 def set_lora_strength(transformer: nn.Module, strength: float) -> None:
     """Scale the adapter's output by `strength` (0: the base model exactly, 1: as trained); weights are untouched.
 
-    Never fused into the base weights: with peft 0.21, changing scales while fused corrupted the base.
+    Never fused into the base weights: with peft 0.21, changing scales while fused corrupted the base. A DoRA
+    layer is not linear in peft's scale (its norm moves too, and scale 0 is not the base), so it keeps scale 1 and
+    its output is interpolated from the base's instead: y = base(x) + strength (dora(x) - base(x)), the same as
+    ComfyUI's W + strength (W' - W).
     """
     for layer in _require_adapter(transformer).values():
-        layer.set_scale(ADAPTER, strength)
+        if not _is_dora(layer):
+            layer.set_scale(ADAPTER, strength)
+            continue
+        layer.set_scale(ADAPTER, 1.0)
+        hook = getattr(layer, "_dora_strength_hook", None)
+        if hook is not None:
+            hook.remove()
+        layer._dora_strength_hook = None if strength == 1.0 else layer.register_forward_hook(
+            lambda module, args, out, s=strength: _interpolate(module.get_base_layer()(args[0]), out, s))
+
+
+def _interpolate(base: torch.Tensor, out: torch.Tensor, strength: float) -> torch.Tensor:
+    return base + strength * (out - base)
 
 
 def lora_state(transformer: nn.Module) -> dict[str, torch.Tensor]:
@@ -189,8 +236,8 @@ def load_lora_state(transformer: nn.Module, state: dict[str, torch.Tensor]) -> N
     if missing or unexpected:
         raise ValueError(
             f"LoRA state does not match the adapter (missing: {_preview(missing) or 'none'}; unexpected: "
-            f"{_preview(unexpected) or 'none'}); create the adapter with the rank, blocks and include_modulation "
-            "the state was saved with"
+            f"{_preview(unexpected) or 'none'}); create the adapter with the rank, blocks, include_modulation and "
+            "dora the state was saved with"
         )
     wrong = [k for k, p in params.items() if state[k].shape != p.shape]
     if wrong:
@@ -252,14 +299,19 @@ def save_kohya_lora(
 ) -> None:
     """Write `kohya_state_dict` with `metadata` in the safetensors header, atomically (temp file, fsync, rename).
 
-    `ss_network_dim` / `ss_network_alpha` (kohya's keys for rank and alpha) are added unless given.
+    `ss_network_dim` / `ss_network_alpha` (kohya's keys for rank and alpha) are added unless given; a DoRA adapter
+    adds `dora_scale` per module.
     """
+    save_safetensors(path, kohya_state_dict(transformer, dtype) | kohya_dora_scales(transformer),
+                     _file_metadata(transformer, metadata))
+
+
+def _file_metadata(transformer: nn.Module, metadata: dict[str, str]) -> dict[str, str]:
     bad = [k for k, v in metadata.items() if not isinstance(k, str) or not isinstance(v, str)]
     if bad:
         raise TypeError(f"metadata values must be str (safetensors header); convert {bad} with str()")
     ref = next(iter(_require_adapter(transformer).values()))
-    metadata = {"ss_network_dim": str(ref.r[ADAPTER]), "ss_network_alpha": str(ref.lora_alpha[ADAPTER]), **metadata}
-    save_safetensors(path, kohya_state_dict(transformer, dtype), metadata)
+    return {"ss_network_dim": str(ref.r[ADAPTER]), "ss_network_alpha": str(ref.lora_alpha[ADAPTER]), **metadata}
 
 
 def _split_fused(
@@ -291,6 +343,14 @@ def _split_fused(
     return parts
 
 
+def _read_lora_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, metadata) of a LoRA file; FileNotFoundError naming it when it is not there."""
+    if not path.is_file():
+        raise FileNotFoundError(f"LoRA file {path} does not exist; check the path")
+    with safe_open(path, framework="pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
+
+
 def load_kohya_lora(path: str | os.PathLike, transformer: nn.Module) -> dict[str, str]:
     """Load a kohya-layout Flux LoRA file into the existing adapter; returns the file's metadata.
 
@@ -299,11 +359,7 @@ def load_kohya_lora(path: str | os.PathLike, transformer: nn.Module) -> dict[str
     Adapter Linears the file does not cover are zeroed, so the adapter then equals the file.
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"LoRA file {path} does not exist; check the path")
-    with safe_open(path, framework="pt") as f:
-        metadata = f.metadata() or {}
-        state = {k: f.get_tensor(k) for k in f.keys()}
+    state, metadata = _read_lora_file(path)
     layers = _require_adapter(transformer)
     groups = dict(_kohya_groups(transformer))
     unknown = sorted(k for k in state if not (k.endswith(KOHYA_SUFFIXES) and k.split(".", 1)[0] in groups))
@@ -348,4 +404,161 @@ def load_kohya_lora(path: str | os.PathLike, transformer: nn.Module) -> dict[str
                 layer.lora_B[ADAPTER].weight.copy_(new[part][1])
             else:
                 layer.lora_B[ADAPTER].weight.zero_()
+    return metadata
+
+
+# ----------------------------------------------------------------------------------------------------------- DoRA
+def _comfyui_dora_scale(layer: LoraLayer) -> torch.Tensor:
+    """(out, 1) float32 `dora_scale` with which stock ComfyUI's loader reproduces peft's DoRA weight.
+
+    peft: W' = m / ||W + ΔW|| * (W + ΔW), norms per output row. ComfyUI (`weight_decompose`, output axis when
+    dora_scale has one entry per row) divides by the norm of the base W instead, so the file carries
+    m * ||W|| / ||W + ΔW||. float32: the scale multiplies whole rows, so bf16 rounding would show.
+    """
+    delta = _delta(layer)
+    m = layer.lora_magnitude_vector[ADAPTER].weight.float().to(delta.device)
+    return (m * _row_norms(layer) / _row_norms(layer, delta)).unsqueeze(1).cpu()
+
+
+def _magnitude_from_dora_scale(layer: LoraLayer, dora_scale: torch.Tensor | None) -> torch.Tensor:
+    """The inverse of `_comfyui_dora_scale` for the layer's current A, B; without a dora_scale (a plain LoRA
+    file), the magnitude that makes DoRA equal that LoRA: ||W + ΔW||."""
+    norms = _row_norms(layer, _delta(layer))
+    return norms if dora_scale is None else dora_scale.float().flatten().to(norms.device) * norms / _row_norms(layer)
+
+
+def kohya_dora_scales(transformer: nn.Module) -> dict[str, torch.Tensor]:
+    """`<kohya module>.dora_scale` for the fused BFL Linears of a DoRA adapter ({} without DoRA): the parts' scales
+    stacked in row order (a row's norm involves that row only, so fusing is exact); parts without a LoRA get
+    ||W||, which ComfyUI turns into no change."""
+    layers = {n: layer for n, layer in _require_adapter(transformer).items() if _is_dora(layer)}
+    state = {}
+    for key, parts in _kohya_groups(transformer):
+        if any(p in layers for p in parts):
+            state[f"{key}.dora_scale"] = torch.cat([
+                _comfyui_dora_scale(layers[p]) if p in layers
+                else transformer.get_submodule(p).weight.float().norm(dim=1, keepdim=True).cpu() for p in parts
+            ])
+    return state
+
+
+# ------------------------------------------------------------------------------------------- the diffusers format
+def diffusers_state_dict(transformer: nn.Module, dtype: torch.dtype = torch.bfloat16) -> dict[str, torch.Tensor]:
+    """The adapter at strength 1 as a diffusers/peft Flux LoRA: `transformer.<module>.lora_A.weight` / `.lora_B.weight`
+    for every LoRA Linear (q, k, v separate, so r per part instead of the kohya layout's fused k*r), plus
+    `.dora_scale` for DoRA (ComfyUI's convention). alpha / rank is folded into lora_B, so the file needs no alpha:
+    ComfyUI and diffusers both take alpha = rank when none is given."""
+    state = {}
+    for name, layer in _require_adapter(transformer).items():
+        key = DIFFUSERS_PREFIX + name
+        state[f"{key}.lora_A.weight"] = layer.lora_A[ADAPTER].weight.detach().cpu().to(dtype).contiguous()
+        state[f"{key}.lora_B.weight"] = (layer.lora_B[ADAPTER].weight.detach().float().cpu() * _scale(layer)
+                                         ).to(dtype).contiguous()
+        if _is_dora(layer):
+            state[f"{key}.dora_scale"] = _comfyui_dora_scale(layer)
+    return state
+
+
+def save_lora_file(path: str | os.PathLike, transformer: nn.Module, metadata: dict[str, str],
+                   lora_format: str = "kohya", dtype: torch.dtype = torch.bfloat16) -> None:
+    """Write the adapter as `lora_format` ("kohya": fused BFL modules; "diffusers": peft keys) with `metadata`,
+    atomically; both load in stock ComfyUI's LoraLoader."""
+    if lora_format == "kohya":
+        save_kohya_lora(path, transformer, metadata, dtype)
+        return
+    if lora_format != "diffusers":
+        raise ValueError(f"lora_format: {lora_format!r}; choose one of {', '.join(LORA_FORMATS)}")
+    save_safetensors(path, diffusers_state_dict(transformer, dtype), _file_metadata(transformer, metadata))
+
+
+def lora_file_format(path: Path, keys: Sequence[str]) -> str:
+    """"kohya" or "diffusers" from a LoRA file's keys; raises naming the file when it is neither."""
+    if keys and all(k.startswith("lora_unet_") for k in keys):
+        return "kohya"
+    if keys and all(k.endswith((".lora_A.weight", ".lora_B.weight", ".alpha", ".dora_scale")) for k in keys):
+        return "diffusers"
+    raise ValueError(f"{path}: not a Flux LoRA file this trainer reads (kohya lora_unet_* keys, or diffusers "
+                     f"<module>.lora_A/lora_B keys); its keys begin {_preview(sorted(keys), 3)}")
+
+
+def lora_file_rank(path: str | os.PathLike) -> int:
+    """The LoRA rank of a kohya or diffusers Flux LoRA file, from its header only.
+
+    The narrowest down / A matrix: kohya files hold the fused qkv / linear1 at rank r (dense) or k*r (ours), every
+    other module at r."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"LoRA file {path} does not exist; check the path")
+    with safe_open(path, framework="pt") as f:
+        keys = list(f.keys())
+        lora_format = lora_file_format(path, keys)
+        downs = [k for k in keys if k.endswith(".lora_down.weight" if lora_format == "kohya" else ".lora_A.weight")]
+        return min(f.get_slice(k).get_shape()[0] for k in downs)
+
+
+def load_diffusers_lora(path: Path, state: dict[str, torch.Tensor], transformer: nn.Module) -> None:
+    """diffusers/peft-format tensors (`transformer.` prefix optional; `.alpha` optional, default rank) into the
+    adapter, which must have the file's rank and cover its modules; adapter Linears the file lacks are zeroed."""
+    layers = _require_adapter(transformer)
+    modules: dict[str, dict[str, torch.Tensor]] = {}
+    for k, v in state.items():  # <module>.lora_A.weight, <module>.alpha, ...
+        name, _, kind = k.removeprefix(DIFFUSERS_PREFIX).removesuffix(".weight").rpartition(".")
+        modules.setdefault(name, {})[kind] = v
+    unknown = sorted(n for n in modules if n not in layers)
+    if unknown:
+        raise ValueError(f"{path}: LoRA on modules this adapter does not have: {_preview(unknown)}; set blocks to "
+                         "cover them, or use a LoRA trained for Flux")
+    with torch.no_grad():
+        for name, layer in layers.items():
+            tensors = modules.get(name)
+            if tensors is None:
+                layer.lora_B[ADAPTER].weight.zero_()
+                continue
+            if "lora_A" not in tensors or "lora_B" not in tensors:
+                raise ValueError(f"{path}: {name} needs both .lora_A.weight and .lora_B.weight")
+            a, b = tensors["lora_A"].float(), tensors["lora_B"].float()
+            if a.shape != layer.lora_A[ADAPTER].weight.shape or b.shape != layer.lora_B[ADAPTER].weight.shape:
+                raise ValueError(f"{path}: {name} has A {tuple(a.shape)} / B {tuple(b.shape)}, but the adapter's are "
+                                 f"{tuple(layer.lora_A[ADAPTER].weight.shape)} / "
+                                 f"{tuple(layer.lora_B[ADAPTER].weight.shape)}; use the file's rank")
+            scale = tensors["alpha"].item() / a.shape[0] if "alpha" in tensors else 1.0
+            layer.lora_A[ADAPTER].weight.copy_(a)
+            layer.lora_B[ADAPTER].weight.copy_(b * (scale / _scale(layer)))
+
+
+def dora_scales_by_linear(transformer: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The `.dora_scale` tensors of a kohya or diffusers file's `state`, split per diffusers Linear."""
+    groups = dict(_kohya_groups(transformer))
+    per_linear = {}
+    for k, v in state.items():
+        if not k.endswith(".dora_scale"):
+            continue
+        module = k.removesuffix(".dora_scale")
+        parts = groups.get(module, (module.removeprefix(DIFFUSERS_PREFIX),))
+        outs = [transformer.get_submodule(p).out_features for p in parts]
+        per_linear |= dict(zip(parts, v.flatten().split(outs)))
+    return per_linear
+
+
+def load_lora_file(path: str | os.PathLike, transformer: nn.Module) -> dict[str, str]:
+    """A kohya or diffusers-format Flux LoRA (ours or another tool's) into the existing adapter, which then equals
+    the file (DoRA magnitudes included); returns the file's metadata.
+
+    A DoRA file needs a DoRA adapter; a plain LoRA file into a DoRA adapter starts the magnitudes where DoRA equals
+    that LoRA."""
+    path = Path(path)
+    state, metadata = _read_lora_file(path)
+    if lora_file_format(path, list(state)) == "kohya":
+        load_kohya_lora(path, transformer)
+    else:
+        load_diffusers_lora(path, state, transformer)
+    layers = _require_adapter(transformer)
+    scales = dora_scales_by_linear(transformer, state)
+    dora = [n for n, layer in layers.items() if _is_dora(layer)]
+    if scales and not dora:
+        raise ValueError(f"{path} is a DoRA LoRA (it has dora_scale keys); turn dora on to continue it")
+    with torch.no_grad():
+        for name in dora:
+            layers[name].lora_magnitude_vector[ADAPTER].weight.copy_(
+                _magnitude_from_dora_scale(layers[name], scales.get(name)))
     return metadata

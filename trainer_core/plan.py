@@ -29,6 +29,8 @@ class RunPlan:
     sample_width: int = 512  # validation image width, a multiple of 16
     sample_height: int = 512  # validation image height, a multiple of 16
     sample_seed: int = 0  # the same noise at every checkpoint, so samples compare
+    sample_negative_prompt: str = ""  # for true CFG
+    sample_true_cfg_scale: float = 1.0  # true classifier-free guidance (de-distilled bases such as dev2pro); 1.0 = off
     validation_base: str = ""  # "" = the training base
 
     def __post_init__(self):
@@ -64,13 +66,16 @@ def execute(trainer: Trainer, plan: RunPlan, should_stop: Callable[[], bool] | N
     """Train to `plan.steps`. `should_stop()` (a Ctrl-C) ends it after the current step, with a LoRA and a state saved at
     that step so that no step done is lost. Of several data-parallel processes only the main one writes files and
     samples; the others train along and return an empty result."""
+    if trainer.config.total_steps == 0:  # auto: the schedule spans the plan
+        trainer.config = trainer.config.replace(total_steps=plan.steps)
     cfg = trainer.config
     main = trainer.processes.is_main
     out = Path(cfg.output_dir)
     result = RunResult()
     checkpoints: list[tuple[int, dict]] = []
     sample = dict(seed=plan.sample_seed, steps=plan.sample_steps, guidance=plan.sample_guidance,
-                  width=plan.sample_width, height=plan.sample_height, base_path=plan.validation_base or None)
+                  width=plan.sample_width, height=plan.sample_height, base_path=plan.validation_base or None,
+                  negative_prompt=plan.sample_negative_prompt, true_cfg_scale=plan.sample_true_cfg_scale)
     with tqdm(total=plan.steps, initial=min(trainer.step, plan.steps), desc="training", unit="step",
               disable=not main) as bar:
         while trainer.step < plan.steps:

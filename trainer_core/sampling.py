@@ -69,14 +69,25 @@ def sample_latents(
     guidance: float = 3.5,
     seed: int = 0,
     callback: Callable[[int, int], None] | None = None,
+    negative: tuple[torch.Tensor, torch.Tensor] | None = None,
+    true_cfg_scale: float = 1.0,
 ) -> torch.Tensor:
     """Denoise seeded noise into latents with `steps` Euler steps of the flow x_{i+1} = x_i + (σ_{i+1} − σ_i)·v.
 
     prompt_embeds: (B, L, D) T5 states; pooled: (B, D') CLIP pooled output. `guidance` feeds Flux-dev's guidance
     embedding and is ignored by bases without one (schnell-like). `callback(step, steps)` runs after each step,
     step counting from 1. Returns (B, 16, H/8, W/8) float32 latents in the VAE's scaled and shifted space.
+
+    True classifier-free guidance (for de-distilled bases such as Flux-dev2pro, whose guidance embedding does not
+    work): when `true_cfg_scale` is not 1, `negative` = (embeds, pooled) of the negative prompt, shaped like the
+    prompts', and each step takes v = v_neg + true_cfg_scale (v − v_neg), a second forward pass, as FluxPipeline does.
     """
     _check_request(prompt_embeds, pooled, width, height, steps)
+    cfg = true_cfg_scale != 1.0
+    if cfg:
+        if negative is None:
+            raise ValueError("true_cfg_scale: not 1.0, so a negative prompt is needed (an empty one is fine)")
+        _check_request(negative[0], negative[1], width, height, steps)
     device, dtype = transformer.device, transformer.dtype
     b = prompt_embeds.shape[0]
     noise = initial_noise(b, transformer.config.in_channels // 4, width, height, seed)
@@ -88,18 +99,28 @@ def sample_latents(
     prompt_embeds, pooled = prompt_embeds.to(device, dtype), pooled.to(device, dtype)
     guidance_vec = (torch.full((b,), guidance, device=device, dtype=torch.float32)
                     if transformer.config.guidance_embeds else None)
+    if cfg:
+        neg_embeds, neg_pooled = negative[0].to(device, dtype), negative[1].to(device, dtype)
+        neg_txt_ids = fm.text_ids(neg_embeds.shape[1], device=device, dtype=dtype)
+
+    def velocity(sigma: float, embeds: torch.Tensor, pooled: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        return transformer(
+            hidden_states=x.to(dtype),
+            timestep=torch.full((b,), sigma, device=device, dtype=dtype),  # the model scales it by 1000 itself
+            guidance=guidance_vec,
+            pooled_projections=pooled,
+            encoder_hidden_states=embeds,
+            txt_ids=ids,
+            img_ids=img_ids,
+            return_dict=False,
+        )[0]
+
     with _eval_mode(transformer):
         for i, (sigma, sigma_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
-            v = transformer(
-                hidden_states=x.to(dtype),
-                timestep=torch.full((b,), sigma, device=device, dtype=dtype),  # the model scales it by 1000 itself
-                guidance=guidance_vec,
-                pooled_projections=pooled,
-                encoder_hidden_states=prompt_embeds,
-                txt_ids=txt_ids,
-                img_ids=img_ids,
-                return_dict=False,
-            )[0]
+            v = velocity(sigma, prompt_embeds, pooled, txt_ids)
+            if cfg:
+                v_neg = velocity(sigma, neg_embeds, neg_pooled, neg_txt_ids)
+                v = v_neg + true_cfg_scale * (v - v_neg)
             x = x + (sigma_next - sigma) * v.float()
             if callback is not None:
                 callback(i + 1, steps)
@@ -128,8 +149,10 @@ def sample_images(
     seed: int = 0,
     strength: float | None = None,
     callback: Callable[[int, int], None] | None = None,
+    negative: tuple[torch.Tensor, torch.Tensor] | None = None,
+    true_cfg_scale: float = 1.0,
 ) -> list[Image.Image]:
-    """One image per prompt: `sample_latents`, then the VAE.
+    """One image per prompt: `sample_latents` (true CFG with `negative` when `true_cfg_scale` is not 1), then the VAE.
 
     `strength` (if given) sets the LoRA adapter's strength first and leaves it set: 0 is the base model exactly,
     1 the LoRA as trained; the caller puts back the strength training needs.
@@ -137,6 +160,7 @@ def sample_images(
     if strength is not None:
         set_lora_strength(transformer, strength)
     latents = sample_latents(transformer, prompt_embeds, pooled, width=width, height=height, steps=steps,
-                             guidance=guidance, seed=seed, callback=callback)
+                             guidance=guidance, seed=seed, callback=callback, negative=negative,
+                             true_cfg_scale=true_cfg_scale)
     logger.debug("sampled %d image(s) of %dx%d in %d steps", latents.shape[0], width, height, steps)
     return decode_latents(vae, latents)

@@ -24,6 +24,7 @@ from .config import TrainConfig
 from .distributed import SINGLE, Processes, process_device
 from .flow_matching import image_ids, noisy_input_and_target, pack_latents, sample_sigmas, text_ids
 from .optim import learning_rate, make_optimizer, set_learning_rate
+from .tensorboard_log import TensorBoardLog
 
 log = logging.getLogger(__name__)
 
@@ -64,11 +65,24 @@ def preflight(config: TrainConfig) -> list[data.ImageRecord]:
         models.check_model_file(path, role)
     lora.check_lora_settings(models.transformer_config(config.transformer_path), config.rank, config.alpha,
                              config.lora_dropout, config.blocks)
+    if config.init_lora:
+        check_init_lora(config)
     report = dataset_report.report_for_config(config)
     log.info("%s", report.summary())
     for serious, finding in report.findings():
         log.log(logging.WARNING if serious else logging.INFO, "dataset: %s", finding)
     return report.records()
+
+
+def check_init_lora(config: TrainConfig) -> None:
+    """The init_lora file exists, is a Flux LoRA, and has the rank the settings ask for (read from its header)."""
+    try:
+        rank = lora.lora_file_rank(config.init_lora)
+    except (ValueError, FileNotFoundError) as e:
+        raise type(e)(f"init_lora: {e}") from e
+    if rank != config.rank:
+        raise ValueError(f"init_lora: {config.init_lora} has rank {rank}, but rank is {config.rank}; set rank to "
+                         f"{rank} to continue that LoRA")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -94,9 +108,15 @@ class Trainer:
         self._prompt_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._validation = None  # (path, transformer) of another base to judge samples on
         self._base_fingerprint: str | None = None  # of config.transformer_path, hashed at the first save
+        self._warned_past_schedule = False
+        self.tensorboard = TensorBoardLog(config.output_dir, config.output_name, enabled=config.tensorboard)
 
         torch.manual_seed(config.seed)  # LoRA init
-        lora.add_lora(transformer, config.rank, config.alpha, dropout=config.lora_dropout, blocks=config.blocks)
+        lora.add_lora(transformer, config.rank, config.alpha, dropout=config.lora_dropout, blocks=config.blocks,
+                      dora=config.dora)
+        if config.init_lora:
+            lora.load_lora_file(config.init_lora, transformer)
+            log.info("LoRA initialised from %s", config.init_lora)
         if config.gradient_checkpointing:
             transformer.enable_gradient_checkpointing()
         if config.compile_blocks:
@@ -156,6 +176,8 @@ class Trainer:
         and random state are put back and the LoRA weights are those of the last completed step.
         """
         cfg = self.config
+        if cfg.total_steps == 0:
+            raise ValueError("total_steps: 0 (auto) was not resolved to the planned steps; set total_steps")
         self.transformer.train()
         done = 0
         with torch.inference_mode(False), torch.enable_grad():
@@ -164,6 +186,7 @@ class Trainer:
                     break
                 t0 = time.perf_counter()
                 position = self._position()
+                self._warn_past_schedule()
                 try:
                     lr = learning_rate(self.step, cfg)
                     set_learning_rate(self.optimizer, lr)
@@ -196,9 +219,20 @@ class Trainer:
                 done += 1
                 self.losses.append(loss_value)
                 self.lrs.append(lr)
+                self.tensorboard.step(self.step, loss_value, lr)
                 if on_step is not None:
                     on_step(StepInfo(self.step, loss_value, lr, time.perf_counter() - t0))
+        self.tensorboard.flush()
         return done
+
+    def _warn_past_schedule(self) -> None:
+        """Once per run: a step past total_steps trains at the schedule's final LR (0 for cosine without a floor)."""
+        cfg = self.config
+        if self.step >= cfg.total_steps and cfg.lr_schedule != "constant" and not self._warned_past_schedule:
+            self._warned_past_schedule = True
+            log.warning("step %d is past total_steps %d, where the %s schedule ends: the learning rate stays at %.3g. "
+                        "Set total_steps to the steps of all loops (0 = auto) and start the run again.",
+                        self.step + 1, cfg.total_steps, cfg.lr_schedule, learning_rate(self.step, cfg))
 
     def _next_batch(self) -> list[int]:
         if self.cursor >= len(self._order):
@@ -332,11 +366,13 @@ class Trainer:
             "ss_tag_frequency": json.dumps(data.tag_frequency(self.dataset.records)),
             "trigger_word": ", ".join(dict.fromkeys(e.trigger_word for e in cfg.dataset_entries() if e.trigger_word)),
             "training_guidance": str(cfg.guidance),
+            "dora": str(cfg.dora),
+            "lora_format": cfg.lora_format,
         }
 
     def save_lora(self, path: str | Path) -> Path:
         path = Path(path)
-        lora.save_kohya_lora(path, self.transformer, self.lora_metadata())
+        lora.save_lora_file(path, self.transformer, self.lora_metadata(), self.config.lora_format)
         log.info("saved LoRA at step %d to %s", self.step, path)
         return path
 
@@ -353,17 +389,22 @@ class Trainer:
         return (torch.stack([self._prompt_cache[p][0] for p in prompts]),
                 torch.stack([self._prompt_cache[p][1] for p in prompts]))
 
-    def sample(self, prompts: Sequence[str], *, base_path: str | None = None, **render_kwargs) -> list:
-        """Images for `prompts` with the LoRA at `strength` (0 = the base model exactly); see `sampling_session`."""
+    def sample(self, prompts: Sequence[str], *, base_path: str | None = None, step: int | None = None,
+               **render_kwargs) -> list:
+        """Images for `prompts` with the LoRA at `strength` (0 = the base model exactly); see `sampling_session`.
+        They go to TensorBoard at `step` (the LoRA's step; default the trainer's)."""
         with self.sampling_session(base_path) as render:
-            return render(prompts, **render_kwargs)
+            images = render(prompts, **render_kwargs)
+        self.tensorboard.images("samples", images, self.step if step is None else step)
+        return images
 
     @contextlib.contextmanager
     def sampling_session(self, base_path: str | None = None):
         """Set sampling up once, for any number of images, and put the run back as it was afterwards.
 
         Yields `render(prompts, *, strength=1.0, lora_state=None, seed=0, steps=20, guidance=3.5, width=512,
-        height=512, callback=None) -> images`. `lora_state` renders another checkpoint's LoRA (the XY grid).
+        height=512, callback=None, negative_prompt="", true_cfg_scale=1.0) -> images`. `lora_state` renders another
+        checkpoint's LoRA (the XY grid); `true_cfg_scale` other than 1 turns true CFG with `negative_prompt` on.
         `base_path` judges the LoRA on another base (train on Flux-dev2pro, look at it on Flux-dev): the training
         base waits in RAM meanwhile, so the GPU never holds two bases, and the swap happens once per session.
         """
@@ -377,9 +418,14 @@ class Trainer:
         self.vae.to(self.device)
 
         def render(prompts: Sequence[str], *, strength: float = 1.0, lora_state: dict | None = None, seed: int = 0,
-                   steps: int = 20, guidance: float = 3.5, width: int = 512, height: int = 512, callback=None) -> list:
+                   steps: int = 20, guidance: float = 3.5, width: int = 512, height: int = 512, callback=None,
+                   negative_prompt: str = "", true_cfg_scale: float = 1.0) -> list:
             nonlocal loaded_other
             embeds, pooled = self.encode_prompts(list(prompts))
+            negative = None
+            if true_cfg_scale != 1.0:
+                negative = tuple(t.to(self.device, self.dtype)
+                                 for t in self.encode_prompts([negative_prompt] * len(prompts)))
             if lora_state is not None or loaded_other:
                 lora.load_lora_state(model, lora_state if lora_state is not None else own)
                 loaded_other = lora_state is not None or other_base
@@ -387,7 +433,7 @@ class Trainer:
                 return sampling.sample_images(
                     model, self.vae, embeds.to(self.device, self.dtype), pooled.to(self.device, self.dtype),
                     width=width, height=height, steps=steps, guidance=guidance, seed=seed, strength=strength,
-                    callback=callback,
+                    callback=callback, negative=negative, true_cfg_scale=true_cfg_scale,
                 )
 
         try:
@@ -421,13 +467,14 @@ class Trainer:
                 self._swaps.pop(id(self._validation[1]), None)
                 self._validation = None
             model = models.load_transformer(path, dtype=self.dtype, device="cpu", fp8_base=self.config.fp8_base)
-            lora.add_lora(model, self.config.rank, self.config.alpha, blocks=self.config.blocks)
+            lora.add_lora(model, self.config.rank, self.config.alpha, blocks=self.config.blocks, dora=self.config.dora)
             model.requires_grad_(False)
             self._validation = (path, model)
         return self._validation[1]
 
     def release(self) -> None:
         """Drop the models so their memory returns at once (a new run replaces this one)."""
+        self.tensorboard.close()
         self.transformer = self.vae = self.text_encoders = self.optimizer = self._validation = None
         self._swaps.clear()
         self.params = []
@@ -446,5 +493,7 @@ def strength_grid(trainer: Trainer, checkpoints: Sequence[tuple[int, dict]], str
     with trainer.sampling_session(base_path) as render:
         rows = [[render([prompt], strength=s, lora_state=state, **sample_kwargs)[0] for s in strengths]
                 for _, state in checkpoints]
-    return plots.xy_grid(rows, [f"step {step}" for step, _ in checkpoints], [f"{s:g}" for s in strengths],
+    grid = plots.xy_grid(rows, [f"step {step}" for step, _ in checkpoints], [f"{s:g}" for s in strengths],
                          title=prompt)
+    trainer.tensorboard.images("xy_grid", [grid], max(step for step, _ in checkpoints))
+    return grid

@@ -63,7 +63,8 @@ def main() -> None:
 
     lora = comfy.utils.load_torch_file(str(a.lora), safe_load=True)
     key_map = comfy.lora.model_lora_keys_unet(model, {})
-    modules = sorted({k.split(".", 1)[0] for k in lora})
+    suffixes = (".lora_up.weight", ".lora_down.weight", ".lora_A.weight", ".lora_B.weight", ".alpha", ".dora_scale")
+    modules = sorted({next((k.removesuffix(x) for x in suffixes if k.endswith(x)), k) for k in lora})
     a.out_dir.mkdir(parents=True, exist_ok=True)
     patched_keys = {}
     for strength in a.strengths:

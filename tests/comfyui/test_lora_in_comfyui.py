@@ -1,5 +1,5 @@
-"""Gated: our kohya LoRA file, applied by ComfyUI's own LoRA loader to ComfyUI's own Flux model, gives exactly the
-BFL weights of our transformer with the LoRA merged by peft.
+"""Gated: our LoRA files (kohya and diffusers format, LoRA and DoRA), applied by ComfyUI's own LoRA loader to
+ComfyUI's own Flux model, give exactly the BFL weights of our transformer with the LoRA merged by peft.
 
 ComfyUI runs in its own Python (`comfy_apply_lora.py`, a subprocess), our code in this one; they meet only through
 the files, as they do for users. ComfyUI skips LoRA keys it does not recognise with nothing but a log line, so the
@@ -15,12 +15,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from trainer_core.lora import add_lora, load_lora_state, lora_state, save_kohya_lora, set_lora_strength
+from trainer_core.lora import add_lora, load_lora_state, lora_state, save_lora_file, set_lora_strength
 from trainer_core.models import diffusers_to_bfl, load_transformer
 
 STRENGTHS = (1.0, 0.5)
 RANK, ALPHA = 4, 2.0  # alpha != rank: a lost .alpha would change the scale
 PROBE = Path(__file__).with_name("comfy_apply_lora.py")
+VARIANTS = [("kohya", False), ("diffusers", False), ("kohya", True), ("diffusers", True)]  # (lora_format, dora)
 
 
 @dataclass
@@ -31,10 +32,19 @@ class Applied:
     out_dir: Path  # ComfyUI's patched weights, patched_<strength>.safetensors
 
 
-def merged_bfl(transformer: torch.nn.Module, strength: float) -> dict[str, torch.Tensor]:
-    """BFL weights of `transformer` with its LoRA fused at `strength` by peft (the transformer is left as is)."""
+def merged_bfl(transformer: torch.nn.Module, strength: float, dora: bool = False) -> dict[str, torch.Tensor]:
+    """BFL weights of `transformer` with its LoRA fused at `strength` by peft (the transformer is left as is).
+
+    DoRA's strength interpolates between the base and the full DoRA weight (`set_lora_strength`), which is what
+    ComfyUI does, so its merge at `strength` is taken between peft's merges at 0 and 1."""
+    if dora and strength not in (0.0, 1.0):
+        base, full = merged_bfl(transformer, 0.0, dora), merged_bfl(transformer, 1.0, dora)
+        return {k: base[k] + strength * (full[k] - base[k]) for k in base}
     merged = copy.deepcopy(transformer)
     set_lora_strength(merged, strength)
+    if dora and strength == 0.0:  # peft's merge ignores the forward hook that makes strength 0 the base
+        merged.unload_lora()
+        return diffusers_to_bfl(merged.state_dict())
     merged.fuse_lora()
     merged.unload_lora()
     return diffusers_to_bfl(merged.state_dict())
@@ -51,18 +61,22 @@ def comfyui_widths(transformer: torch.nn.Module) -> dict:
     }
 
 
-@pytest.fixture(scope="module")
-def applied(tiny_flux, comfyui_dir, comfyui_python, tmp_path_factory):
+@pytest.fixture(scope="module", params=VARIANTS, ids=lambda v: f"{v[0]}-{'dora' if v[1] else 'lora'}")
+def applied(request, tiny_flux, comfyui_dir, comfyui_python, tmp_path_factory):
     """Our LoRA saved, merged by peft, and applied by ComfyUI."""
+    lora_format, dora = request.param
     folder = tmp_path_factory.mktemp("lora_in_comfyui")
     transformer = load_transformer(tiny_flux.transformer_bf16, dtype=torch.float32)
-    add_lora(transformer, RANK, ALPHA)
+    add_lora(transformer, RANK, ALPHA, dora=dora)
     # peft starts B at zero (a no-op LoRA); random bf16-exact values make every part count and survive the bf16 file
+    # (alpha / rank = 0.5 keeps them exact in the diffusers file, which folds it into B); magnitudes off the norms
     g = torch.Generator().manual_seed(0)
-    shapes = {k: v.shape for k, v in lora_state(transformer).items()}
-    load_lora_state(transformer, {k: (0.1 * torch.randn(s, generator=g)).bfloat16().float() for k, s in shapes.items()})
+    state = lora_state(transformer)
+    load_lora_state(transformer, {
+        k: v * (1 + 0.1 * torch.randn(v.shape, generator=g)) if "magnitude" in k
+        else (0.1 * torch.randn(v.shape, generator=g)).bfloat16().float() for k, v in state.items()})
     lora_path = folder / "tiny_lora.safetensors"
-    save_kohya_lora(lora_path, transformer, metadata={"ss_base_model_version": "flux1"})
+    save_lora_file(lora_path, transformer, {"ss_base_model_version": "flux1"}, lora_format)
 
     out = folder / "comfyui"
     command = [
@@ -72,8 +86,8 @@ def applied(tiny_flux, comfyui_dir, comfyui_python, tmp_path_factory):
     run = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, f"{' '.join(command)}\n{run.stdout}\n{run.stderr}"
     return Applied(
-        expected={s: merged_bfl(transformer, s) for s in STRENGTHS},
-        base=merged_bfl(transformer, 0.0),
+        expected={s: merged_bfl(transformer, s, dora) for s in STRENGTHS},
+        base=merged_bfl(transformer, 0.0, dora),
         report=json.loads((out / "report.json").read_text()),
         out_dir=out,
     )
