@@ -109,7 +109,7 @@ class Trainer:
         self._validation = None  # (path, transformer) of another base to judge samples on
         self._base_fingerprint: str | None = None  # of config.transformer_path, hashed at the first save
         self._warned_past_schedule = False
-        self.tensorboard = TensorBoardLog(config.output_dir, config.output_name, enabled=config.tensorboard)
+        self.tensorboard = TensorBoardLog(config.output_dir, config.output_name, enabled=config.tensorboard and processes.is_main)
 
         torch.manual_seed(config.seed)  # LoRA init
         lora.add_lora(transformer, config.rank, config.alpha, dropout=config.lora_dropout, blocks=config.blocks,
