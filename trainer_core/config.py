@@ -87,6 +87,8 @@ class TrainConfig:
     # --- output
     output_dir: str = "output"
     output_name: str = "flux_lora"  # file stem; the step is appended
+    store_dir: str = ""  # the run store (every loop's state, so no step is trained twice); "" = <output_dir>/run_store
+    keep_runs: int = 3  # runs whose states the store keeps; older runs' states are deleted (LoRA files never)
 
     def __post_init__(self):
         object.__setattr__(self, "resolutions", _parse_resolutions(self.resolutions))
@@ -140,6 +142,7 @@ class TrainConfig:
             "compile_blocks cannot be combined with blocks_to_swap (compiled blocks would capture the swapped weights); "
             "turn one of them off",
         )
+        need(self.keep_runs >= 1, f"keep_runs: {self.keep_runs}; use 1 or more (each run takes about 3x its LoRA's size)")
         need(bool(self.output_name.strip()), "output_name: empty; give a file name stem such as my_lora")
         check_output_name(self.output_name)
 
@@ -166,7 +169,7 @@ class TrainConfig:
 
 
 _PATH_FIELDS = {"transformer_path", "vae_path", "clip_path", "t5_path", "dataset_dir", "tokenizer_dir", "clip_tokenizer_dir",
-                "t5_tokenizer_dir", "validation_transformer_path", "cache_dir", "output_dir"}
+                "t5_tokenizer_dir", "validation_transformer_path", "cache_dir", "output_dir", "store_dir"}
 
 
 def read_toml(path: str | Path) -> dict:
