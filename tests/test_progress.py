@@ -135,7 +135,7 @@ class Cancel(Exception):
 class FakeRun:
     """Stands in for TrainingRun: runs `steps` instant steps, calling on_step as the trainer does."""
 
-    def train(self, handle, steps, on_step=None, should_stop=None):
+    def train(self, handle, steps, on_step=None, should_stop=None, on_known=None):
         losses = []
         for k in range(1, steps + 1):
             losses.append(1.0 / k)

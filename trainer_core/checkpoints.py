@@ -78,6 +78,11 @@ def save_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], metadat
     return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
 
+def save_png(image, path: str | Path) -> Path:
+    """A PIL image as a PNG, atomically."""
+    return atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
+
+
 def file_fingerprint(path: str | Path) -> str:
     """A quick identity for a model file: sha256 of its safetensors header and size (hashing 20 GB would take minutes)."""
     path = Path(path)

@@ -13,7 +13,7 @@ from typing import Callable
 from tqdm import tqdm
 
 from . import plots
-from .checkpoints import atomic_write
+from .checkpoints import save_png
 from .run_handle import Checkpoint, TrainingHandle, TrainingRun
 from .trainer import StepInfo, Trainer, strength_grid
 
@@ -108,10 +108,6 @@ def execute(trainer: Trainer, plan: RunPlan, should_stop: Callable[[], bool] | N
         grid = strength_grid(trainer, rows, plan.strengths, plan.prompts[0], **sample)
         result.grid = save_png(grid, out / f"{cfg.output_name}_xy_grid.png")
     return result
-
-
-def save_png(image, path: Path) -> Path:
-    return atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
 
 
 def mean_losses(losses: list[float], window: int = 20) -> tuple[float, float]:

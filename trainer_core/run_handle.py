@@ -29,7 +29,7 @@ from .checkpoints import (STATE_SUFFIX, TrainingState, checkpoint_stem, file_fin
                           read_state_header, save_training_state)
 from .config import TrainConfig
 from .data import ImageRecord, dataset_fingerprint
-from .run_store import RunStore, chain_key, dataset_changes, dataset_files, run_identity, state_bytes
+from .run_store import RunStore, chain_key, dataset_changes, dataset_files, image_key, run_identity, state_bytes
 from .trainer import NonFiniteLossError, StepInfo, Trainer, lora_metadata, preflight, strength_grid
 
 log = logging.getLogger(__name__)
@@ -127,12 +127,12 @@ class TrainingRun:
         until a loop must train or a sample must render (`before_load` runs then).
 
         Everything that needs no weights is checked first (`preflight`): a wrong file, rank or dataset raises while
-        the active run still holds its models. A run of the same models and data takes the active run's over.
+        the active run still holds its models. A run of the same config and data takes the active run's models over.
         """
         global _active
         run = cls(config, preflight(config), resume, on_progress, before_load)
         if _active is not None:
-            if _active.load_key == run.load_key and _active._trainer is not None:  # keep the models loaded
+            if (_active.config, _active.load_key) == (config, run.load_key) and _active._trainer is not None:
                 run._trainer, run._fresh, run._at = _active._trainer, _active._fresh, _active._at
                 run._interrupted, _active._trainer = _active._interrupted, None
             _active.release()
@@ -293,8 +293,13 @@ class TrainingRun:
         if self._interrupted is not None and self._interrupted[0] == handle.state.id:
             self._interrupted = None  # continued to the end: used up
         state = self._stamp(trainer.snapshot(), chain)
-        self.store.save(state, self.config.to_dict())
         self._at = state.id
+        try:
+            self.store.save(state, self.config.to_dict())
+        except OSError as e:  # the steps are done: keep them whole in RAM rather than lose them
+            log.error("run store: could not store loops %s (%s); this handle keeps its optimizer state in RAM",
+                      chain_key(chain), e)
+            return replace(handle, saved=state, chain=chain)
         return replace(handle, saved=state.light(), chain=chain)
 
     def _keep_interrupted(self, handle: TrainingHandle) -> None:
@@ -366,12 +371,27 @@ class TrainingRun:
             log.info("no validation base was chosen; sampling on the training base")
         return path if validation_base else None
 
+    def _rendered(self, what: str, count: int, render: Callable[[], list], validation_base: bool, *parts) -> list:
+        """Images from the run store if rendered before with the same state(s) and settings, else `render()`d
+        and stored. The sampling settings in `parts` are JSON-able; progress callbacks are left out of the key."""
+        base = self._base_path(validation_base)
+        key = image_key(what, file_fingerprint(base) if base else "", *parts)
+        images = self.store.images(self.identity, key, count)
+        if images is None:
+            images = render()
+            self.store.save_images(self.identity, key, images)
+        return images
+
     @_grad_enabled
     def sample(self, handle: TrainingHandle, prompts: Sequence[str], validation_base: bool = False,
                **sample_kwargs) -> list:
         """`Trainer.sample` with the handle's LoRA -> PIL images; the trainer's own state is left where it stands."""
-        return self._live().sample(prompts, lora_state=handle.state.lora, base_path=self._base_path(validation_base),
-                                   **sample_kwargs)
+        def render():
+            return self._live().sample(prompts, lora_state=handle.state.lora,
+                                       base_path=self._base_path(validation_base), **sample_kwargs)
+
+        return self._rendered("sample", len(prompts), render, validation_base, handle.chain, list(prompts),
+                              _settings(sample_kwargs))
 
     @_grad_enabled
     def strength_grid(self, handle: TrainingHandle, strengths: Sequence[float], prompt: str,
@@ -380,8 +400,18 @@ class TrainingRun:
         if not handle.checkpoints:
             raise ValueError("handle: no checkpoint was saved on the way to this node; connect it after SaveCheckpoint")
         rows = [(c.step, c.state.lora) for c in handle.checkpoints]
-        return strength_grid(self._live(), rows, strengths, prompt, base_path=self._base_path(validation_base),
-                             **sample_kwargs)
+
+        def render():
+            return [strength_grid(self._live(), rows, strengths, prompt, base_path=self._base_path(validation_base),
+                                  **sample_kwargs)]
+
+        chains = [[c.step, list(c.state.chain)] for c in handle.checkpoints]
+        return self._rendered("grid", 1, render, validation_base, chains, list(strengths), prompt,
+                              _settings(sample_kwargs))[0]
+
+
+def _settings(sample_kwargs: dict) -> dict:
+    return {k: v for k, v in sample_kwargs.items() if k != "callback"}
 
 
 def _lora_run(path: Path) -> str | None:

@@ -8,7 +8,8 @@ losses) named by the chain of loop lengths that led to it:
     <store>/runs/<identity>/<chain>.state.safetensors     e.g. runs/3f09c1d2a4b5e6f7/750-750.state.safetensors
 
 Its header repeats identity and chain, so a truncated or foreign file is detected, named in the log and trained
-again, never loaded. Only the newest `keep_runs` runs are kept; states a user saved by name beside `runs/` and
+again, never loaded. Validation samples and XY grids rendered from those states are kept beside them
+(`images/<key>_<i>.png`), so a graph queued again renders nothing either. Only the newest `keep_runs` runs are kept; states a user saved by name beside `runs/` and
 LoRA files elsewhere are never deleted.
 """
 from __future__ import annotations
@@ -22,7 +23,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from .checkpoints import STATE_SUFFIX, TrainingState, file_fingerprint, load_training_state, save_training_state
+from PIL import Image
+
+from .checkpoints import (STATE_SUFFIX, TrainingState, file_fingerprint, load_training_state, save_png,
+                          save_training_state)
 from .config import TrainConfig
 from .data import ImageRecord, dataset_fingerprint
 
@@ -124,6 +128,22 @@ class RunStore:
         self.prune(keep=state.run)
         return path
 
+    def images(self, identity: str, key: str, count: int) -> list[Image.Image] | None:
+        """The `count` images rendered before under `key` (see `image_key`) in this run, or None."""
+        paths = [Path(self.folder) / RUNS / identity / "images" / f"{key}_{i}.png" for i in range(count)]
+        if not all(p.is_file() for p in paths):
+            return None
+        images = []
+        for p in paths:
+            with Image.open(p) as im:
+                images.append(im.convert("RGB"))
+        log.info("run store: %d image(s) rendered before, loaded", count)
+        return images
+
+    def save_images(self, identity: str, key: str, images: Sequence[Image.Image]) -> None:
+        for i, image in enumerate(images):
+            save_png(image, Path(self.folder) / RUNS / identity / "images" / f"{key}_{i}.png")
+
     def check_space(self, nbytes: int) -> None:
         """Raise before any step if the store's disk cannot take `nbytes` more."""
         folder = Path(self.folder)
@@ -142,6 +162,11 @@ class RunStore:
         for old in runs[max(0, self.keep_runs - 1):]:
             log.info("run store: deleting the states of an old run, %s (keep_runs %d)", old, self.keep_runs)
             shutil.rmtree(old, ignore_errors=True)
+
+
+def image_key(*parts) -> str:
+    """The name of rendered images from what decides them (JSON-able values: chains, prompts, sampling settings)."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def state_bytes(lora: dict) -> int:
