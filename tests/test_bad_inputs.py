@@ -262,8 +262,9 @@ _alive: dict[str, TrainingHandle] = {}
 @pytest.fixture
 def ctx(base_dir, canary) -> Ctx:
     """The module's run (started again if a test replaced it); after the test, no canary went off."""
-    if "run" not in _alive or _alive["run"].run.trainer is None:
+    if "run" not in _alive or _alive["run"].run.released:
         _alive["run"] = init()
+        _alive["run"].run.trainer.snapshot()  # models load lazily: now, before cases forbid loading, for their files
     yield Ctx(base_dir, canary, _alive["run"])
     assert not any(canary.iterdir()), "a pickle was unpickled"
 
@@ -285,7 +286,7 @@ def test_init_trainer_rejects_before_loading_and_keeps_the_run(ctx, no_model_loa
     changes = setup(ctx)
     with pytest.raises(error, match=match):
         init(**changes)
-    assert ctx.handle.run.trainer is not None, "a failed InitTrainer released the run already alive"
+    assert not ctx.handle.run.released, "a failed InitTrainer released the run already alive"
 
 
 @pytest.mark.parametrize("changes, match", [
@@ -297,7 +298,7 @@ def test_init_trainer_rejects_lora_settings_the_model_cannot_take(ctx, no_model_
     """Tried on an empty model shaped from the file's header: no weight loads and the live run is kept."""
     with pytest.raises(ValueError, match=match):
         init(**changes)
-    assert ctx.handle.run.trainer is not None, "a failed InitTrainer released the run already alive"
+    assert not ctx.handle.run.released, "a failed InitTrainer released the run already alive"
 
 
 def test_a_pasted_quoted_path_and_a_sft_file_are_accepted(ctx):

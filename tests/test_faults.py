@@ -54,7 +54,7 @@ def one_thread():
 @pytest.fixture
 def h0(base_dir):  # noqa: F811
     """The module's run at step 0 (TINY_WIDGETS), started again if a test replaced it."""
-    if "h0" not in _run or _run["h0"].run.trainer is None:
+    if "h0" not in _run or _run["h0"].run.released:
         _run["h0"] = init()
     return _run["h0"]
 
@@ -177,6 +177,7 @@ def test_a_save_cut_short_leaves_the_previous_files_and_no_partial_one(h0, base_
                                                                        exception):
     loras, states = loras_dir(base_dir), states_dir(base_dir)
     h2, _ = save(loop(h0, 2), save_state=True)
+    h4 = loop(h2, 2)
     before = file_bytes(loras)
 
     # the same checkpoint saved again (a re-queue): its files are this run's, so nothing is written, nothing cut
@@ -185,7 +186,6 @@ def test_a_save_cut_short_leaves_the_previous_files_and_no_partial_one(h0, base_
     assert file_bytes(loras) == before and not tmp_files(loras)
 
     # a new checkpoint cut in its LoRA write: no LoRA file and no state file at all, never half of one
-    h4 = loop(h2, 2)
     for earlier in [*loras.glob("nodes_test_000004*"), *states.glob("nodes_test_000004*")]:  # from another test
         earlier.unlink()
     before = file_bytes(loras)
@@ -258,8 +258,9 @@ def refusing(error: int):
 def test_a_refused_write_names_the_path_and_keeps_the_previous_checkpoint(  # noqa: F811
         h0, base_dir, monkeypatch, error, advice):
     loras = loras_dir(base_dir)
+    loras.mkdir(parents=True, exist_ok=True)
     h1 = loop(h0, 1)
-    for earlier in loras.glob("nodes_test_000001*"):  # from another test: this checkpoint must be new
+    for earlier in [*loras.glob("nodes_test_000001*"), *loras.glob("nodes_test_000002*")]:  # these must be new
         earlier.unlink()
     before = file_bytes(loras)
     h2 = loop(h1, 1)
@@ -271,8 +272,6 @@ def test_a_refused_write_names_the_path_and_keeps_the_previous_checkpoint(  # no
     assert "earlier files were left as they were" in str(raised.value)
     assert file_bytes(loras) == before and not tmp_files(loras)
 
-    for earlier in loras.glob("nodes_test_000002*"):
-        earlier.unlink()
     with pytest.raises(OSError, match=f"could not write {loras / 'nodes_test_000002'}"):
         save(h2, save_state=True)  # the next checkpoint fails the same way, and leaves nothing half-written
     assert file_bytes(loras) == before and not tmp_files(loras)

@@ -87,7 +87,7 @@ _started = {}
 @pytest.fixture
 def h0(base_dir):
     """The module's run at step 0, started again only if a test replaced it."""
-    if "h0" not in _started or _started["h0"].run.trainer is None:
+    if "h0" not in _started or _started["h0"].run.released:
         _started["h0"] = init()
     return _started["h0"]
 
@@ -246,6 +246,26 @@ def test_tokenizers_beside_the_clip_file_else_comfyuis_own(base_dir, tmp_path, m
         "clip_tokenizer_dir": str(comfy_dirs[0]), "t5_tokenizer_dir": str(comfy_dirs[1])}
 
 
+def test_init_trainer_reruns_when_the_dataset_changes_and_only_then(base_dir, no_model_loads):
+    changed = nodes["InitTrainer"].IS_CHANGED
+    before = changed(**TINY_WIDGETS)
+    assert changed(**TINY_WIDGETS) == before and changed(**{**TINY_WIDGETS, "rank": 8}) == before
+    caption = base_dir / "input" / "data" / "glyph_00.txt"
+    text = caption.read_text()
+    try:
+        caption.write_text(text + ", at night")
+        assert changed(**TINY_WIDGETS) != before
+    finally:
+        caption.write_text(text)
+    extra = base_dir / "input" / "data" / "glyph_09.png"
+    shutil.copy(base_dir / "input" / "data" / "glyph_00.png", extra)
+    try:
+        assert changed(**TINY_WIDGETS) != before
+    finally:
+        extra.unlink()
+    assert "dataset_dir" in changed(**{**TINY_WIDGETS, "dataset_dir": "nope"})  # init then names the widget
+
+
 def test_memory_preset_sets_the_memory_options_and_custom_keeps_the_widgets():
     from trainer_core.presets import PRESETS
 
@@ -355,6 +375,18 @@ def test_saved_state_resumes_through_init_trainer(h0, straight, base_dir):
     resumed = init(resume_state=state_file.name)
     assert resumed.step == 3
     assert_lora_equal(loop(resumed, 2).state.lora, straight[5])
+
+
+def test_a_graph_queued_again_after_the_cache_forgot_it_loads_its_loops_from_the_store(h0, monkeypatch):
+    saved, path = save(loop(loop(h0, 2), 1))
+    before = Path(path).read_bytes()
+    old = h0.run
+    monkeypatch.setattr(Trainer, "train", None)  # no step may run
+    again = init()  # ComfyUI ran InitTrainer again: a new run of the same config takes the loaded models over
+    assert old.released and again.run.loaded
+    saved_again, path_again = save(loop(loop(again, 2), 1))
+    assert path_again == path and Path(path).read_bytes() == before
+    assert_lora_equal(saved_again.state.lora, saved.state.lora)
 
 
 def test_a_new_init_releases_the_old_run(h0):

@@ -22,6 +22,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+log = logging.getLogger(__name__)
+
 STATE_FORMAT = "flux-lora-trainer/state/1"
 STATE_SUFFIX = ".state.safetensors"
 _TMP_MARK = ".tmp-"
@@ -236,7 +238,7 @@ def free_path(folder: str | Path, stem: str, suffix: str, is_ours: Callable[[Pat
         counter += 1
         path = Path(folder) / f"{stem}_{counter:05d}_{suffix}"
     if counter:
-        logging.getLogger(__name__).info("%s%s holds another run's file; writing %s instead", stem, suffix, path.name)
+        log.info("%s%s holds another run's file; writing %s instead", stem, suffix, path.name)
     return path
 
 

@@ -12,21 +12,25 @@ import json
 import re
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 from conftest import _base_directory, start_comfyui, stop_comfyui
-from test_workflow_in_comfyui import CELL, PACK_DIR, WORKFLOW, assert_success, node_ids
+from test_workflow_in_comfyui import PACK_DIR, STEPS, WORKFLOW, node_ids, shrunk
 from workflow_api import with_inputs, workflow_to_prompt
 
 from trainer_core.comfy_install import install_tiny
 
 OUTPUT_NAME = "flux_store"
-STEPS = 3
 LOOP2_CHANGED = 5
 UNRELATED = {"1": {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 64, "batch_size": 1, "color": 0}},
              "2": {"class_type": "PreviewImage", "inputs": {"images": ["1", 0]}}}
 TRAINED_STEP = re.compile(r"step \d+/\d+  loss")  # TrainLoop's console line of a step it trained
+
+
+def our_tracebacks(log: str) -> list[str]:
+    """Tracebacks through this pack (a restarted ComfyUI may log its own database's, which are not ours)."""
+    chunks = log.split("Traceback (most recent call last):")[1:]
+    return [c for c in chunks if "trainer_core" in c or "custom_nodes" in c]
 
 
 @dataclass
@@ -67,13 +71,7 @@ def queue(session, prompt: dict) -> Queued:
 @pytest.fixture(scope="module")
 def prompt(session) -> dict:
     workflow = json.loads((PACK_DIR / "example_workflows" / WORKFLOW).read_text(encoding="utf-8"))
-    prompt = workflow_to_prompt(workflow, session["client"].object_info())
-    small = {"steps": 2, "width": CELL, "height": CELL}
-    changes = {node_ids(prompt, "FluxLoRA_InitTrainer")[0]: {"resolutions": str(CELL), "output_name": OUTPUT_NAME}}
-    changes |= {i: {"steps": STEPS} for i in node_ids(prompt, "FluxLoRA_TrainLoop")}
-    changes |= {i: small for i in node_ids(prompt, "FluxLoRA_ValidationSample")}
-    changes |= {i: small for i in node_ids(prompt, "FluxLoRA_XYLoraStrengthGrid")}
-    return with_inputs(prompt, changes)
+    return shrunk(workflow_to_prompt(workflow, session["client"].object_info()), OUTPUT_NAME)
 
 
 @pytest.fixture(scope="module")
@@ -92,23 +90,24 @@ def test_first_run_trains_every_loop_and_writes_its_loras(runs):
     first = runs["first"]
     assert len(TRAINED_STEP.findall(first.log)) >= 4 and "loaded from the run store" not in first.log
     assert sorted(first.loras) == [f"{OUTPUT_NAME}_{STEPS * k:06d}.safetensors" for k in (1, 2, 3, 4)]
-    assert "Traceback" not in first.log, first.log[-6000:]
+    assert not our_tracebacks(first.log), first.log[-6000:]
 
 
 @pytest.mark.parametrize("when", ["after another prompt", "after a restart"])
 def test_the_graph_again_trains_nothing_rewrites_nothing_and_is_fast(runs, when):
     again, first = runs[when], runs["first"]
+    print(f"{when}: {again.seconds:.1f} s, first run {first.seconds:.1f} s")
     assert not TRAINED_STEP.findall(again.log), again.log[-6000:]
     assert again.log.count("loaded from the run store") == 4
     assert again.loras == first.loras  # every LoRA file byte for byte, and no new one
     assert again.seconds < 0.1 * first.seconds, f"{again.seconds:.1f} s against {first.seconds:.1f} s"
-    assert "Traceback" not in again.log, again.log[-6000:]
+    assert not our_tracebacks(again.log), again.log[-6000:]
 
 
 def test_changing_loop_2_trains_loops_2_to_4_only(runs):
     changed = runs["loop 2 changed"]
-    assert changed.log.count("loaded from the run store") == 1  # loop 1
     assert f"step {LOOP2_CHANGED}/{LOOP2_CHANGED}  loss" in changed.log
+    assert changed.log.count(f"step {STEPS}/{STEPS}  loss") == 2  # loops 3 and 4; loop 1 was not trained again
     new = {f"{OUTPUT_NAME}_{STEPS + LOOP2_CHANGED + STEPS * k:06d}.safetensors" for k in (0, 1, 2)}
     assert set(changed.loras) == set(runs["first"].loras) | new
     assert all(changed.loras[name] == digest for name, digest in runs["first"].loras.items())
