@@ -18,12 +18,14 @@ BASE_DIR_ENV = "FLUX_LORA_TRAINER_BASE_DIR"
 PROGRESS_EVENT = "flux_lora_trainer.progress"  # web/js/live_progress.js listens for it
 PROGRESS_ROUTE = "/flux_lora_trainer/progress"  # ComfyUI serves it under /api too
 MODEL_EXTENSIONS = (".safetensors", ".sft")
+STATES = "flux_lora_states"  # the run store and the training states users save: our own folder, not models/loras
 # ComfyUI's folder names and, outside ComfyUI, where they live under the base folder (its legacy names included)
 _FOLDERS = {
     "diffusion_models": ("models/diffusion_models", "models/unet"),
     "vae": ("models/vae",),
     "text_encoders": ("models/text_encoders", "models/clip"),
     "loras": ("models/loras",),
+    STATES: (f"models/{STATES}",),
 }
 
 
@@ -40,16 +42,28 @@ def _base_dir() -> Path:
 
 
 def folder_paths(folder: str) -> list[Path]:
-    """The folders ComfyUI searches for `folder` ("diffusion_models", "vae", "text_encoders", "loras")."""
-    fp = _comfy("folder_paths")
+    """The folders ComfyUI searches for `folder` ("diffusion_models", "vae", "text_encoders", "loras", STATES)."""
+    fp = _folder_paths()
     if fp is not None:
         return [Path(p) for p in fp.get_folder_paths(folder)]
     return [_base_dir() / sub for sub in _FOLDERS[folder]]
 
 
+def _folder_paths():
+    """ComfyUI's `folder_paths` with `STATES` (models/flux_lora_states) registered as one of its model folders,
+    so `extra_model_paths.yaml` may point it elsewhere; None outside ComfyUI. Looked up when first needed: the
+    pack's import must import nothing of ComfyUI."""
+    fp = _comfy("folder_paths")
+    if not hasattr(fp, "folder_names_and_paths"):  # outside ComfyUI, or another module of that name
+        return None
+    if STATES not in fp.folder_names_and_paths:
+        fp.folder_names_and_paths[STATES] = ([os.path.join(fp.models_dir, STATES)], set(MODEL_EXTENSIONS))
+    return fp
+
+
 def filename_list(folder: str) -> list[str]:
     """File names (relative to their folder) for a combo widget."""
-    fp = _comfy("folder_paths")
+    fp = _folder_paths()
     if fp is not None:
         return fp.get_filename_list(folder)
     names = {
@@ -62,7 +76,7 @@ def filename_list(folder: str) -> list[str]:
 
 def full_path(folder: str, name: str, field: str) -> Path:
     """The file a combo value names; FileNotFoundError naming the widget `field` and the folders searched."""
-    fp = _comfy("folder_paths")
+    fp = _folder_paths()
     try:
         return Path(fp.get_full_path_or_raise(folder, name)) if fp is not None else _find(folder, name)
     except FileNotFoundError as e:
@@ -161,8 +175,8 @@ def save_previews(images) -> list[dict]:
     return entries
 
 
-# node id -> the latest progress message of that TrainLoop, so a view that (re)connects mid-run can catch up.
-# Written by ComfyUI's execution thread, read by its server's event loop.
+# node id -> the latest progress message of that TrainLoop in the latest prompt, so a view that (re)connects
+# mid-run can catch up. Written by ComfyUI's execution thread, read by its server's event loop.
 _latest_progress: dict[str, dict] = {}
 _latest_lock = threading.Lock()
 
@@ -188,8 +202,10 @@ def send_progress(node_id: str | None, snapshot: dict) -> None:
     `node_id` is ComfyUI's UNIQUE_ID of the node; None (a call from outside a ComfyUI prompt) sends nothing."""
     if node_id is None:
         return
-    message = {"node": str(node_id), **snapshot}
+    message = {"node": str(node_id), "prompt_id": getattr(_prompt_server(), "last_prompt_id", None), **snapshot}
     with _latest_lock:
+        if any(m["prompt_id"] != message["prompt_id"] for m in _latest_progress.values()):
+            _latest_progress.clear()  # another prompt's numbers: a view must not show them as this run's
         _latest_progress[message["node"]] = message
     send_event(PROGRESS_EVENT, message)
 

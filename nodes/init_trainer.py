@@ -12,6 +12,7 @@ from trainer_core.flow_matching import TIMESTEP_SAMPLINGS
 from trainer_core.models import KIND_DESCRIPTIONS, MODEL_ROLES, detect_file_kind
 from trainer_core.presets import PRESETS
 from trainer_core.run_handle import TrainingRun
+from trainer_core.run_store import RUNS, folder_listing
 from trainer_core.trainer import settings_mismatches
 
 from . import comfy_bridge
@@ -115,15 +116,15 @@ def load_resume(name: str, config: TrainConfig) -> TrainingState | None:
     if name == NONE:
         return None
     if name == LATEST:
-        path = latest_state_file(config.output_dir, config.output_name)
+        path = latest_state_file(config.store_dir, config.output_name)
         if path is None:
             log.info("resume_state latest: no state of %s in %s yet; starting at step 0", config.output_name,
-                     config.output_dir)
+                     config.store_dir)
             return None
         name = path.name
         log.info("resume_state latest: resuming from %s", path)
     else:
-        path = comfy_bridge.full_path("loras", name, "resume_state")
+        path = comfy_bridge.full_path(comfy_bridge.STATES, name, "resume_state")
     state, _ = load_training_state(path)
     differ = settings_mismatches(state.fingerprint, config)
     if differ:
@@ -166,6 +167,7 @@ def build_config(transformer: str, validation_transformer: str, vae: str, clip_l
         validation_transformer_path=validation, **dataset_settings(dataset_dir, settings),
         init_lora="" if init_lora == NONE else str(comfy_bridge.full_path("loras", init_lora, "init_lora")),
         output_dir=str(comfy_bridge.folder_paths("loras")[0]), device=comfy_bridge.torch_device(),
+        store_dir=str(comfy_bridge.folder_paths(comfy_bridge.STATES)[0]),
         **tokenizer_settings(Path(paths["clip_l"])),
         **{**settings, **memory_settings(memory_preset, settings)},
     )
@@ -186,8 +188,9 @@ DATASET_DIR_TOOLTIP = (
 
 
 class InitTrainer:
-    DESCRIPTION = ("Checks every setting, frees ComfyUI's loaded models, loads the Flux model files, caches the "
-                   "dataset's latents and captions, and adds a fresh LoRA: the start of a training run.")
+    DESCRIPTION = ("Checks every setting and starts a training run. The Flux model files load (and ComfyUI's loaded "
+                   "models are freed) only when a loop must train or a sample render: loops already in the run store "
+                   "are loaded from it.")
     CATEGORY = CATEGORY
     RETURN_TYPES = (HANDLE,)
     RETURN_NAMES = ("handle",)
@@ -199,7 +202,8 @@ class InitTrainer:
         transformers = comfy_bridge.filename_list("diffusion_models")
         encoders = comfy_bridge.filename_list("text_encoders")
         loras = comfy_bridge.filename_list("loras")
-        states = [n for n in loras if n.endswith(STATE_SUFFIX)]
+        states = [n for n in comfy_bridge.filename_list(comfy_bridge.STATES)
+                  if n.endswith(STATE_SUFFIX) and not n.startswith(f"{RUNS}/")]  # the run store's own files stay out
         d = _DEFAULTS
         return {"required": {
             "transformer": (transformers, {"tooltip": "Flux transformer to train on (models/diffusion_models or "
@@ -249,7 +253,8 @@ class InitTrainer:
                                        "only: transformer blocks kept in RAM and streamed to the GPU."}),
             "output_name": ("STRING", {"default": d["output_name"], "tooltip": "File name stem of the saved LoRAs "
                                        "in models/loras; the step is appended."}),
-            "resume_state": ([NONE, LATEST, *states], {"tooltip": "A *.state.safetensors saved by SaveCheckpoint to "
+            "resume_state": ([NONE, LATEST, *states], {"tooltip": "A *.state.safetensors saved by SaveCheckpoint (in "
+                                                       f"models/{comfy_bridge.STATES}) to "
                                                        "continue from, with the same settings; latest: the newest of "
                                                        "this output_name (step 0 if none), so after a crash just "
                                                        "queue again; none starts fresh."}),
@@ -265,10 +270,19 @@ class InitTrainer:
                             "samples, grids) in models/loras/tensorboard/<output_name>, if tensorboard is installed."}),
         }, "hidden": {"prompt": "PROMPT", "unique_id": "UNIQUE_ID"}}  # the queued graph: total_steps auto
 
+    @classmethod
+    def IS_CHANGED(cls, dataset_dir: str, **_):
+        """Re-run when the dataset's files or captions change (names, sizes, mtimes; nothing decoded), else cached."""
+        try:  # one folder per line (see parse_datasets), each line's folder before its first "|"
+            return "\n".join(folder_listing(dataset_path(line.split("|")[0]))
+                             for line in dataset_dir.splitlines() if line.strip()) or str(dataset_path(dataset_dir))
+        except (ValueError, OSError) as e:
+            return str(e)  # init raises it, naming the widget
+
     def init(self, **widgets):
         config, resume = build_config(**widgets)
-        comfy_bridge.free_comfy_models()
-        bar = comfy_bridge.progress_bar(1)
-        handle = TrainingRun.start(config, resume,
-                                   on_progress=lambda stage, done, total: bar.update_absolute(done, total))
+        # models load only when a loop must really train or a sample render: the run store may hold every loop
+        handle = TrainingRun.start(
+            config, resume, before_load=comfy_bridge.free_comfy_models,
+            on_progress=lambda stage, done, total: comfy_bridge.progress_bar(total).update_absolute(done, total))
         return (handle,)

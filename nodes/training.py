@@ -1,11 +1,10 @@
 """TrainLoop and SaveCheckpoint: move a run forward, and write what it has learnt."""
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterator
 
+from trainer_core.checkpoints import TrainingState
 from trainer_core.progress import ProgressTracker
 from trainer_core.trainer import StepInfo
 
@@ -16,37 +15,45 @@ log = logging.getLogger(__name__)
 LOG_EVERY_S = 10.0  # console progress lines; the progress bar itself moves every step
 
 
-@contextlib.contextmanager
-def _progress(first_step: int, steps: int, node_id: str | None) -> Iterator[Callable[[StepInfo], None]]:
-    """The on_step hook: moves ComfyUI's progress bar (where a Cancel is raised), feeds the node's live view
-    (throttled) and logs loss, s/it and ETA. A loop that ends early is shown stopped, not counting down."""
-    bar = comfy_bridge.progress_bar(steps)
-    tracker = ProgressTracker(steps, first_step)
-    last_log = time.monotonic()
+class _LoopView:
+    """A TrainLoop's hooks: `on_step` moves ComfyUI's progress bar (where a Cancel is raised), feeds the node's live
+    view (throttled) and logs loss, s/it and ETA; `on_known` charts the steps of the loop done before (continued,
+    or loaded from the run store, which the view then says). A loop that ends early is shown stopped."""
 
-    def on_step(info: StepInfo) -> None:
-        nonlocal last_log
+    def __init__(self, first_step: int, steps: int, node_id: str | None):
+        self.bar = comfy_bridge.progress_bar(steps)
+        self.tracker = ProgressTracker(steps, first_step)
+        self.node_id, self.steps = node_id, steps
+        self.last_log = time.monotonic()
+
+    def on_step(self, info: StepInfo) -> None:
+        tracker = self.tracker
         tracker.update(info)
         now = time.monotonic()
         if tracker.due(now):
-            comfy_bridge.send_progress(node_id, tracker.snapshot())
-        bar.update_absolute(tracker.done, steps)
-        if now - last_log >= LOG_EVERY_S or tracker.done == steps:
-            log.info("step %d/%d  loss %.4f  lr %.2e  %.2f s/it  ETA %.0f s", tracker.done, steps, info.loss,
+            comfy_bridge.send_progress(self.node_id, tracker.snapshot())
+        self.bar.update_absolute(tracker.done, self.steps)
+        if now - self.last_log >= LOG_EVERY_S or tracker.done == self.steps:
+            log.info("step %d/%d  loss %.4f  lr %.2e  %.2f s/it  ETA %.0f s", tracker.done, self.steps, info.loss,
                      info.lr, tracker.seconds_per_step, tracker.eta_seconds)
-            last_log = now
+            self.last_log = now
 
-    try:
-        yield on_step
-    finally:
-        if tracker.running:
-            tracker.stop()
-            comfy_bridge.send_progress(node_id, tracker.snapshot())
+    def on_known(self, state: TrainingState) -> None:
+        self.tracker.replay(state.losses[self.tracker.first_step:])
+        loaded = not self.tracker.running
+        comfy_bridge.send_progress(self.node_id, {**self.tracker.snapshot(), "loaded": loaded})
+        self.bar.update_absolute(self.tracker.done, self.steps)
+
+    def close(self) -> None:
+        if self.tracker.running:
+            self.tracker.stop()
+            comfy_bridge.send_progress(self.node_id, self.tracker.snapshot())
 
 
 class TrainLoop:
-    DESCRIPTION = ("Trains the LoRA for a number of steps from the incoming handle's state. Cancel stops within a "
-                   "step and keeps the steps done: queue again to continue.")
+    DESCRIPTION = ("Trains the LoRA for a number of steps from the incoming handle's state, or loads the result from "
+                   "the run store if these steps were trained before. Cancel stops within a step and keeps the steps "
+                   "done: queue again to continue.")
     CATEGORY = CATEGORY
     RETURN_TYPES = (HANDLE, "INT", "FLOAT")
     RETURN_NAMES = ("handle", "step", "loss")
@@ -61,14 +68,19 @@ class TrainLoop:
         }, "hidden": {"unique_id": "UNIQUE_ID"}}  # the node the live view draws on
 
     def train(self, handle, steps, unique_id=None):
-        with _progress(handle.step, steps, unique_id) as on_step:
-            after = handle.run.train(handle, steps, on_step=on_step, should_stop=comfy_bridge.raise_if_cancelled)
+        view = _LoopView(handle.step, steps, unique_id)
+        try:
+            after = handle.run.train(handle, steps, on_step=view.on_step, should_stop=comfy_bridge.raise_if_cancelled,
+                                     on_known=view.on_known)
+        finally:
+            view.close()
         return (after, after.step, after.state.losses[-1])
 
 
 class SaveCheckpoint:
     DESCRIPTION = ("Saves the LoRA (kohya layout, loads in stock ComfyUI) to models/loras as "
-                   "<output_name>_<step>.safetensors, and records it on the handle for the XY grid.")
+                   "<output_name>_<step>.safetensors (a name another run's file holds gets a counter, "
+                   "<name>_<step>_00001_), and records it on the handle for the XY grid.")
     CATEGORY = CATEGORY
     RETURN_TYPES = (HANDLE, "STRING")
     RETURN_NAMES = ("handle", "lora_path")
@@ -81,7 +93,8 @@ class SaveCheckpoint:
         return {"required": {
             "handle": HANDLE_INPUT,
             "save_state": ("BOOLEAN", {"default": True, "tooltip": "Also write <name>.state.safetensors (optimizer, "
-                                       "RNG, data position) to resume from in InitTrainer."}),
+                                       f"RNG, data position) to models/{comfy_bridge.STATES}, to resume from in "
+                                       "InitTrainer."}),
         }}
 
     def save(self, handle, save_state):

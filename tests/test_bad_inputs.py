@@ -78,6 +78,7 @@ class Ctx:
     def pickle_file(self, rel: str) -> str:
         """A checkpoint as torch.save writes it (a .ckpt / .pt / .bin), holding a canary."""
         path = self.base / "models" / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
         torch.save({"state_dict": CreatesMarker(self.canary / Path(rel).name)}, path)
         return rel.split("/", 1)[1]
 
@@ -123,7 +124,7 @@ def lora_file(ctx: Ctx) -> str:
 
 def state_file(ctx: Ctx) -> Path:
     """A real training state of the run, as SaveCheckpoint writes it."""
-    path = ctx.base / "models" / "loras" / "nodes_test_000000.state.safetensors"
+    path = ctx.base / "models" / "flux_lora_states" / "nodes_test_000000.state.safetensors"
     ctx.handle.run.trainer.save_state(path, ctx.handle.state)
     return path
 
@@ -234,14 +235,15 @@ INIT_CASES: list[tuple[str, Setup, type, str]] = [
      r"memory_preset: '4GB'; choose one of custom"),
     # --- resume state
     ("resume state missing", lambda c: {"resume_state": "gone.state.safetensors"}, FileNotFoundError,
-     r"resume_state: 'gone.state.safetensors' is not in ComfyUI's loras folder"),
-    ("resume from a LoRA file", lambda c: {"resume_state": lora_file(c)}, ValueError,
-     r"nodes_test_000000.safetensors is not a training state of this trainer \(a LoRA file\?\); pick a "
+     r"resume_state: 'gone.state.safetensors' is not in ComfyUI's flux_lora_states folder"),
+    ("resume from a LoRA file", lambda c: {"resume_state": c.put(
+        "flux_lora_states/a_lora.safetensors", c.base / "models" / "loras" / lora_file(c))}, ValueError,
+     r"a_lora.safetensors is not a training state of this trainer \(a LoRA file\?\); pick a "
      r"\*.state.safetensors file"),
     ("resume from a truncated state", lambda c: {"resume_state": c.put(
-        "loras/cut.state.safetensors", truncated(state_file(c)))},
+        "flux_lora_states/cut.state.safetensors", truncated(state_file(c)))},
      ValueError, r"cut.state.safetensors is damaged or incomplete .*pick an earlier state file"),
-    ("resume from a pickle", lambda c: {"resume_state": c.pickle_file("loras/last.ckpt")}, ValueError,
+    ("resume from a pickle", lambda c: {"resume_state": c.pickle_file("flux_lora_states/last.ckpt")}, ValueError,
      r"last.ckpt is damaged or incomplete"),
     ("resume a run with other settings", lambda c: {"resume_state": state_file(c).name, "rank": 8, "seed": 5},
      ValueError, r"resume_state: nodes_test_000000.state.safetensors was trained with other settings: rank 8 "
@@ -260,8 +262,9 @@ _alive: dict[str, TrainingHandle] = {}
 @pytest.fixture
 def ctx(base_dir, canary) -> Ctx:
     """The module's run (started again if a test replaced it); after the test, no canary went off."""
-    if "run" not in _alive or _alive["run"].run.trainer is None:
+    if "run" not in _alive or _alive["run"].run.released:
         _alive["run"] = init()
+        _alive["run"].run.trainer.snapshot()  # models load lazily: now, before cases forbid loading, for their files
     yield Ctx(base_dir, canary, _alive["run"])
     assert not any(canary.iterdir()), "a pickle was unpickled"
 
@@ -283,7 +286,7 @@ def test_init_trainer_rejects_before_loading_and_keeps_the_run(ctx, no_model_loa
     changes = setup(ctx)
     with pytest.raises(error, match=match):
         init(**changes)
-    assert ctx.handle.run.trainer is not None, "a failed InitTrainer released the run already alive"
+    assert not ctx.handle.run.released, "a failed InitTrainer released the run already alive"
 
 
 @pytest.mark.parametrize("changes, match", [
@@ -295,7 +298,7 @@ def test_init_trainer_rejects_lora_settings_the_model_cannot_take(ctx, no_model_
     """Tried on an empty model shaped from the file's header: no weight loads and the live run is kept."""
     with pytest.raises(ValueError, match=match):
         init(**changes)
-    assert ctx.handle.run.trainer is not None, "a failed InitTrainer released the run already alive"
+    assert not ctx.handle.run.released, "a failed InitTrainer released the run already alive"
 
 
 def test_a_pasted_quoted_path_and_a_sft_file_are_accepted(ctx):

@@ -54,13 +54,17 @@ def one_thread():
 @pytest.fixture
 def h0(base_dir):  # noqa: F811
     """The module's run at step 0 (TINY_WIDGETS), started again if a test replaced it."""
-    if "h0" not in _run or _run["h0"].run.trainer is None:
+    if "h0" not in _run or _run["h0"].run.released:
         _run["h0"] = init()
     return _run["h0"]
 
 
 def loras_dir(base: Path) -> Path:
     return base / "models" / "loras"
+
+
+def states_dir(base: Path) -> Path:
+    return base / "models" / bridge.STATES
 
 
 def tmp_files(folder: Path) -> list[Path]:
@@ -83,7 +87,6 @@ def scaling(handle) -> set[float]:
 
 
 def test_nan_loss_stops_at_once_keeps_the_last_good_state_and_a_lower_lr_continues(base_dir, monkeypatch):  # noqa: F811
-    loras = loras_dir(base_dir)
     h3 = loop(init(learning_rate=NAN_LR, output_name="nan_run"), 3)
     bar_updates = []
     monkeypatch.setattr(bridge, "progress_bar", lambda total: type("Bar", (), {
@@ -92,7 +95,7 @@ def test_nan_loss_stops_at_once_keeps_the_last_good_state_and_a_lower_lr_continu
         loop(h3, 30)
     monkeypatch.undo()
     message = str(error.value)
-    state_file = loras / "nan_run_000003.state.safetensors"
+    state_file = states_dir(base_dir) / "nan_run_000003.state.safetensors"
     assert re.search(r"the loss became nan at step 19; .*Likely cause: too high a learning rate \(learning_rate 10\)",
                      message)
     assert f"This loop's input (step 3) is unchanged and saved as {state_file}: lower learning_rate" in message
@@ -112,7 +115,7 @@ def test_nan_loss_stops_at_once_keeps_the_last_good_state_and_a_lower_lr_continu
                                                  r"lower learning_rate in InitTrainer and resume from a state saved "
                                                  r"before step 18"):
         loop(h18, 5)
-    assert not (loras / "nan_run_000018.state.safetensors").exists()  # never offered as the latest good state
+    assert not (states_dir(base_dir) / "nan_run_000018.state.safetensors").exists()  # never offered as latest
 
     # the user lowers the learning rate and resumes from the newest state: training goes on from step 3
     resumed = init(learning_rate=1e-3, output_name="nan_run", resume_state="latest")
@@ -172,32 +175,30 @@ def half_then(exception: BaseException, calls_before: int = 0):
 @pytest.mark.parametrize("exception", [Cancel(), KeyboardInterrupt()], ids=["cancel", "ctrl-c"])
 def test_a_save_cut_short_leaves_the_previous_files_and_no_partial_one(h0, base_dir, monkeypatch,  # noqa: F811
                                                                        exception):
-    loras = loras_dir(base_dir)
+    loras, states = loras_dir(base_dir), states_dir(base_dir)
     h2, _ = save(loop(h0, 2), save_state=True)
+    h4 = loop(h2, 2)
     before = file_bytes(loras)
 
-    # the same checkpoint saved again (a re-queue) and cut in the LoRA write: the old files stand, whole
+    # the same checkpoint saved again (a re-queue): its files are this run's, so nothing is written, nothing cut
     monkeypatch.setattr(checkpoints, "save_file", half_then(exception))
-    with pytest.raises(type(exception)):
-        save(h2, save_state=True)
+    save(h2, save_state=True)
     assert file_bytes(loras) == before and not tmp_files(loras)
 
-    # a new checkpoint cut in the state write, after its LoRA was written: no state file at all, never half of one
-    h4 = loop(h2, 2)
-    for earlier in loras.glob("nodes_test_000004*"):  # from another test: this checkpoint must be new
+    # a new checkpoint cut in its LoRA write: no LoRA file and no state file at all, never half of one
+    for earlier in [*loras.glob("nodes_test_000004*"), *states.glob("nodes_test_000004*")]:  # from another test
         earlier.unlink()
     before = file_bytes(loras)
-    monkeypatch.setattr(checkpoints, "save_file", half_then(exception, calls_before=1))
     with pytest.raises(type(exception)):
         save(h4, save_state=True)
-    assert not (loras / f"nodes_test_000004{STATE_SUFFIX}").exists() and not tmp_files(loras)
-    assert load_file(loras / "nodes_test_000004.safetensors")  # the LoRA written before the cut is whole
-    assert {k: v for k, v in file_bytes(loras).items() if k in before} == before
+    assert file_bytes(loras) == before and not tmp_files(loras)
+    assert not (states / f"nodes_test_000004{STATE_SUFFIX}").exists() and not tmp_files(states)
 
     monkeypatch.undo()  # queued again: both files written, and the run never noticed
     saved, _ = save(h4, save_state=True)
     assert [c.step for c in saved.checkpoints] == [2, 4]
-    assert_lora_equal(load_training_state(loras / f"nodes_test_000004{STATE_SUFFIX}")[0].lora, h4.state.lora)
+    assert load_file(loras / "nodes_test_000004.safetensors")
+    assert_lora_equal(load_training_state(states / f"nodes_test_000004{STATE_SUFFIX}")[0].lora, h4.state.lora)
 
 
 class CancellingBar:
@@ -257,8 +258,12 @@ def refusing(error: int):
 def test_a_refused_write_names_the_path_and_keeps_the_previous_checkpoint(  # noqa: F811
         h0, base_dir, monkeypatch, error, advice):
     loras = loras_dir(base_dir)
-    h1, _ = save(loop(h0, 1), save_state=True)
+    loras.mkdir(parents=True, exist_ok=True)
+    h1 = loop(h0, 1)
+    for earlier in [*loras.glob("nodes_test_000001*"), *loras.glob("nodes_test_000002*")]:  # these must be new
+        earlier.unlink()
     before = file_bytes(loras)
+    h2 = loop(h1, 1)
     monkeypatch.setattr(checkpoints, "save_file", refusing(error))
     with pytest.raises(OSError) as raised:
         save(h1, save_state=True)
@@ -268,10 +273,10 @@ def test_a_refused_write_names_the_path_and_keeps_the_previous_checkpoint(  # no
     assert file_bytes(loras) == before and not tmp_files(loras)
 
     with pytest.raises(OSError, match=f"could not write {loras / 'nodes_test_000002'}"):
-        save(loop(h1, 1), save_state=True)  # the next checkpoint fails the same way, and leaves nothing half-written
+        save(h2, save_state=True)  # the next checkpoint fails the same way, and leaves nothing half-written
     assert file_bytes(loras) == before and not tmp_files(loras)
     monkeypatch.undo()
-    assert save(loop(h1, 1), save_state=True)[0].checkpoints[-1].step == 2  # space freed: the run saves on
+    assert save(h2, save_state=True)[0].checkpoints[-1].step == 2  # space freed: the run saves on
 
 
 def test_a_read_only_folder_is_named(h0, tmp_path):
@@ -418,13 +423,13 @@ def _resume_through_nodes(base: str, state_name: str, result: str) -> None:
 
 def test_init_trainer_in_a_new_process_resumes_the_uninterrupted_run(processes, straight, base_dir,  # noqa: F811
                                                                      tmp_path):
-    loras = loras_dir(base_dir)
+    states = states_dir(base_dir)
     save(loop(init(output_name="restart"), 3), save_state=True)
     state_name = f"restart_000003{STATE_SUFFIX}"
     # newer states of a run whose name starts alike, and a dead process's leftover: "latest" must skip them all
     for step in (4, 5):
-        (loras / f"restart_v2_{step:06d}{STATE_SUFFIX}").write_bytes((loras / state_name).read_bytes())
-    (loras / f".restart_000009{STATE_SUFFIX}.tmp-1-dead").write_bytes(b"partial")
+        (states / f"restart_v2_{step:06d}{STATE_SUFFIX}").write_bytes((states / state_name).read_bytes())
+    (states / f".restart_000009{STATE_SUFFIX}.tmp-1-dead").write_bytes(b"partial")
     listed = nodes["InitTrainer"].INPUT_TYPES()["required"]["resume_state"][0]
     assert state_name in listed and "latest" in listed and not any(".tmp-" in name for name in listed)
     child = processes.Process(target=_resume_through_nodes, args=(str(base_dir), state_name, str(tmp_path / "r")))

@@ -56,6 +56,13 @@ def base_dir(tmp_path_factory, tiny_flux):
 
 
 @pytest.fixture(autouse=True)
+def empty_run_store(request):
+    """Each test trains what it trains: the run store (tested in test_run_store and below) starts empty."""
+    if "base_dir" in request.fixturenames:
+        shutil.rmtree(request.getfixturevalue("base_dir") / "models" / bridge.STATES / "runs", ignore_errors=True)
+
+
+@pytest.fixture(autouse=True)
 def comfyui_inference_mode():
     """ComfyUI runs every node under torch.inference_mode(); so do these tests."""
     with torch.inference_mode():
@@ -80,7 +87,7 @@ _started = {}
 @pytest.fixture
 def h0(base_dir):
     """The module's run at step 0, started again only if a test replaced it."""
-    if "h0" not in _started or _started["h0"].run.trainer is None:
+    if "h0" not in _started or _started["h0"].run.released:
         _started["h0"] = init()
     return _started["h0"]
 
@@ -162,7 +169,8 @@ def test_node_declarations():
         assert cls.CATEGORY == "Flux LoRA Trainer" and cls.DESCRIPTION
         assert callable(getattr(cls, cls.FUNCTION))
         assert len(cls.OUTPUT_TOOLTIPS) == len(cls.RETURN_TYPES)
-        assert not hasattr(cls, "IS_CHANGED")  # it would defeat ComfyUI's cache and re-train on every queue
+        # an IS_CHANGED that changes on every queue would defeat ComfyUI's cache; InitTrainer's follows the dataset
+        assert not hasattr(cls, "IS_CHANGED") or node_id == "FluxLoRA_InitTrainer"
         for name, (kind, options) in cls.INPUT_TYPES()["required"].items():
             assert options.get("tooltip"), f"{node_id}.{name} has no tooltip"
             if name == "seed":  # a randomising seed would change the inputs, hence re-run, on every queue
@@ -221,7 +229,7 @@ def test_init_trainer_names_a_model_file_of_the_wrong_kind(base_dir, no_model_lo
 def test_a_failed_init_leaves_the_current_run_alive(h0, no_model_loads):
     with pytest.raises(ValueError):
         init(rank=0)
-    assert h0.run.trainer is not None
+    assert not h0.run.released
 
 
 def test_tokenizers_beside_the_clip_file_else_comfyuis_own(base_dir, tmp_path, monkeypatch):
@@ -236,6 +244,26 @@ def test_tokenizers_beside_the_clip_file_else_comfyuis_own(base_dir, tmp_path, m
     monkeypatch.setattr(bridge, "tokenizer_dirs", lambda: comfy_dirs)
     assert init_trainer.tokenizer_settings(tmp_path / "clip_l.safetensors") == {
         "clip_tokenizer_dir": str(comfy_dirs[0]), "t5_tokenizer_dir": str(comfy_dirs[1])}
+
+
+def test_init_trainer_reruns_when_the_dataset_changes_and_only_then(base_dir, no_model_loads):
+    changed = nodes["InitTrainer"].IS_CHANGED
+    before = changed(**TINY_WIDGETS)
+    assert changed(**TINY_WIDGETS) == before and changed(**{**TINY_WIDGETS, "rank": 8}) == before
+    caption = base_dir / "input" / "data" / "glyph_00.txt"
+    text = caption.read_text()
+    try:
+        caption.write_text(text + ", at night")
+        assert changed(**TINY_WIDGETS) != before
+    finally:
+        caption.write_text(text)
+    extra = base_dir / "input" / "data" / "glyph_09.png"
+    shutil.copy(base_dir / "input" / "data" / "glyph_00.png", extra)
+    try:
+        assert changed(**TINY_WIDGETS) != before
+    finally:
+        extra.unlink()
+    assert "dataset_dir" in changed(**{**TINY_WIDGETS, "dataset_dir": "nope"})  # init then names the widget
 
 
 def test_memory_preset_sets_the_memory_options_and_custom_keeps_the_widgets():
@@ -322,7 +350,7 @@ def test_cancel_keeps_the_steps_done_and_a_rerun_continues(h0, straight, monkeyp
     monkeypatch.setattr(bridge, "progress_bar", lambda total: type("Bar", (), {
         "update_absolute": lambda self, value, total=None: steps_run.append(value)})())
     h3 = loop(h2, 4)  # queued again: continues from step 7 instead of starting the loop over
-    assert steps_run == [3, 4] and h3.step == 9
+    assert steps_run == [2, 3, 4] and h3.step == 9  # the bar starts at the 2 steps kept, then moves per new step
     assert_lora_equal(h3.state.lora, straight[9])
 
 
@@ -339,14 +367,26 @@ def test_should_stop_returning_true_keeps_the_steps_and_raises(h0, straight):
 
 def test_saved_state_resumes_through_init_trainer(h0, straight, base_dir):
     saved, path = save(loop(h0, 3), save_state=True)
-    state_file = Path(path).with_name("nodes_test_000003.state.safetensors")
-    assert state_file.is_file() and state_file.parent == base_dir / "models" / "loras"
+    state_file = saved.checkpoints[-1].state_path
+    assert state_file.is_file() and state_file.parent == base_dir / "models" / bridge.STATES
     assert state_file.name in dict(nodes["InitTrainer"].INPUT_TYPES()["required"])["resume_state"][0]
     with pytest.raises(ValueError, match="resume_state: .* rank 8 \\(state: 4\\)"):
         init(resume_state=state_file.name, rank=8)
     resumed = init(resume_state=state_file.name)
     assert resumed.step == 3
     assert_lora_equal(loop(resumed, 2).state.lora, straight[5])
+
+
+def test_a_graph_queued_again_after_the_cache_forgot_it_loads_its_loops_from_the_store(h0, monkeypatch):
+    saved, path = save(loop(loop(h0, 2), 1))
+    before = Path(path).read_bytes()
+    old = h0.run
+    monkeypatch.setattr(Trainer, "train", None)  # no step may run
+    again = init()  # ComfyUI ran InitTrainer again: a new run of the same config takes the loaded models over
+    assert old.released and again.run.loaded
+    saved_again, path_again = save(loop(loop(again, 2), 1))
+    assert path_again == path and Path(path).read_bytes() == before
+    assert_lora_equal(saved_again.state.lora, saved.state.lora)
 
 
 def test_a_new_init_releases_the_old_run(h0):

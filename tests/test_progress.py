@@ -135,7 +135,7 @@ class Cancel(Exception):
 class FakeRun:
     """Stands in for TrainingRun: runs `steps` instant steps, calling on_step as the trainer does."""
 
-    def train(self, handle, steps, on_step=None, should_stop=None):
+    def train(self, handle, steps, on_step=None, should_stop=None, on_known=None):
         losses = []
         for k in range(1, steps + 1):
             losses.append(1.0 / k)
@@ -192,10 +192,47 @@ def test_a_cancelled_loop_is_shown_stopped(sent):
     assert bridge.progress_messages() == [last]
 
 
+class StoredRun:
+    """Stands in for TrainingRun when the run store holds the loop: no step runs, `on_known` gets its state."""
+
+    def train(self, handle, steps, on_step=None, should_stop=None, on_known=None):
+        state = SimpleNamespace(step=handle.step + steps, losses=[2.0] * handle.step + [1.0 / k for k in range(1, steps + 1)])
+        on_known(state)
+        return SimpleNamespace(step=state.step, state=state)
+
+
+def test_a_loop_from_the_run_store_is_shown_loaded_with_its_whole_chart(sent):
+    after, step, loss = TrainLoop().train(SimpleNamespace(run=StoredRun(), step=10), 50, unique_id="4")
+    (message,) = [data for _, data in sent.events]
+    assert (message["step"], message["total"], message["run_step"]) == (50, 50, 60)
+    assert message["loaded"] is True and message["running"] is False and message["s_per_it"] is None
+    assert [p[0] for p in message["history"]] == list(range(11, 61))  # the loop's steps, not the run's before it
+    assert sent.updates == [50]
+
+
+def test_replay_charts_steps_done_before_and_times_only_new_ones():
+    tracker = ProgressTracker(10, first_step=5)
+    tracker.replay([1.0, 0.5])  # a continued loop: 2 of its steps were done before the cancel
+    assert (tracker.done, tracker.step, tracker.loss) == (2, 7, 0.5) and math.isnan(tracker.seconds_per_step)
+    feed(tracker, [0.25], seconds=2.0)
+    snap = tracker.snapshot()
+    assert snap["step"] == 3 and snap["s_per_it"] == 2.0 and [p[0] for p in snap["history"]] == [6, 7, 8]
+
+
+def test_the_route_serves_only_the_latest_prompts_messages(sent, monkeypatch):
+    server = SimpleNamespace(last_prompt_id="first")
+    monkeypatch.setattr(bridge, "_prompt_server", lambda: server)
+    TrainLoop().train(SimpleNamespace(run=FakeRun(), step=0), 3, unique_id="5")
+    TrainLoop().train(SimpleNamespace(run=FakeRun(), step=0), 3, unique_id="6")
+    server.last_prompt_id = "second"  # another workflow queued: the first one's numbers must not show as its
+    TrainLoop().train(SimpleNamespace(run=FakeRun(), step=0), 3, unique_id="5")
+    assert [(m["node"], m["prompt_id"]) for m in bridge.progress_messages()] == [("5", "second")]
+
+
 def test_progress_messages_are_numbers_only(sent):
     TrainLoop().train(SimpleNamespace(run=FakeRun(), step=0), 30, unique_id="12")
     (message,) = bridge.progress_messages()
-    leaves = [v for k, v in message.items() if k not in ("node", "history")] + sum(message["history"], [])
+    leaves = [v for k, v in message.items() if k not in ("node", "prompt_id", "history")] + sum(message["history"], [])
     assert all(isinstance(v, (int, float, bool)) or v is None for v in leaves)
 
 

@@ -226,7 +226,9 @@ def test_tiny_workflow_runs_end_to_end_through_the_nodes(comfy_base):
                                  "FluxLoRA_TrainLoop": dict(steps=2), "FluxLoRA_ValidationSample": small,
                                  "FluxLoRA_XYLoraStrengthGrid": dict(small, strengths="0,1")})
     loras = sorted(p.name for p in (base / "models" / "loras").glob("flux_tiny_demo_*.safetensors"))
-    assert loras == [f"flux_tiny_demo_{s:06d}{x}" for s in (2, 4, 6, 8) for x in (".safetensors", ".state.safetensors")]
+    assert loras == [f"flux_tiny_demo_{s:06d}.safetensors" for s in (2, 4, 6, 8)]
+    states = sorted(p.name for p in (base / "models" / "flux_lora_states").glob("flux_tiny_demo_*.safetensors"))
+    assert states == [f"flux_tiny_demo_{s:06d}.state.safetensors" for s in (2, 4, 6, 8)]  # not among the LoRAs
     by_type = {}
     for node in workflow["nodes"]:
         if node["id"] in outputs:

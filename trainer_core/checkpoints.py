@@ -12,8 +12,9 @@ import json
 import logging
 import os
 import re
+import shutil
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -39,6 +40,7 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     tmp = path.with_name(f"{_tmp_prefix(path)}{os.getpid()}-{uuid.uuid4().hex[:8]}")
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # writers may create 0600 files; the user's files follow their umask
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -62,6 +64,12 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     return path
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)  # the only way to read it is to set it; put straight back
+    os.umask(mask)
+    return mask
+
+
 def _tmp_prefix(path: Path) -> str:
     """Temporary files of `path` are named `.<name>.tmp-<pid>-<random>`: hidden, and never a model or state name."""
     return f".{path.name}{_TMP_MARK}"
@@ -70,6 +78,11 @@ def _tmp_prefix(path: Path) -> str:
 def save_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> Path:
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+
+
+def save_png(image, path: str | Path) -> Path:
+    """A PIL image as a PNG, atomically."""
+    return atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
 
 
 def file_fingerprint(path: str | Path) -> str:
@@ -107,9 +120,21 @@ class TrainingState:
     lrs: list[float]
     fingerprint: dict[str, str]  # settings that must match to resume (rank, blocks, base architecture, ...)
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    dataset: str = ""  # data.dataset_fingerprint of the records trained on ("" = unknown: an older file)
+    dataset_files: dict[str, str] = field(default_factory=dict)  # file -> size/mtime/caption, to name what changed
+    run: str = ""  # the run store identity of the run it belongs to ("" = none)
+    chain: tuple[int, ...] = ()  # the loop lengths that led to it in that run
 
     def clone(self) -> "TrainingState":
         return copy.deepcopy(self)
+
+    def light(self) -> "TrainingState":
+        """The same point without optimizer moments (which the run store keeps): what a handle holds in RAM."""
+        return replace(self, optimizer={})
+
+    @property
+    def is_light(self) -> bool:
+        return not self.optimizer
 
 
 def save_training_state(path: str | Path, state: TrainingState, config: dict | None = None) -> Path:
@@ -126,12 +151,23 @@ def save_training_state(path: str | Path, state: TrainingState, config: dict | N
         "step": state.step, "epoch": state.epoch, "cursor": state.cursor, "id": state.id,
         "losses": state.losses, "lrs": state.lrs, "fingerprint": state.fingerprint,
         "param_groups": state.optimizer["param_groups"], "optimizer_scalars": scalars, "config": config or {},
+        "dataset": state.dataset, "dataset_files": state.dataset_files, "run": state.run, "chain": list(state.chain),
     }
     return save_safetensors(path, tensors, {"format": STATE_FORMAT, "state": json.dumps(header)})
 
 
-def load_training_state(path: str | Path) -> tuple[TrainingState, dict]:
-    """-> (state, the config dict it was saved with). Raises ValueError naming the file if it is not a state file."""
+def read_state_header(path: str | Path) -> dict:
+    """The JSON header of a state file (step, run, chain, dataset, config, ...) without reading its tensors."""
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    if meta.get("format") != STATE_FORMAT:
+        raise ValueError(f"{path} is not a training state of this trainer (a LoRA file?); pick a *{STATE_SUFFIX} file")
+    return json.loads(meta["state"])
+
+
+def load_training_state(path: str | Path, optimizer: bool = True) -> tuple[TrainingState, dict]:
+    """-> (state, the config dict it was saved with); `optimizer=False` skips the moments (a light state).
+    Raises ValueError naming the file if it is not a complete state file."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"training state {path} does not exist; pick a *{STATE_SUFFIX} file written by SaveCheckpoint")
@@ -140,7 +176,7 @@ def load_training_state(path: str | Path) -> tuple[TrainingState, dict]:
             meta = f.metadata() or {}
             if meta.get("format") != STATE_FORMAT:
                 raise ValueError(f"{path} is not a training state of this trainer (a LoRA file?); pick a *{STATE_SUFFIX} file")
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            tensors = {k: f.get_tensor(k) for k in f.keys() if optimizer or not k.startswith("optimizer.")}
     except SafetensorError as e:
         raise ValueError(f"{path} is damaged or incomplete ({e}); pick an earlier state file") from e
     header = json.loads(meta["state"])
@@ -156,8 +192,10 @@ def load_training_state(path: str | Path) -> tuple[TrainingState, dict]:
         step=header["step"], epoch=header["epoch"], cursor=header["cursor"], id=header["id"],
         lora={k[5:]: v for k, v in tensors.items() if k.startswith("lora.")},
         rng={k[4:]: v for k, v in tensors.items() if k.startswith("rng.")},
-        optimizer={"state": opt_state, "param_groups": header["param_groups"]},
+        optimizer={"state": opt_state, "param_groups": header["param_groups"]} if optimizer else {},
         losses=header["losses"], lrs=header["lrs"], fingerprint=header["fingerprint"],
+        dataset=header.get("dataset", ""), dataset_files=header.get("dataset_files", {}), run=header.get("run", ""),
+        chain=tuple(header.get("chain", ())),
     )
     return state, header["config"]
 
@@ -188,3 +226,30 @@ def latest_state_file(folder: str | Path, stem: str, max_step: int | None = None
         if step > best_step and (max_step is None or step <= max_step):
             best, best_step = p, step
     return best
+
+
+def free_path(folder: str | Path, stem: str, suffix: str, is_ours: Callable[[Path], bool]) -> Path:
+    """`<folder>/<stem><suffix>` unless another run's file holds that name; then the first free (or ours)
+    `<stem>_00001_<suffix>`, `<stem>_00002_<suffix>`, ... (ComfyUI's counter convention), with a log line.
+
+    `is_ours(path)` says whether an existing file is this very output (rewriting it changes nothing)."""
+    path = Path(folder) / f"{stem}{suffix}"
+    counter = 0
+    while path.exists() and not is_ours(path):
+        counter += 1
+        path = Path(folder) / f"{stem}_{counter:05d}_{suffix}"
+    if counter:
+        log.info("%s%s holds another run's file; writing %s instead", stem, suffix, path.name)
+    return path
+
+
+def link_or_copy(source: str | Path, path: str | Path) -> Path:
+    """`path` as the same file as `source` (a hard link: no disk used twice), or a copy where links are impossible;
+    atomic either way."""
+    def write(tmp: Path) -> None:
+        try:
+            os.link(source, tmp)
+        except OSError:  # another file system, or one without hard links
+            shutil.copyfile(source, tmp)
+
+    return atomic_write(path, write)

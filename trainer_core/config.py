@@ -118,6 +118,8 @@ class TrainConfig:
     output_name: str = "flux_lora"  # file stem; the step is appended
     lora_format: str = "kohya"  # kohya (fused qkv, BFL names) or diffusers (peft keys, separate q/k/v: smaller)
     tensorboard: bool = True  # TensorBoard event files in <output_dir>/tensorboard/<output_name> (if installed)
+    store_dir: str = ""  # the run store (every loop's state, so no step is trained twice); "" = <output_dir>/run_store
+    keep_runs: int = 3  # runs whose states the store keeps; older runs' states are deleted (LoRA files never)
 
     def __post_init__(self):
         object.__setattr__(self, "resolutions", _parse_resolutions(self.resolutions))
@@ -213,6 +215,7 @@ class TrainConfig:
              "float8 weight to measure its norms); turn fp8_base off (memory_preset custom) or dora off")
         need(not (self.dora and self.blocks_to_swap), "dora cannot be combined with blocks_to_swap (DoRA's weight norms "
              "read every swapped weight, untested with block swap); set blocks_to_swap to 0 or dora off")
+        need(self.keep_runs >= 1, f"keep_runs: {self.keep_runs}; use 1 or more (each run takes about 3x its LoRA's size)")
         need(bool(self.output_name.strip()), "output_name: empty; give a file name stem such as my_lora")
         check_output_name(self.output_name)
 
@@ -245,7 +248,7 @@ class TrainConfig:
 
 
 _PATH_FIELDS = {"transformer_path", "vae_path", "clip_path", "t5_path", "dataset_dir", "tokenizer_dir", "clip_tokenizer_dir",
-                "t5_tokenizer_dir", "validation_transformer_path", "cache_dir", "output_dir", "init_lora"}
+                "t5_tokenizer_dir", "validation_transformer_path", "cache_dir", "output_dir", "init_lora", "store_dir"}
 
 
 def read_toml(path: str | Path) -> dict:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -259,36 +259,52 @@ def _kohya_groups(transformer: nn.Module) -> Iterator[tuple[str, tuple[str, ...]
 
 
 def kohya_state_dict(transformer: nn.Module, dtype: torch.dtype = torch.bfloat16) -> dict[str, torch.Tensor]:
-    """The adapter at strength 1 in the kohya layout ComfyUI loads: `lora_unet_double_blocks_0_img_attn_qkv.*`.
+    """The adapter at strength 1 in the kohya layout ComfyUI loads (`kohya_from_lora_state` of its tensors; a DoRA's
+    magnitudes are saved apart, as `kohya_dora_scales`)."""
+    state = {k: v for k, v in lora_state(transformer).items() if ".lora_magnitude_vector." not in k}
+    return kohya_from_lora_state(state, _rank_alpha(transformer)[1], dtype,
+                                 out_features=lambda name: transformer.get_submodule(name).out_features)
+
+
+def kohya_from_lora_state(state: dict[str, torch.Tensor], alpha: float, dtype: torch.dtype = torch.bfloat16,
+                          out_features: Callable[[str], int] | None = None) -> dict[str, torch.Tensor]:
+    """A `lora_state` (peft/diffusers names, one alpha) -> the kohya layout ComfyUI loads:
+    `lora_unet_double_blocks_0_img_attn_qkv.*`. Pure: no model needed, so a saved handle's LoRA is written as is.
 
     Parts of a fused BFL Linear (k of them, each rank r) become one LoRA of rank k*r: down (k*r, in) stacks the A's,
     up (sum of outs, k*r) is block-diagonal in the B's, so up @ down stacks the B_j @ A_j. ComfyUI applies
-    (alpha / rank) * up @ down, so alpha = peft alpha * k keeps each part's scale. Parts without a LoRA get zero
-    blocks. `.alpha` is float32: a bf16 alpha could be rounded.
+    (alpha / rank) * up @ down, so alpha = peft alpha * k keeps each part's scale. `.alpha` is float32: a bf16 alpha
+    could be rounded. Parts of a fused Linear without a LoRA get zero blocks, `out_features(name)` giving their
+    width (our adapters always cover whole fused Linears). Keys it does not understand raise.
     """
-    layers = _require_adapter(transformer)
-    state = {}
-    for key, parts in _kohya_groups(transformer):
-        ref = next((layers[p] for p in parts if p in layers), None)
-        if ref is None:
-            continue
-        r, a_dtype = ref.r[ADAPTER], ref.lora_A[ADAPTER].weight.dtype
-        downs, ups = [], []
-        for part in parts:
-            if part in layers:
-                layer = layers[part]
-                downs.append(layer.lora_A[ADAPTER].weight.detach())
-                ups.append(layer.lora_B[ADAPTER].weight.detach() * (_scale(layer) / _scale(ref)))
-            else:
-                linear = transformer.get_submodule(part)
-                downs.append(torch.zeros(r, linear.in_features, dtype=a_dtype))
-                ups.append(torch.zeros(linear.out_features, r, dtype=a_dtype))
-        down = torch.cat([d.cpu() for d in downs])  # (k*r, in)
-        up = torch.block_diag(*[u.cpu() for u in ups])  # (sum of outs, k*r)
-        state[f"{key}.lora_down.weight"] = down.to(dtype).contiguous()
-        state[f"{key}.lora_up.weight"] = up.to(dtype).contiguous()
-        state[f"{key}.alpha"] = torch.tensor(ref.lora_alpha[ADAPTER] * down.shape[0] / r, dtype=torch.float32)
-    return state
+    out, used = {}, set()
+    for attr, bfl_prefix, modules in BLOCK_KINDS.values():
+        indices = sorted({int(k.split(".")[1]) for k in state if k.startswith(f"{attr}.")})
+        for i in indices:
+            for bfl, parts in modules.items():
+                names = [f"{attr}.{i}.{p}" for p in parts]
+                keys = [(f"{n}.lora_A.weight", f"{n}.lora_B.weight") for n in names]
+                have = [a in state and b in state for a, b in keys]
+                if not any(have):
+                    continue
+                key = f"lora_unet_{bfl_prefix}_{i}_{bfl.replace('.', '_')}"
+                r, width = state[keys[have.index(True)][0]].shape
+                if not all(have) and out_features is None:
+                    raise ValueError(f"LoRA state: {key} has a LoRA on only some of {', '.join(names)}; give "
+                                     "out_features for the others' zero blocks")
+                downs = [state[a].float().cpu() if ok else torch.zeros(r, width) for (a, _), ok in zip(keys, have)]
+                ups = [state[b].float().cpu() if ok else torch.zeros(out_features(n), r)
+                       for (_, b), ok, n in zip(keys, have, names)]
+                down = torch.cat(downs)  # (k*r, in)
+                up = torch.block_diag(*ups)  # (sum of outs, k*r)
+                out[f"{key}.lora_down.weight"] = down.to(dtype).contiguous()
+                out[f"{key}.lora_up.weight"] = up.to(dtype).contiguous()
+                out[f"{key}.alpha"] = torch.tensor(alpha * down.shape[0] / r, dtype=torch.float32)
+                used.update(k for pair, ok in zip(keys, have) if ok for k in pair)
+    leftover = sorted(state.keys() - used)
+    if leftover:
+        raise ValueError(f"LoRA state: {len(leftover)} keys are not block LoRA tensors: {_preview(leftover)}")
+    return out
 
 
 def save_kohya_lora(
@@ -303,15 +319,25 @@ def save_kohya_lora(
     adds `dora_scale` per module.
     """
     save_safetensors(path, kohya_state_dict(transformer, dtype) | kohya_dora_scales(transformer),
-                     _file_metadata(transformer, metadata))
+                     _file_metadata(*_rank_alpha(transformer), metadata))
 
 
-def _file_metadata(transformer: nn.Module, metadata: dict[str, str]) -> dict[str, str]:
+def save_kohya_state(path: str | os.PathLike, state: dict[str, torch.Tensor], rank: int, alpha: float,
+                     metadata: dict[str, str], dtype: torch.dtype = torch.bfloat16) -> None:
+    """`save_kohya_lora` of a plain LoRA from its `lora_state` (no model needed; DoRA's scales need the base)."""
+    save_safetensors(path, kohya_from_lora_state(state, alpha, dtype), _file_metadata(rank, alpha, metadata))
+
+
+def _rank_alpha(transformer: nn.Module) -> tuple[int, float]:
+    ref = next(iter(_require_adapter(transformer).values()))
+    return ref.r[ADAPTER], ref.lora_alpha[ADAPTER]
+
+
+def _file_metadata(rank: int, alpha: float, metadata: dict[str, str]) -> dict[str, str]:
     bad = [k for k, v in metadata.items() if not isinstance(k, str) or not isinstance(v, str)]
     if bad:
         raise TypeError(f"metadata values must be str (safetensors header); convert {bad} with str()")
-    ref = next(iter(_require_adapter(transformer).values()))
-    return {"ss_network_dim": str(ref.r[ADAPTER]), "ss_network_alpha": str(ref.lora_alpha[ADAPTER]), **metadata}
+    return {"ss_network_dim": str(rank), "ss_network_alpha": str(alpha), **metadata}
 
 
 def _split_fused(
@@ -468,7 +494,7 @@ def save_lora_file(path: str | os.PathLike, transformer: nn.Module, metadata: di
         return
     if lora_format != "diffusers":
         raise ValueError(f"lora_format: {lora_format!r}; choose one of {', '.join(LORA_FORMATS)}")
-    save_safetensors(path, diffusers_state_dict(transformer, dtype), _file_metadata(transformer, metadata))
+    save_safetensors(path, diffusers_state_dict(transformer, dtype), _file_metadata(*_rank_alpha(transformer), metadata))
 
 
 def lora_file_format(path: Path, keys: Sequence[str]) -> str:

@@ -1,19 +1,21 @@
 """What a run does around the loop: train in stretches, save after each, sample, plot, and draw the XY grid.
 
-The CLI's `train` and `demo` both go through `execute`, so a config file and the demo behave alike.
+The CLI's `train` and `demo` both go through `execute`, so a config file and the demo behave alike, and both use the
+run store the nodes use (`run_handle.TrainingRun`).
 """
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
 from tqdm import tqdm
 
 from . import plots
-from .checkpoints import STATE_SUFFIX, atomic_write, checkpoint_stem
+from .checkpoints import STATE_SUFFIX, checkpoint_stem, save_png
 from .config import check_fields
+from .run_handle import Checkpoint, TrainingHandle, TrainingInterrupted, TrainingRun
 from .trainer import StepInfo, Trainer, strength_grid
 
 
@@ -63,54 +65,72 @@ class RunResult:
 
 
 def execute(trainer: Trainer, plan: RunPlan, should_stop: Callable[[], bool] | None = None) -> RunResult:
-    """Train to `plan.steps`. `should_stop()` (a Ctrl-C) ends it after the current step, with a LoRA and a state saved at
-    that step so that no step done is lost. Of several data-parallel processes only the main one writes files and
-    samples; the others train along and return an empty result."""
+    """Train `trainer` (fresh, or restored to a saved state) to `plan.steps` in stretches of `save_every`, writing a
+    LoRA, a state and samples after each, then the loss plot and the XY grid.
+
+    Stretches the run store holds are loaded, not trained, so the same config run again trains nothing and rewrites
+    no file. A trainer restored to a state of this very run starts from the fresh run and loads its stretches, so
+    the plot and grid show the whole run. `should_stop()` (a Ctrl-C) ends it after the current step, with a LoRA and a
+    state saved at that step so that no step done is lost. Of several data-parallel processes only the main one
+    writes files and samples (each keeps the run store's entries, identical, so that all skip the same stretches)."""
     if trainer.config.total_steps == 0:  # auto: the schedule spans the plan
         trainer.config = trainer.config.replace(total_steps=plan.steps)
     cfg = trainer.config
     main = trainer.processes.is_main
     out = Path(cfg.output_dir)
     result = RunResult()
-    checkpoints: list[tuple[int, dict]] = []
     sample = dict(seed=plan.sample_seed, steps=plan.sample_steps, guidance=plan.sample_guidance,
                   width=plan.sample_width, height=plan.sample_height, base_path=plan.validation_base or None,
                   negative_prompt=plan.sample_negative_prompt, true_cfg_scale=plan.sample_true_cfg_scale)
-    with tqdm(total=plan.steps, initial=min(trainer.step, plan.steps), desc="training", unit="step",
+    handle = TrainingRun.around(trainer)
+    run = handle.run
+    done = [run.stored(handle.chain[:i]) for i in range(1, len(handle.chain))]
+    checkpoints: tuple[Checkpoint, ...] = ()
+
+    def outputs(point: TrainingHandle) -> TrainingHandle:
+        nonlocal checkpoints
+        if not main:
+            return point
+        point = run.save_checkpoint(replace(point, checkpoints=checkpoints), save_state=plan.save_state, folder=out,
+                                    state_folder=out)
+        checkpoints = point.checkpoints
+        result.loras.append(checkpoints[-1].lora_path)
+        if checkpoints[-1].state_path is not None:
+            result.states.append(checkpoints[-1].state_path)
+        stem = checkpoints[-1].lora_path.name.removesuffix(".safetensors")
+        images = trainer.sample(plan.prompts, lora_state=point.state.lora, **sample) if plan.prompts else []
+        for i, image in enumerate(images):
+            result.samples.append(save_png(image, out / "samples" / f"{stem}_{i}.png"))
+        return point
+
+    for point in [p for p in done if p is not None] + ([handle] if handle.chain else []):
+        handle = outputs(point)
+    with tqdm(total=plan.steps, initial=min(handle.step, plan.steps), desc="training", unit="step",
               disable=not main) as bar:
-        while trainer.step < plan.steps:
-            next_save = (trainer.step // plan.save_every + 1) * plan.save_every
-            target = min(next_save, plan.steps)
-            trainer.train(target - trainer.step, on_step=lambda info: _advance(bar, info), should_stop=should_stop)
-            stopping = trainer.step < target  # every process stopped at the same step
-            if not main:
-                if stopping:
-                    return result
-                continue
-            stem = checkpoint_stem(cfg.output_name, trainer.step)
-            result.loras.append(trainer.save_lora(out / f"{stem}.safetensors"))
-            if stopping:
-                result.states.append(trainer.save_state(out / f"{stem}{STATE_SUFFIX}"))
+        while handle.step < plan.steps:
+            next_save = (handle.step // plan.save_every + 1) * plan.save_every
+            try:
+                handle = run.train(handle, min(next_save, plan.steps) - handle.step, should_stop=should_stop,
+                                   on_step=lambda info: _advance(bar, info),
+                                   on_known=lambda s: bar.update(s.step - bar.n))
+            except TrainingInterrupted:  # every process stopped at the same step: keep it as the CLI's resume point
                 result.interrupted = True
+                if main:
+                    stem = checkpoint_stem(cfg.output_name, trainer.step)
+                    result.loras.append(trainer.save_lora(out / f"{stem}.safetensors"))
+                    result.states.append(trainer.save_state(out / f"{stem}{STATE_SUFFIX}"))
                 return result
-            state = trainer.snapshot()
-            if plan.save_state:
-                result.states.append(trainer.save_state(out / f"{stem}{STATE_SUFFIX}", state))
-            checkpoints.append((trainer.step, state.lora))
-            for i, image in enumerate(trainer.sample(plan.prompts, **sample) if plan.prompts else []):
-                result.samples.append(save_png(image, out / "samples" / f"{stem}_{i}.png"))
+            handle = outputs(handle)
     if not main:
         return result
+    state = handle.state
     result.loss_plot = out / f"{cfg.output_name}_loss.png"
-    plots.loss_plot(trainer.losses, trainer.lrs, [s for s, _ in checkpoints], path=result.loss_plot)
+    plots.loss_plot(state.losses, state.lrs, [c.step for c in checkpoints], path=result.loss_plot)
     if plan.prompts and checkpoints:
-        grid = strength_grid(trainer, checkpoints, plan.strengths, plan.prompts[0], **sample)
+        rows = [(c.step, c.state.lora) for c in checkpoints]
+        grid = strength_grid(trainer, rows, plan.strengths, plan.prompts[0], **sample)
         result.grid = save_png(grid, out / f"{cfg.output_name}_xy_grid.png")
     return result
-
-
-def save_png(image, path: Path) -> Path:
-    return atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
 
 
 def mean_losses(losses: list[float], window: int = 20) -> tuple[float, float]:

@@ -66,15 +66,24 @@ class ProgressTracker:
 
     def update(self, info: StepInfo) -> None:
         """Take in one finished optimizer step."""
-        self.step, self.loss = info.step, info.loss
         self._seconds.append(info.seconds)
+        self._record(info.step, info.loss)
+
+    def replay(self, losses: list[float]) -> None:
+        """Steps of this loop done before (a continued loop, or one loaded from the run store), oldest first:
+        charted and counted, not timed."""
+        for i, loss in enumerate(losses):
+            self._record(self.first_step + i + 1, loss)
+
+    def _record(self, step: int, loss: float) -> None:
+        self.step, self.loss = step, loss
         # bias-corrected like Adam's moments, so the first steps are not pulled toward 0
-        self._ema = LOSS_SMOOTHING * self._ema + (1 - LOSS_SMOOTHING) * info.loss
+        self._ema = LOSS_SMOOTHING * self._ema + (1 - LOSS_SMOOTHING) * loss
         self._ema_steps += 1
         self.smoothed_loss = self._ema / (1 - LOSS_SMOOTHING**self._ema_steps)
-        self._open.append(info.loss)
+        self._open.append(loss)
         if len(self._open) == self._stride:
-            self._points.append((info.step, sum(self._open) / self._stride, self.smoothed_loss))
+            self._points.append((step, sum(self._open) / self._stride, self.smoothed_loss))
             self._open = []
             if len(self._points) == self.max_points:
                 pairs = zip(self._points[::2], self._points[1::2])

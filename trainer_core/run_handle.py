@@ -1,11 +1,17 @@
-"""A training run as a node graph sees it: one live `Trainer`, and handles that are values.
+"""A training run as a node graph sees it: handles that are values, a run store behind them, models loaded lazily.
 
 ComfyUI caches node outputs and runs siblings in an order of its choosing, so a handle mutated in place would let a
 node downstream of loop 1 see the weights of loop 2. Here a `TrainingHandle` is frozen and names one point of the
-run (a `TrainingState`); every call first brings the trainer to the handle's state (restoring only when it stands
+run: the chain of loop lengths that led to it and its state (LoRA, RNG, position, losses; the optimizer moments
+stay in the run store). Every call first brings the trainer to the handle's state (restoring only when it stands
 elsewhere). Re-running loop k from its input handle therefore re-trains from loop k-1, whatever ran in between.
 
-Only one run holds models at a time: starting a run releases the previous one, and its handles then raise.
+Every loop result goes to the run store (`run_store.py`), so a loop ComfyUI runs again after its cache forgot it
+(another prompt, a restart) is loaded in seconds instead of trained, and models load only when a loop must really
+train or a sample must render.
+
+Only one run holds models at a time: starting a run releases the previous one (handing its models over when the new
+run needs the same ones), and its handles then raise.
 """
 from __future__ import annotations
 
@@ -16,12 +22,19 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
+from safetensors import SafetensorError, safe_open
 
-from .checkpoints import STATE_SUFFIX, TrainingState, checkpoint_stem
+from . import lora
+from .checkpoints import (STATE_SUFFIX, TrainingState, checkpoint_stem, file_fingerprint, free_path, link_or_copy,
+                          read_state_header, save_training_state)
 from .config import TrainConfig
-from .trainer import NonFiniteLossError, StepInfo, Trainer, preflight, strength_grid
+from .data import ImageRecord, dataset_fingerprint
+from .run_store import RunStore, chain_key, dataset_changes, dataset_files, image_key, run_identity, state_bytes
+from .trainer import NonFiniteLossError, StepInfo, Trainer, lora_metadata, preflight, strength_grid
 
 log = logging.getLogger(__name__)
+
+RUN_KEY = "flux_lora_trainer_run"  # LoRA file metadata: "<run identity>/<chain>", which run and point wrote it
 
 
 class TrainingInterrupted(RuntimeError):
@@ -32,7 +45,8 @@ class TrainingInterrupted(RuntimeError):
 class Checkpoint:
     step: int
     lora_path: Path
-    state: TrainingState  # in memory: the XY grid samples its LoRA without reading the file back
+    state: TrainingState  # in memory (light): the XY grid samples its LoRA without reading the file back
+    state_path: Path | None = None  # the training state saved beside it, if asked for
 
 
 @dataclass(frozen=True, eq=False)
@@ -41,12 +55,17 @@ class TrainingHandle:
     never by the tensors inside)."""
 
     run: "TrainingRun"
-    state: TrainingState
+    saved: TrainingState | None  # None: the run's fresh start, made (models loaded) only when first needed
+    chain: tuple[int, ...] = ()  # loop lengths from the run's start to here: the run store's key
     checkpoints: tuple[Checkpoint, ...] = ()  # saved along the graph path that led here, oldest first
 
     @property
+    def state(self) -> TrainingState:
+        return self.saved if self.saved is not None else self.run.initial_state()
+
+    @property
     def step(self) -> int:
-        return self.state.step
+        return self.saved.step if self.saved is not None else 0
 
 
 def _grad_enabled(method):
@@ -64,58 +83,156 @@ def _grad_enabled(method):
 _active: "TrainingRun | None" = None  # the run holding models; a new run releases it first
 
 
+def store_folder(config: TrainConfig) -> Path:
+    return Path(config.store_dir or Path(config.output_dir) / "run_store")
+
+
 class TrainingRun:
-    def __init__(self, trainer: Trainer):
-        self.trainer: Trainer | None = trainer
+    def __init__(self, config: TrainConfig, records: Sequence[ImageRecord], resume: TrainingState | None = None,
+                 on_progress: Callable[[str, int, int], None] | None = None,
+                 before_load: Callable[[], None] | None = None):
+        """The run of `config` on `records` from `resume` (None: fresh). Raises if `resume` was trained on another
+        version of the dataset. A resumed state of this very run continues its chain (and its stored loops)."""
+        self.config = config
+        self.records = list(records)
+        self.store = RunStore(store_folder(config), config.keep_runs)
+        self._dataset, self._dataset_files = dataset_fingerprint(records), dataset_files(records)
+        if resume is not None and resume.dataset and resume.dataset != self._dataset:
+            raise ValueError(
+                f"resume_state: the dataset changed since this state was saved ({dataset_changes(resume.dataset_files, self._dataset_files)}); "
+                f"put those files in {config.dataset_dir} back as they were to continue it, or start a fresh run")
+        self.load_key = run_identity(config, records)  # what the loaded models and cached data depend on
+        own = resume is not None and resume.run == self.load_key
+        self.identity = self.load_key if resume is None or own else run_identity(config, records, resume)
+        self.start_handle = TrainingHandle(self, resume, resume.chain if own else ())
+        self._start = None if resume is None or own else resume  # where chain () stands, when not the fresh init
+        self._trainer: Trainer | None = None  # loaded when first needed (`trainer`)
+        self.released = False
+        self._fresh: TrainingState | None = None  # the trainer's state when its models were loaded (step 0)
         self._at: str | None = None  # id of the TrainingState the trainer stands at; None = unknown
         # (id of the state a cancelled loop started from, the state it reached): lets a re-run continue it
         self._interrupted: tuple[str, TrainingState] | None = None
+        self._on_progress, self._before_load = on_progress, before_load
+        self._base_fingerprint: str | None = None
 
     @classmethod
-    @_grad_enabled
     def start(
         cls,
         config: TrainConfig,
         resume: TrainingState | None = None,
         on_progress: Callable[[str, int, int], None] | None = None,
+        before_load: Callable[[], None] | None = None,
     ) -> TrainingHandle:
-        """Release the active run, load the models for `config` and return the handle at step 0 (or `resume`).
+        """Release the active run and return the handle at step 0 (or `resume`) of `config`'s run; no model loads
+        until a loop must train or a sample must render (`before_load` runs then).
 
         Everything that needs no weights is checked first (`preflight`): a wrong file, rank or dataset raises while
-        the active run still holds its models.
+        the active run still holds its models. A run of the same config and data takes the active run's models over.
         """
         global _active
-        records = preflight(config)
+        run = cls(config, preflight(config), resume, on_progress, before_load)
         if _active is not None:
+            if (_active.config, _active.load_key) == (config, run.load_key) and _active._trainer is not None:
+                run._trainer, run._fresh, run._at = _active._trainer, _active._fresh, _active._at
+                run._interrupted, _active._trainer = _active._interrupted, None
             _active.release()
-        trainer = Trainer.from_config(config, on_progress=on_progress, records=records)
-        if resume is not None:
-            trainer.restore(resume)
-        run = _active = cls(trainer)
-        state = resume if resume is not None else trainer.snapshot()
-        run._at = state.id
-        return TrainingHandle(run, state)
+        _active = run
+        return run.start_handle
+
+    @classmethod
+    def around(cls, trainer: Trainer) -> TrainingHandle:
+        """A run over a loaded trainer (the CLI's), at the state it was last restored to (or fresh at step 0);
+        it never becomes the active run of the nodes."""
+        resume = None
+        if trainer.step:
+            r = trainer.restored
+            resume = trainer.snapshot() if r is None or r.step != trainer.step else replace(
+                trainer.snapshot(), id=r.id, run=r.run, chain=r.chain, dataset=r.dataset, dataset_files=r.dataset_files)
+        run = cls(trainer.config, trainer.dataset.records, resume)
+        run._trainer = trainer
+        if resume is None:
+            run._fresh = trainer.snapshot()
+        run._at = (resume or run._fresh).id
+        return run.start_handle
+
+    @property
+    def trainer(self) -> Trainer | None:
+        """The live trainer, its models loaded now if not yet; None once the run is released."""
+        return None if self.released else self._live()
+
+    @property
+    def loaded(self) -> bool:
+        """Whether the models are loaded (a run whose loops all come from the store never loads them)."""
+        return self._trainer is not None
 
     def release(self) -> None:
         global _active
-        if self.trainer is not None:
-            self.trainer.release()
-            self.trainer = None
+        self.released = True
+        if self._trainer is not None:
+            self._trainer.release()
+            self._trainer = None
         self._interrupted = None
         if _active is self:
             _active = None
 
+    @_grad_enabled
     def _live(self) -> Trainer:
-        if self.trainer is None:
+        """The trainer, its models loaded now if this is the first call that needs them."""
+        if self.released:
             raise ValueError(
                 "this training handle belongs to a run that was released because another InitTrainer started a new "
                 "one; re-run InitTrainer (change any of its settings, or its seed) to train again"
             )
-        return self.trainer
+        if self._trainer is None:
+            if self._before_load is not None:
+                self._before_load()
+            self._trainer = Trainer.from_config(self.config, on_progress=self._on_progress, records=self.records)
+            self._fresh = self._trainer.snapshot()
+            self._at = self._fresh.id
+        return self._trainer
 
-    def _bring_to(self, state: TrainingState) -> Trainer:
+    @_grad_enabled
+    def initial_state(self) -> TrainingState:
+        """The state at the run's start (chain ()): the resumed state, or the fresh LoRA (models load for it)."""
+        if self._start is not None:
+            return self._start
+        if self._fresh is None:
+            self._live()
+        return self._fresh
+
+    def _stamp(self, state: TrainingState, chain: tuple[int, ...]) -> TrainingState:
+        """`state` labelled with its place in this run, as stored and saved."""
+        return replace(state, run=self.identity, chain=chain, dataset=self._dataset, dataset_files=self._dataset_files)
+
+    def _full(self, handle: TrainingHandle) -> TrainingState:
+        """The handle's state with its optimizer moments: from RAM, the run store, or (deleted there) trained again."""
+        if not handle.state.is_light:
+            return handle.state
+        state = self.store.load(self.identity, handle.chain, optimizer=True)
+        if state is None:
+            log.warning("run store: no state after loops %s of this run (deleted or pruned); training them again",
+                        chain_key(handle.chain))
+            self._handle_at(handle.chain)
+            state = self.store.load(self.identity, handle.chain, optimizer=True)
+        return state
+
+    def _handle_at(self, chain: tuple[int, ...]) -> TrainingHandle:
+        """The handle after `chain`, from the store where it holds the loops, else trained."""
+        if chain == self.start_handle.chain:
+            return self.start_handle
+        if not chain:
+            return TrainingHandle(self, self._start)
+        return self.train(self._handle_at(chain[:-1]), chain[-1])
+
+    def stored(self, chain: tuple[int, ...]) -> TrainingHandle | None:
+        """The handle after `chain` if the run store holds it (light), else None."""
+        state = self.store.load(self.identity, chain)
+        return None if state is None else TrainingHandle(self, state, chain)
+
+    def _bring_to(self, handle: TrainingHandle) -> Trainer:
         trainer = self._live()
-        if self._at != state.id:
+        if self._at != handle.state.id:
+            state = self._full(handle)
             self._at = None  # a restore that fails half way leaves the trainer nowhere known
             trainer.restore(state)
             self._at = state.id
@@ -128,9 +245,13 @@ class TrainingRun:
         steps: int,
         on_step: Callable[[StepInfo], None] | None = None,
         should_stop: Callable[[], bool] | None = None,
+        on_known: Callable[[TrainingState], None] | None = None,
     ) -> TrainingHandle:
-        """The handle `steps` optimizer steps after `handle`.
+        """The handle `steps` optimizer steps after `handle`: loaded from the run store if it holds them, else
+        trained (and stored).
 
+        `on_known(state)` gets the state that steps of this loop done earlier led to, before any new step: the loop
+        loaded from the store, or the part of a cut-short loop that a re-run continues.
         If the loop is cut short (an exception from `on_step`/`should_stop`, or `should_stop` returning True, which
         raises `TrainingInterrupted`), the steps done are kept; calling again with the same handle and steps
         continues from them instead of starting the loop over. A NaN/inf loss keeps nothing of the loop (its last
@@ -138,12 +259,26 @@ class TrainingRun:
         """
         if steps < 1:
             raise ValueError(f"steps: {steps}; use 1 or more")
+        if self.released:
+            self._live()  # raises, naming what to do
+        chain = handle.chain + (steps,)
+        stored = self.store.load(self.identity, chain)
+        if stored is not None:
+            log.info("loops %s (step %d): loaded from the run store", chain_key(chain), stored.step)
+            if on_known is not None:
+                on_known(stored)
+            return replace(handle, saved=stored, chain=chain)
         target = handle.step + steps
         start = handle.state
         if self._interrupted is not None and self._interrupted[0] == start.id and self._interrupted[1].step <= target:
             start = self._interrupted[1]
             log.info("continuing the interrupted loop from step %d", start.step)
-        trainer = self._bring_to(start)
+            if on_known is not None:
+                on_known(start)
+            trainer = self._bring_to(TrainingHandle(self, start, chain))
+        else:
+            trainer = self._bring_to(handle)
+        self.store.check_space(state_bytes(start.lora))
         try:
             trainer.train(target - trainer.step, on_step=on_step, should_stop=should_stop)
         except NonFiniteLossError as e:
@@ -157,14 +292,20 @@ class TrainingRun:
             raise TrainingInterrupted(f"stopped at step {trainer.step} of {target}; run the loop again to continue")
         if self._interrupted is not None and self._interrupted[0] == handle.state.id:
             self._interrupted = None  # continued to the end: used up
-        state = trainer.snapshot()
+        state = self._stamp(trainer.snapshot(), chain)
         self._at = state.id
-        return replace(handle, state=state)
+        try:
+            self.store.save(state, self.config.to_dict())
+        except OSError as e:  # the steps are done: keep them whole in RAM rather than lose them
+            log.error("run store: could not store loops %s (%s); this handle keeps its optimizer state in RAM",
+                      chain_key(chain), e)
+            return replace(handle, saved=state, chain=chain)
+        return replace(handle, saved=state.light(), chain=chain)
 
     def _keep_interrupted(self, handle: TrainingHandle) -> None:
         """Remember where a cut-short loop got to (each step is all-or-nothing, so the trainer is consistent)."""
         self._at = None
-        state = self.trainer.snapshot()
+        state = self._trainer.snapshot()
         self._interrupted = (handle.state.id, state)
         self._at = state.id
         log.info("loop interrupted at step %d; its steps are kept", state.step)
@@ -175,11 +316,9 @@ class TrainingRun:
         if handle.step >= diverged:
             return (f"This loop's input (step {handle.step}) gave the NaN itself: lower learning_rate in InitTrainer "
                     f"and resume from a state saved before step {handle.step} (resume_state).")
-        trainer = self._live()
-        stem = checkpoint_stem(trainer.config.output_name, handle.step)
-        path = Path(trainer.config.output_dir) / f"{stem}{STATE_SUFFIX}"
+        path = self.store.folder / f"{checkpoint_stem(self.config.output_name, handle.step)}{STATE_SUFFIX}"
         try:
-            trainer.save_state(path, handle.state)
+            save_training_state(path, self._stamp(self._full(handle), handle.chain), self.config.to_dict())
         except OSError as e:
             log.error("could not save the state of step %d: %s", handle.step, e)
             return f"This loop's input (step {handle.step}) is unchanged; connect a SaveCheckpoint to it to keep it."
@@ -187,31 +326,75 @@ class TrainingRun:
                 "InitTrainer, set its resume_state to latest and queue again.")
 
     @_grad_enabled
-    def save_checkpoint(self, handle: TrainingHandle, save_state: bool = False, folder: str | Path | None = None
-                        ) -> TrainingHandle:
-        """Write `<output_name>_<step:06d>.safetensors` (kohya LoRA) and optionally the training state beside it,
-        in `folder` (default: the config's output_dir); returns the handle with the checkpoint recorded."""
-        trainer = self._bring_to(handle.state)
-        folder = Path(folder if folder is not None else trainer.config.output_dir)
-        stem = checkpoint_stem(trainer.config.output_name, handle.step)
-        path = trainer.save_lora(folder / f"{stem}.safetensors")
-        if save_state:
-            trainer.save_state(folder / f"{stem}{STATE_SUFFIX}", handle.state)
-        return replace(handle, checkpoints=handle.checkpoints + (Checkpoint(handle.step, path, handle.state),))
+    def save_checkpoint(self, handle: TrainingHandle, save_state: bool = False, folder: str | Path | None = None,
+                        state_folder: str | Path | None = None) -> TrainingHandle:
+        """Write `<output_name>_<step:06d>.safetensors` (a kohya LoRA from the handle's LoRA needs no model) in
+        `folder` (default: the config's output_dir) and optionally the training state as
+        `<same name>.state.safetensors` in `state_folder` (default: the run store's folder); returns the handle with
+        the checkpoint recorded. A name another run's file holds gets a counter; this run's own file is kept."""
+        if self.released:
+            self._live()  # raises, naming what to do
+        cfg = self.config
+        tag = f"{self.identity}/{chain_key(handle.chain)}"
+        state = handle.state
+        path = free_path(folder if folder is not None else cfg.output_dir,
+                         checkpoint_stem(cfg.output_name, handle.step), ".safetensors",
+                         lambda p: _lora_run(p) == tag)
+        if path.exists():
+            log.info("LoRA at step %d is already saved as %s", handle.step, path)
+        else:
+            if self._base_fingerprint is None:
+                self._base_fingerprint = file_fingerprint(cfg.transformer_path)
+            metadata = {**lora_metadata(cfg, handle.step, self.records, self._base_fingerprint), RUN_KEY: tag}
+            if cfg.lora_format == "kohya" and not cfg.dora:
+                lora.save_kohya_state(path, state.lora, cfg.rank, cfg.alpha, metadata)
+            else:  # written from the adapter: DoRA's scales are measured on the base weights
+                lora.save_lora_file(path, self._bring_to(handle).transformer, metadata, cfg.lora_format)
+            log.info("saved LoRA at step %d to %s", handle.step, path)
+        state_path = self._save_state(handle, path.name.removesuffix(".safetensors"), state_folder) if save_state \
+            else None
+        return replace(handle, checkpoints=handle.checkpoints + (Checkpoint(handle.step, path, state.light(), state_path),))
+
+    def _save_state(self, handle: TrainingHandle, stem: str, folder: str | Path | None) -> Path:
+        """The handle's full state as `<folder>/<stem>.state.safetensors`: the run store's file linked there when it
+        holds it (no disk used twice), else written."""
+        want = handle.state.id
+        path = free_path(folder if folder is not None else self.store.folder, stem, STATE_SUFFIX,
+                         lambda p: _state_id(p) == want)
+        if path.exists():
+            return path
+        if handle.chain and self.stored(handle.chain) is not None:
+            return link_or_copy(self.store.path(self.identity, handle.chain), path)
+        return save_training_state(path, self._stamp(self._full(handle), handle.chain), self.config.to_dict())
 
     def _base_path(self, validation_base: bool) -> str | None:
         """The base to sample on: the config's validation base when asked for and set, else the training base."""
-        path = self._live().config.validation_transformer_path or None
+        path = self.config.validation_transformer_path or None
         if validation_base and path is None:
             log.info("no validation base was chosen; sampling on the training base")
         return path if validation_base else None
+
+    def _rendered(self, what: str, count: int, render: Callable[[], list], validation_base: bool, *parts) -> list:
+        """Images from the run store if rendered before with the same state(s) and settings, else `render()`d
+        and stored. The sampling settings in `parts` are JSON-able; progress callbacks are left out of the key."""
+        base = self._base_path(validation_base)
+        key = image_key(what, file_fingerprint(base) if base else "", *parts)
+        images = self.store.images(self.identity, key, count)
+        if images is None:
+            images = render()
+            self.store.save_images(self.identity, key, images)
+        return images
 
     @_grad_enabled
     def sample(self, handle: TrainingHandle, prompts: Sequence[str], validation_base: bool = False,
                **sample_kwargs) -> list:
         """`Trainer.sample` with the handle's LoRA -> PIL images; the trainer's own state is left where it stands."""
-        return self._live().sample(prompts, lora_state=handle.state.lora, base_path=self._base_path(validation_base),
-                                   **sample_kwargs)
+        def render():
+            return self._live().sample(prompts, lora_state=handle.state.lora,
+                                       base_path=self._base_path(validation_base), **sample_kwargs)
+
+        return self._rendered("sample", len(prompts), render, validation_base, handle.chain, list(prompts),
+                              _settings(sample_kwargs))
 
     @_grad_enabled
     def strength_grid(self, handle: TrainingHandle, strengths: Sequence[float], prompt: str,
@@ -220,5 +403,31 @@ class TrainingRun:
         if not handle.checkpoints:
             raise ValueError("handle: no checkpoint was saved on the way to this node; connect it after SaveCheckpoint")
         rows = [(c.step, c.state.lora) for c in handle.checkpoints]
-        return strength_grid(self._live(), rows, strengths, prompt, base_path=self._base_path(validation_base),
-                             **sample_kwargs)
+
+        def render():
+            return [strength_grid(self._live(), rows, strengths, prompt, base_path=self._base_path(validation_base),
+                                  **sample_kwargs)]
+
+        chains = [[c.step, list(c.state.chain)] for c in handle.checkpoints]
+        return self._rendered("grid", 1, render, validation_base, chains, list(strengths), prompt,
+                              _settings(sample_kwargs))[0]
+
+
+def _settings(sample_kwargs: dict) -> dict:
+    return {k: v for k, v in sample_kwargs.items() if k != "callback"}
+
+
+def _lora_run(path: Path) -> str | None:
+    """The run and point that wrote a LoRA file (`RUN_KEY` in its metadata), None if unknown or unreadable."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return (f.metadata() or {}).get(RUN_KEY)
+    except (SafetensorError, OSError):
+        return None
+
+
+def _state_id(path: Path) -> str | None:
+    try:
+        return read_state_header(path).get("id")
+    except (SafetensorError, ValueError, OSError):
+        return None

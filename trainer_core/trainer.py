@@ -51,6 +51,33 @@ def settings_mismatches(fingerprint: dict[str, str], config: TrainConfig) -> lis
             if str(getattr(config, k)) != fingerprint.get(k)]
 
 
+def lora_metadata(config: TrainConfig, step: int, records: Sequence[data.ImageRecord], base_fingerprint: str
+                  ) -> dict[str, str]:
+    """The settings a LoRA file carries in its header (kohya's `ss_*` keys, which tools and ComfyUI show)."""
+    return {
+        "ss_base_model_version": "flux1",
+        "ss_network_module": "networks.lora_flux",
+        "ss_network_dim": str(config.rank),
+        "ss_network_alpha": str(config.alpha),
+        "ss_steps": str(step),
+        "ss_resolution": ",".join(dict.fromkeys(str(r) for e in config.dataset_entries() for r in e.resolutions)),
+        "ss_num_train_images": str(len({r.path for r in records})),
+        "ss_learning_rate": str(config.learning_rate),
+        "ss_optimizer": config.optimizer,
+        "ss_seed": str(config.seed),
+        "ss_guidance_scale": str(config.guidance),
+        "ss_timestep_sampling": config.timestep_sampling,
+        "ss_discrete_flow_shift": str(config.timestep_shift),
+        "ss_sd_model_name": Path(config.transformer_path).name,
+        "ss_sd_model_hash": base_fingerprint,
+        "ss_tag_frequency": json.dumps(data.tag_frequency(records)),
+        "trigger_word": ", ".join(dict.fromkeys(e.trigger_word for e in config.dataset_entries() if e.trigger_word)),
+        "training_guidance": str(config.guidance),
+        "dora": str(config.dora),
+        "lora_format": config.lora_format,
+    }
+
+
 def compute_dtype(config: TrainConfig) -> torch.dtype:
     return torch.bfloat16 if config.mixed_precision == "bf16" else torch.float32
 
@@ -133,6 +160,7 @@ class Trainer:
         self.losses: list[float] = []
         self.lrs: list[float] = []
         self._order = self._epoch_order(self.epoch)
+        self.restored: TrainingState | None = None  # the last state restored (light): where a run around it starts
 
     # ------------------------------------------------------------------ construction from files
     @classmethod
@@ -331,6 +359,7 @@ class Trainer:
         if differ:
             raise ValueError(f"this training state belongs to a different run ({', '.join(differ)}); "
                              "set those fields as the state had them")
+        self.restored = state.light()
         state = state.clone()  # the optimizer keeps the tensors it is given; the caller's state must stay untouched
         lora.load_lora_state(self.transformer, state.lora)
         self.optimizer.load_state_dict(state.optimizer)
@@ -344,31 +373,9 @@ class Trainer:
 
     # ------------------------------------------------------------------ outputs
     def lora_metadata(self) -> dict[str, str]:
-        cfg = self.config
         if self._base_fingerprint is None:  # the base never changes during a run: hash its header once, not per save
-            self._base_fingerprint = file_fingerprint(cfg.transformer_path)
-        return {
-            "ss_base_model_version": "flux1",
-            "ss_network_module": "networks.lora_flux",
-            "ss_network_dim": str(cfg.rank),
-            "ss_network_alpha": str(cfg.alpha),
-            "ss_steps": str(self.step),
-            "ss_resolution": ",".join(dict.fromkeys(str(r) for e in cfg.dataset_entries() for r in e.resolutions)),
-            "ss_num_train_images": str(len({r.path for r in self.dataset.records})),
-            "ss_learning_rate": str(cfg.learning_rate),
-            "ss_optimizer": cfg.optimizer,
-            "ss_seed": str(cfg.seed),
-            "ss_guidance_scale": str(cfg.guidance),
-            "ss_timestep_sampling": cfg.timestep_sampling,
-            "ss_discrete_flow_shift": str(cfg.timestep_shift),
-            "ss_sd_model_name": Path(cfg.transformer_path).name,
-            "ss_sd_model_hash": self._base_fingerprint,
-            "ss_tag_frequency": json.dumps(data.tag_frequency(self.dataset.records)),
-            "trigger_word": ", ".join(dict.fromkeys(e.trigger_word for e in cfg.dataset_entries() if e.trigger_word)),
-            "training_guidance": str(cfg.guidance),
-            "dora": str(cfg.dora),
-            "lora_format": cfg.lora_format,
-        }
+            self._base_fingerprint = file_fingerprint(self.config.transformer_path)
+        return lora_metadata(self.config, self.step, self.dataset.records, self._base_fingerprint)
 
     def save_lora(self, path: str | Path) -> Path:
         path = Path(path)

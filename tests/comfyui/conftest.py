@@ -197,10 +197,9 @@ def comfyui_python(comfyui_dir: Path) -> Path:
     return python
 
 
-@pytest.fixture(scope="session")
-def comfyui(comfyui_dir: Path, comfyui_python: Path, tmp_path_factory) -> Iterator[ComfyUIClient]:
-    """A ComfyUI server for the session, on the CPU, loading this pack from a temporary base directory."""
-    base_dir = _base_directory(tmp_path_factory.mktemp("comfyui_base"))
+def start_comfyui(comfyui_dir: Path, comfyui_python: Path, base_dir: Path) -> ComfyUIClient:
+    """A ComfyUI server on the CPU over `base_dir` (from `_base_directory`), up and answering; stop it with
+    `stop_comfyui`. Its log is appended to `base_dir/server.log`, so a restarted server keeps one log."""
     log_path = base_dir / "server.log"
     port = _free_loopback_port()
     command = [
@@ -208,21 +207,36 @@ def comfyui(comfyui_dir: Path, comfyui_python: Path, tmp_path_factory) -> Iterat
         "--base-directory", str(base_dir),
         "--database-url", "sqlite:///:memory:",  # else it writes to the checkout's user/comfyui.db
     ]  # fmt: skip
-    with open(log_path, "wb") as log:
+    with open(log_path, "ab") as log:
         process = subprocess.Popen(
             command, cwd=comfyui_dir, stdout=log, stderr=subprocess.STDOUT, env=os.environ | {"PYTHONUNBUFFERED": "1"}
         )
     client = ComfyUIClient(f"http://127.0.0.1:{port}", base_dir, log_path, process)
     try:
         _wait_until_up(client)
+    except BaseException:
+        stop_comfyui(client)
+        raise
+    return client
+
+
+def stop_comfyui(client: ComfyUIClient) -> None:
+    client.process.terminate()
+    try:
+        client.process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        client.process.kill()
+        client.process.wait()
+
+
+@pytest.fixture(scope="session")
+def comfyui(comfyui_dir: Path, comfyui_python: Path, tmp_path_factory) -> Iterator[ComfyUIClient]:
+    """A ComfyUI server for the session, on the CPU, loading this pack from a temporary base directory."""
+    client = start_comfyui(comfyui_dir, comfyui_python, _base_directory(tmp_path_factory.mktemp("comfyui_base")))
+    try:
         yield client
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_comfyui(client)
 
 
 def _wait_until_up(client: ComfyUIClient) -> None:

@@ -102,15 +102,19 @@ def shipped(comfyui) -> dict:
     return {"prompt": workflow_to_prompt(workflow, comfyui.object_info()), "log_start": len(comfyui.log())}
 
 
-@pytest.fixture(scope="module")
-def small_prompt(shipped) -> dict:
-    prompt = shipped["prompt"]
+def shrunk(prompt: dict, output_name: str) -> dict:
+    """The shipped prompt with STEPS per loop, CELL-sized images and its own output_name."""
     small = {"steps": 2, "width": CELL, "height": CELL}
-    changes = {node_ids(prompt, "FluxLoRA_InitTrainer")[0]: {"resolutions": str(CELL), "output_name": OUTPUT_NAME}}
+    changes = {node_ids(prompt, "FluxLoRA_InitTrainer")[0]: {"resolutions": str(CELL), "output_name": output_name}}
     changes |= {i: {"steps": STEPS} for i in node_ids(prompt, "FluxLoRA_TrainLoop")}
     changes |= {i: small for i in node_ids(prompt, "FluxLoRA_ValidationSample")}
     changes |= {i: small for i in node_ids(prompt, "FluxLoRA_XYLoraStrengthGrid")}
     return with_inputs(prompt, changes)
+
+
+@pytest.fixture(scope="module")
+def small_prompt(shipped) -> dict:
+    return shrunk(shipped["prompt"], OUTPUT_NAME)
 
 
 @pytest.fixture(scope="module")

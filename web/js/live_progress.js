@@ -1,7 +1,7 @@
 // Live view of a running TrainLoop: step / total, s/it, ETA, loss (current and smoothed) and a loss chart that grows
 // as training runs. The server broadcasts "flux_lora_trainer.progress" messages (throttled, numbers only) to every
-// open tab; a tab that (re)connects mid-run asks /flux_lora_trainer/progress for the latest one of each node.
-// Nothing is loaded from outside ComfyUI.
+// open tab; a tab that (re)connects mid-run asks /flux_lora_trainer/progress for the latest one of each node (of the
+// latest prompt only). A loop loaded from the run store says so. Nothing is loaded from outside ComfyUI.
 import { app } from "../../../scripts/app.js";
 import { api } from "../../../scripts/api.js";
 
@@ -27,7 +27,8 @@ const formatLoss = (value) => (value == null ? "–" : value.toPrecision(4));
 function statusLine(msg) {
   const parts = [`step ${msg.step} / ${msg.total}`];
   if (msg.s_per_it != null) parts.push(`${msg.s_per_it.toFixed(msg.s_per_it < 10 ? 2 : 1)} s/it`);
-  if (msg.running) parts.push(msg.eta_s == null ? "ETA –" : `ETA ${formatDuration(msg.eta_s)}`);
+  if (msg.loaded) parts.push("loaded from the run store");
+  else if (msg.running) parts.push(msg.eta_s == null ? "ETA –" : `ETA ${formatDuration(msg.eta_s)}`);
   else parts.push(msg.step < msg.total ? "stopped" : "done");
   return parts.join(" · ");
 }
@@ -137,6 +138,11 @@ app.registerExtension({
     api.addEventListener(EVENT, ({ detail }) => show(detail));
     api.addEventListener("reconnected", catchUp);
     await catchUp();
+  },
+
+  beforeConfigureGraph() {
+    // a workflow loaded now starts blank: only a run still going (a reload mid-run) is shown again
+    for (const [node, msg] of latest) if (!msg.running) latest.delete(node);
   },
 
   nodeCreated(node) {

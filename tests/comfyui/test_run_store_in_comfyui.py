@@ -1,0 +1,124 @@
+"""Gated: the run store in a real ComfyUI. ComfyUI's default cache forgets the training graph when another prompt
+runs, and everything when the server restarts; the graph queued again must then train nothing, rewrite no LoRA file
+and take a fraction of the first run's time. Changing loop 2's steps trains loops 2-4 only.
+
+One user's session, in order, on a server of its own (it is restarted half way): first run -> an unrelated prompt
+-> the graph again -> restart -> the graph again -> loop 2 changed.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import time
+from dataclasses import dataclass
+
+import pytest
+from conftest import _base_directory, start_comfyui, stop_comfyui
+from test_workflow_in_comfyui import PACK_DIR, STEPS, WORKFLOW, node_ids, shrunk
+from workflow_api import with_inputs, workflow_to_prompt
+
+from trainer_core.comfy_install import install_tiny
+
+OUTPUT_NAME = "flux_store"
+LOOP2_CHANGED = 5
+UNRELATED = {"1": {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 64, "batch_size": 1, "color": 0}},
+             "2": {"class_type": "PreviewImage", "inputs": {"images": ["1", 0]}}}
+TRAINED_STEP = re.compile(r"step \d+/\d+  loss")  # TrainLoop's console line of a step it trained
+
+
+def our_tracebacks(log: str) -> list[str]:
+    """Tracebacks through this pack (a restarted ComfyUI may log its own database's, which are not ours)."""
+    chunks = log.split("Traceback (most recent call last):")[1:]
+    return [c for c in chunks if "trainer_core" in c or "custom_nodes" in c]
+
+
+@dataclass
+class Queued:
+    seconds: float
+    log: str  # what the server printed while it ran
+    loras: dict[str, str]  # models/loras: file name -> sha256
+
+
+@pytest.fixture(scope="module")
+def session(comfyui_dir, comfyui_python, tmp_path_factory):
+    """A server of this module's own, and a way to restart it on the same folders."""
+    base = _base_directory(tmp_path_factory.mktemp("store_base"))
+    install_tiny(base)
+    state = {"client": start_comfyui(comfyui_dir, comfyui_python, base)}
+
+    def restart():
+        stop_comfyui(state["client"])
+        state["client"] = start_comfyui(comfyui_dir, comfyui_python, base)
+
+    state["restart"] = restart
+    yield state
+    stop_comfyui(state["client"])
+
+
+def queue(session, prompt: dict) -> Queued:
+    client = session["client"]
+    start_log, start = len(client.log()), time.monotonic()
+    entry = client.wait(client.queue(prompt), timeout=600)
+    seconds = time.monotonic() - start
+    status = entry["status"]
+    assert status["status_str"] == "success", f"{status}\n{client.log_tail()}"
+    loras = {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+             for p in client.models_dir("loras").glob(f"{OUTPUT_NAME}_*")}
+    return Queued(seconds, client.log()[start_log:], loras)
+
+
+@pytest.fixture(scope="module")
+def prompt(session) -> dict:
+    workflow = json.loads((PACK_DIR / "example_workflows" / WORKFLOW).read_text(encoding="utf-8"))
+    return shrunk(workflow_to_prompt(workflow, session["client"].object_info()), OUTPUT_NAME)
+
+
+@pytest.fixture(scope="module")
+def runs(session, prompt) -> dict[str, Queued]:
+    runs = {"first": queue(session, prompt)}
+    queue(session, UNRELATED)
+    runs["after another prompt"] = queue(session, prompt)
+    session["restart"]()
+    runs["after a restart"] = queue(session, prompt)
+    loop2 = node_ids(prompt, "FluxLoRA_TrainLoop")[1]
+    runs["loop 2 changed"] = queue(session, with_inputs(prompt, {loop2: {"steps": LOOP2_CHANGED}}))
+    return runs
+
+
+def test_first_run_trains_every_loop_and_writes_its_loras(runs):
+    first = runs["first"]
+    assert len(TRAINED_STEP.findall(first.log)) >= 4 and "loaded from the run store" not in first.log
+    assert sorted(first.loras) == [f"{OUTPUT_NAME}_{STEPS * k:06d}.safetensors" for k in (1, 2, 3, 4)]
+    assert not our_tracebacks(first.log), first.log[-6000:]
+
+
+@pytest.mark.parametrize("when", ["after another prompt", "after a restart"])
+def test_the_graph_again_trains_nothing_rewrites_nothing_and_is_fast(runs, when):
+    again, first = runs[when], runs["first"]
+    print(f"{when}: {again.seconds:.1f} s, first run {first.seconds:.1f} s")
+    assert not TRAINED_STEP.findall(again.log), again.log[-6000:]
+    assert again.log.count("loaded from the run store") == 4
+    assert again.loras == first.loras  # every LoRA file byte for byte, and no new one
+    assert again.seconds < 0.1 * first.seconds, f"{again.seconds:.1f} s against {first.seconds:.1f} s"
+    assert not our_tracebacks(again.log), again.log[-6000:]
+
+
+def test_changing_loop_2_trains_loops_2_to_4_only(runs):
+    changed = runs["loop 2 changed"]
+    assert f"step {LOOP2_CHANGED}/{LOOP2_CHANGED}  loss" in changed.log
+    assert changed.log.count(f"step {STEPS}/{STEPS}  loss") == 2  # loops 3 and 4; loop 1 was not trained again
+    new = {f"{OUTPUT_NAME}_{STEPS + LOOP2_CHANGED + STEPS * k:06d}.safetensors" for k in (0, 1, 2)}
+    assert set(changed.loras) == set(runs["first"].loras) | new
+    assert all(changed.loras[name] == digest for name, digest in runs["first"].loras.items())
+
+
+def test_states_live_in_their_own_folder_not_among_the_loras(session, runs):
+    client = session["client"]
+    assert not list(client.models_dir("loras").glob("*.state.safetensors"))
+    states = client.models_dir("flux_lora_states")
+    assert (states / f"{OUTPUT_NAME}_{4 * STEPS:06d}.state.safetensors").is_file()
+    listed = client.object_info()["FluxLoRA_InitTrainer"]["input"]["required"]["resume_state"][0]
+    assert f"{OUTPUT_NAME}_{4 * STEPS:06d}.state.safetensors" in listed
+    assert not [n for n in listed if n.startswith("runs/")]
+    assert not [n for n in client.get("/models/loras") if n.endswith(".state.safetensors")]
