@@ -234,10 +234,11 @@ CASES = [
          setup=lock_held(socket.gethostname(), dead_pid, 0.0),
          match=[r"taking over .*\.flux-lora-train\.lock from a run that is no longer running",
                 r"dataset folder .*no_such_data does not exist"]),
-    Case("--fresh over an earlier run", args=["--fresh"], setup=earlier_run,
+    # another seed: another run (the same config's own files are rewritten identically, never refused)
+    Case("--fresh over an earlier run", {"seed": 43}, args=["--fresh"], setup=earlier_run,
          match=rf"output_dir: .*out already holds 5 file\(s\) of output_name '{RUN}' .*--fresh starts at step 0 "
                r"and would overwrite them\. Give another output_name or output_dir, or add --overwrite"),
-    Case("no state to resume but LoRAs there", setup=earlier_loras_only,
+    Case("no state to resume but LoRAs there", {"seed": 43}, setup=earlier_loras_only,
          match=r"already holds 3 file\(s\) .*there is no training state to resume from, so the run starts at step 0"),
     Case("--resume with --fresh", args=["--fresh", "--resume", "x.state.safetensors"],
          match=r"argument --resume: not allowed with argument --fresh"),
@@ -356,7 +357,7 @@ def test_overwrite_moves_the_earlier_run_aside_and_starts_over(shared, processes
     earlier_run(tmp_path, shared)
     # TensorBoard logs stay: each run writes its own subfolder, so the earlier run's are never overwritten
     before = {p: h for p, h in snapshot(tmp_path / "out").items() if "/tensorboard/" not in p}
-    write_config(tmp_path / "run.toml", {**shared["config"], "output_dir": str(tmp_path / "out")},
+    write_config(tmp_path / "run.toml", {**shared["config"], "seed": 43, "output_dir": str(tmp_path / "out")},
                  {**PLAN, "steps": 3})
     result = run_cli(processes, tmp_path, "train", "run.toml", "--fresh", "--overwrite")
     assert result.code == 0, result.err

@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from trainer_core import cli, output_guard
+from trainer_core import cli, lora, output_guard
 from trainer_core.checkpoints import STATE_SUFFIX, latest_state_file, load_training_state
 from trainer_core.config import toml_text
 from trainer_core.demo import demo_config, write_demo_dataset
@@ -164,15 +164,15 @@ def test_an_unwritable_output_folder_fails_before_any_model_loads(tiny_flux, dat
 def test_a_save_failing_mid_run_keeps_the_state_in_a_rescue_folder(tiny_flux, dataset, tmp_path, monkeypatch, capsys):
     config = write_run(tmp_path, tiny_flux, dataset, steps=4, save_every=2)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    save_lora, calls = Trainer.save_lora, []
+    save_lora, calls = lora.save_kohya_state, []
 
-    def disk_full_at_the_second_save(self, path):
+    def disk_full_at_the_second_save(path, *args, **kwargs):
         calls.append(path)
         if len(calls) == 2:
             raise OSError(errno.ENOSPC, f"could not write {path}: No space left on device")
-        return save_lora(self, path)
+        return save_lora(path, *args, **kwargs)
 
-    monkeypatch.setattr(Trainer, "save_lora", disk_full_at_the_second_save)
+    monkeypatch.setattr(lora, "save_kohya_state", disk_full_at_the_second_save)
     assert cli.main(["train", str(config)]) == 1
     err = capsys.readouterr().err
     rescued = tmp_path / "home" / ".cache" / "flux-lora-trainer" / "rescue" / f"{NAME}_000004{STATE_SUFFIX}"
@@ -182,7 +182,7 @@ def test_a_save_failing_mid_run_keeps_the_state_in_a_rescue_folder(tiny_flux, da
     state, _ = load_training_state(rescued)
     assert state.step == 4 and len(state.losses) == 4
 
-    monkeypatch.setattr(Trainer, "save_lora", save_lora)  # space freed: the printed command goes on from step 4
+    monkeypatch.setattr(lora, "save_kohya_state", save_lora)  # space freed: the printed command goes on from step 4
     config.write_text(config.read_text().replace("steps = 4", "steps = 6"))
     assert cli.main(["train", str(config), "--resume", str(rescued)]) == 0
     final, _ = load_training_state(tmp_path / "out" / f"{NAME}_000006{STATE_SUFFIX}")

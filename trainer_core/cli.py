@@ -39,14 +39,20 @@ def _train(args) -> int:
     with output_guard.RunLock(out) if processes.is_main else contextlib.nullcontext():
         resume = Path(args.resume) if args.resume else None if args.fresh else \
             latest_state_file(out, config.output_name)  # after a crash or Ctrl-C: the newest complete state
-        earlier = [] if resume is not None or not processes.is_main else \
-            _earlier_run(out, config.output_name, args.fresh, args.overwrite)
-        return _run(path, config, plan, resume, earlier, processes)
+        check_earlier = resume is None and processes.is_main
+        return _run(path, config, plan, resume, (args.fresh, args.overwrite) if check_earlier else None, processes)
 
 
-def _earlier_run(out: Path, name: str, fresh: bool, overwrite: bool) -> list[Path]:
-    """The files of an earlier run that a run starting at step 0 would overwrite: refused unless `overwrite`."""
+def _earlier_run(out: Path, name: str, identity: str, fresh: bool, overwrite: bool) -> list[Path]:
+    """The files of an earlier run that a run starting at step 0 would overwrite: refused unless `overwrite`. Files
+    this very run wrote (its LoRAs carry the run store's identity) are not an earlier run's: the run store rewrites
+    nothing of them."""
+    from .run_handle import lora_run
+
     files = output_guard.run_files(out, name)
+    loras = [p for p in files if p.name.endswith(".safetensors") and not p.name.endswith(".state.safetensors")]
+    if loras and all((lora_run(p) or "").startswith(f"{identity}/") for p in loras):
+        return []
     if files and not overwrite:
         why = "--fresh starts at step 0" if fresh else "there is no training state to resume from, so the run starts at step 0"
         raise ValueError(f"output_dir: {out} already holds {len(files)} file(s) of output_name {name!r} "
@@ -55,12 +61,14 @@ def _earlier_run(out: Path, name: str, fresh: bool, overwrite: bool) -> list[Pat
     return files
 
 
-def _run(path: Path, config, plan, resume: Path | None, earlier: list[Path], processes) -> int:
-    """`earlier`: an earlier run's files, moved aside once every check passed (so that a later resume never picks
-    up the earlier run's newer states)."""
+def _run(path: Path, config, plan, resume: Path | None, start_over: tuple[bool, bool] | None, processes) -> int:
+    """`start_over`: (--fresh, --overwrite) when the run starts at step 0 over whatever `output_dir` holds: an earlier
+    run's files there are refused, or with --overwrite moved aside once every check passed (so that a later resume
+    never picks up the earlier run's newer states)."""
     from . import data, lora, models
     from .checkpoints import latest_state_file, load_training_state
     from .plan import execute
+    from .run_store import run_identity
     from .trainer import NonFiniteLossError, Trainer, preflight, settings_mismatches
 
     state = None
@@ -68,6 +76,8 @@ def _run(path: Path, config, plan, resume: Path | None, earlier: list[Path], pro
         state, saved_config = load_training_state(resume)
         differ = settings_mismatches(state.fingerprint, config)
     records = preflight(config)
+    earlier = [] if start_over is None else \
+        _earlier_run(Path(config.output_dir), config.output_name, run_identity(config, records), *start_over)
     if state is not None:
         identity = data.dataset_fingerprint(records)
         if state.fingerprint.get("dataset", identity) != identity:  # states saved before the identity was kept pass

@@ -339,7 +339,7 @@ class TrainingRun:
         state = handle.state
         path = free_path(folder if folder is not None else cfg.output_dir,
                          checkpoint_stem(cfg.output_name, handle.step), ".safetensors",
-                         lambda p: _lora_run(p) == tag)
+                         lambda p: lora_run(p) == tag)
         if path.exists():
             log.info("LoRA at step %d is already saved as %s", handle.step, path)
         else:
@@ -417,7 +417,7 @@ def _settings(sample_kwargs: dict) -> dict:
     return {k: v for k, v in sample_kwargs.items() if k != "callback"}
 
 
-def _lora_run(path: Path) -> str | None:
+def lora_run(path: Path) -> str | None:
     """The run and point that wrote a LoRA file (`RUN_KEY` in its metadata), None if unknown or unreadable."""
     try:
         with safe_open(str(path), framework="pt") as f:
