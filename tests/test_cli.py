@@ -355,8 +355,8 @@ def test_the_example_config_and_each_setting_commented_in_it_are_valid():
 
 def test_overwrite_moves_the_earlier_run_aside_and_starts_over(shared, processes, tmp_path):
     earlier_run(tmp_path, shared)
-    # TensorBoard logs stay: each run writes its own subfolder, so the earlier run's are never overwritten
-    before = {p: h for p, h in snapshot(tmp_path / "out").items() if "/tensorboard/" not in p}
+    # TensorBoard logs and run store entries stay: each run writes its own, so the earlier run's are never overwritten
+    before = {p: h for p, h in snapshot(tmp_path / "out").items() if not {"tensorboard", "run_store"} & set(Path(p).parts)}
     write_config(tmp_path / "run.toml", {**shared["config"], "seed": 43, "output_dir": str(tmp_path / "out")},
                  {**PLAN, "steps": 3})
     result = run_cli(processes, tmp_path, "train", "run.toml", "--fresh", "--overwrite")
