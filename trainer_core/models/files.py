@@ -39,11 +39,11 @@ from transformers import (
     T5TokenizerFast,
 )
 
-from .checkpoints import STATE_FORMAT
+from ..checkpoints import STATE_FORMAT
 
 logger = logging.getLogger(__name__)
 
-CONFIG_DIR = Path(__file__).parent / "configs"
+CONFIG_DIR = Path(__file__).parents[1] / "configs"
 VAE_SCALE_FACTOR = 8  # pixels per latent: every Flux VAE (tiny included) has 4 blocks, 3 of them downsampling
 DEFAULT_MAX_SEQUENCE_LENGTH = 512  # Flux-dev's T5 length; a T5 file may declare its own in its metadata
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
