@@ -32,5 +32,12 @@ from .text_encoders import (
     infer_t5_config,
     load_text_encoders,
 )
-from .transformer import infer_transformer_config, load_transformer, rope_axes, transformer_config
+from .transformer import (
+    drop_frozen_weights,
+    infer_transformer_config,
+    load_transformer,
+    reload_frozen_weights,
+    rope_axes,
+    transformer_config,
+)
 from .vae import VAE_SCALE_FACTOR, infer_vae_config, load_vae

@@ -109,6 +109,13 @@ def bfl_to_diffusers(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
     return out
 
 
+def bfl_names(names: set[str]) -> set[str]:
+    """The BFL tensor names whose diffusers parts are all in `names` (diffusers tensor names)."""
+    modules = flux_module_map(count_blocks(names, "transformer_blocks"), count_blocks(names, "single_transformer_blocks"))
+    return {f"{bfl}.{bfl_param}" for bfl, targets in modules.items() for bfl_param, param in _param_names(bfl)
+            if all(f"{t}.{param}" in names for t in targets)}
+
+
 def diffusers_to_bfl(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
     """Inverse of `bfl_to_diffusers`: diffusers `FluxTransformer2DModel` names -> original BFL names (no prefix)."""
     sd = dict(state_dict)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import difflib
 import json
 import logging
+from collections.abc import Container
 from pathlib import Path
 from typing import NamedTuple
 
@@ -21,6 +22,8 @@ logger = logging.getLogger(__name__)
 
 CONFIG_DIR = Path(__file__).parents[1] / "configs"
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
+# ComfyUI's scaled-fp8 files: a scale beside each float8 weight (dequantised when read) and a marker tensor
+SCALE_SUFFIXES = (".scale_weight", ".scale_input", "scaled_fp8")
 SAFETENSORS_SUFFIXES = (".safetensors", ".sft")  # BFL first released flux1-dev and ae as .sft; ComfyUI lists both
 
 # What `detect_file_kind` can answer, as said to the user.
@@ -179,27 +182,29 @@ def key_prefix(path: Path, anchor: str, what: str) -> str:
 
 
 def read_state_dict(
-    path: Path, prefix: str = "", dtype: torch.dtype = torch.bfloat16, device="cpu", keep_fp8: bool = False
+    path: Path, prefix: str = "", dtype: torch.dtype = torch.bfloat16, device="cpu", fp8: Container[str] = ()
 ) -> dict[str, Tensor]:
-    """The tensors named `prefix...` (prefix removed), floats cast to `dtype` on `device` one at a time.
+    """The tensors named `prefix...` (prefix removed), floats cast to `dtype` on `device` as each is read.
 
-    float8_e4m3fn tensors stay float8 when `keep_fp8`. ComfyUI's scaled-fp8 files (a `scale_weight` beside each
-    float8 weight) are dequantised.
+    The names in `fp8` (prefix removed) are cast to float8_e4m3fn instead, also as read, so a bf16 file loaded into
+    an fp8 model never has more than one bf16 tensor in memory. ComfyUI's scaled-fp8 files (a `scale_weight` beside
+    each float8 weight) are dequantised. The file is memory-mapped: only what is returned stays in RAM.
     """
     state_dict = {}
     with safe_open(path, "pt", device=str(device)) as f:
         names = f.keys()
         scales = {name for name in names if name.endswith(".scale_weight")}
         for name in names:
-            if not name.startswith(prefix) or name.endswith((".scale_weight", ".scale_input", "scaled_fp8")):
+            if not name.startswith(prefix) or name.endswith(SCALE_SUFFIXES):
                 continue
+            key = name[len(prefix) :]
             tensor = f.get_tensor(name)
             scale_name = name.removesuffix("weight") + "scale_weight"
             if scale_name in scales:
-                tensor = (tensor.float() * f.get_tensor(scale_name).float()).to(dtype)
-            elif tensor.is_floating_point() and not (keep_fp8 and tensor.dtype == torch.float8_e4m3fn):
-                tensor = tensor.to(dtype)
-            state_dict[name[len(prefix) :]] = tensor
+                tensor = tensor.float() * f.get_tensor(scale_name).float()
+            if tensor.is_floating_point():
+                tensor = tensor.to(torch.float8_e4m3fn if key in fp8 else dtype)
+            state_dict[key] = tensor
     return state_dict
 
 

@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from diffusers import FluxTransformer2DModel
 from torch import Tensor, nn
 
 
 class Fp8Linear(nn.Linear):
-    """A frozen nn.Linear whose weight is stored as float8_e4m3fn and upcast to the input's dtype at each call.
+    """A frozen nn.Linear whose weight is stored as float8_e4m3fn and upcast to the compute dtype at each call: the
+    autocast dtype under autocast, else the input's dtype.
 
     Halves the base model's memory. Being an nn.Linear, peft still wraps it with LoRA; peft reads
     `compute_dtype` to create the LoRA weights in it rather than in float8.
@@ -19,9 +19,13 @@ class Fp8Linear(nn.Linear):
         self.compute_dtype = compute_dtype
 
     def forward(self, x: Tensor) -> Tensor:
-        """(..., in_features) -> (..., out_features), in x's dtype."""
-        bias = None if self.bias is None else self.bias.to(x.dtype)
-        return _Fp8LinearFunction.apply(x, self.weight, bias)
+        """(..., in_features) -> (..., out_features), in the autocast dtype under autocast, else in x's dtype."""
+        # Under autocast x can be fp32 (after a layer norm): upcasting the weight to it would make a 4-byte copy of
+        # every weight, which autocast would then cast down to bf16 anyway. Cast x down instead, as autocast would.
+        device = x.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        bias = None if self.bias is None else self.bias.to(dtype)
+        return _Fp8LinearFunction.apply(x.to(dtype), self.weight, bias)
 
 
 class _Fp8LinearFunction(torch.autograd.Function):
@@ -40,16 +44,21 @@ class _Fp8LinearFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         (weight,) = ctx.saved_tensors
-        # under autocast grad_out may be bf16 while x was fp32: compute in grad_out's dtype, return x's
+        # compute in grad_out's dtype (the weight is upcast once, to the smaller of the two), return x's
         return (grad_out @ weight.to(grad_out.dtype)).to(ctx.input_dtype), None, None
 
 
-def use_fp8_linears(model: FluxTransformer2DModel, compute_dtype: torch.dtype) -> set[str]:
-    """Swap the Linears of the transformer blocks for `Fp8Linear`s (on meta); returns their weight names."""
+FLUX_BLOCKS = ("transformer_blocks.", "single_transformer_blocks.")
+
+
+def use_fp8_linears(model: nn.Module, compute_dtype: torch.dtype, under: tuple[str, ...] = FLUX_BLOCKS,
+                    keep: tuple[str, ...] = ()) -> set[str]:
+    """Swap the Linears named `under...` (the Flux transformer blocks by default), except those whose names end
+    with one of `keep`, for `Fp8Linear`s (on meta); returns their weight names."""
     names = [
         name
         for name, module in model.named_modules()
-        if name.startswith(("transformer_blocks.", "single_transformer_blocks.")) and type(module) is nn.Linear
+        if name.startswith(under) and not name.endswith(keep) and type(module) is nn.Linear
     ]
     for name in names:
         old = model.get_submodule(name)

@@ -8,10 +8,11 @@ from pathlib import Path
 import torch
 from accelerate import init_empty_weights
 from diffusers import FluxTransformer2DModel
-from torch import Tensor
+from torch import Tensor, nn
 
-from .convert import bfl_to_diffusers
+from .convert import bfl_names, bfl_to_diffusers
 from .files import (
+    SCALE_SUFFIXES,
     assign_weights,
     check_model_file,
     count_blocks,
@@ -79,29 +80,16 @@ def load_transformer(
     """Flux transformer from a BFL / diffusers-layout .safetensors file or a diffusers folder.
 
     float8 files are upcast to `dtype`. With `fp8_base`, the Linear weights of the transformer blocks are kept
-    (or stored) as float8_e4m3fn in `Fp8Linear`s and computed in the input's dtype; all else is in `dtype`.
-    Returned frozen, in eval mode.
+    (or stored) as float8_e4m3fn in `Fp8Linear`s and computed in the compute dtype; all else is in `dtype`. The
+    model is built empty from the file's header and each tensor is cast as it is read, so a bf16 file loaded with
+    `fp8_base` peaks at the fp8 model plus one tensor. Returned frozen, in eval mode.
     """
     path = check_model_file(path, "transformer")
-    read = dict(dtype=dtype, device=device, keep_fp8=fp8_base)
-    if path.is_dir():
-        folder = model_folder(path, "transformer")
-        config = FluxTransformer2DModel.load_config(folder)
-        if config.get("_class_name") != "FluxTransformer2DModel":
-            raise ValueError(f"{folder} holds a {config.get('_class_name')}, not a FluxTransformer2DModel.")
-        state_dict = {}
-        for file in weight_files(folder):
-            state_dict |= read_state_dict(file, **read)
-    else:
-        state_dict = _read_transformer_file(path, **read)
-        config = infer_transformer_config(state_dict)
-
+    config = transformer_config(path)
     with init_empty_weights():
         model = FluxTransformer2DModel.from_config(config)
     fp8_weights = use_fp8_linears(model, dtype) if fp8_base else set()
-    for k in state_dict:  # in place, so the memory of a converted tensor is freed as the next is made
-        state_dict[k] = state_dict[k].to(torch.float8_e4m3fn if k in fp8_weights else dtype)
-    assign_weights(model, state_dict, path)
+    assign_weights(model, read_transformer_weights(path, dtype, device, fp8_weights), path)
     logger.info("Loaded the Flux transformer %s: %d double and %d single blocks, width %d", path,
                 config["num_layers"], config["num_single_layers"], model.inner_dim)  # fmt: skip
     return model
@@ -111,17 +99,56 @@ def transformer_config(path: str | Path) -> dict:
     """The FluxTransformer2DModel config of a transformer file or folder, from headers alone: no weight is read."""
     path = check_model_file(path, "transformer")
     if path.is_dir():
-        return dict(FluxTransformer2DModel.load_config(model_folder(path, "transformer")))
+        folder = model_folder(path, "transformer")
+        config = dict(FluxTransformer2DModel.load_config(folder))
+        if config.get("_class_name") != "FluxTransformer2DModel":
+            raise ValueError(f"{folder} holds a {config.get('_class_name')}, not a FluxTransformer2DModel.")
+        return config
     kind = detect_file_kind(path)
     anchor = "x_embedder.weight" if kind == "flux_transformer_diffusers" else "img_in.weight"
     prefix = key_prefix(path, anchor, "Flux transformer")
     shapes = {k[len(prefix):]: torch.empty(shape, device="meta")
-              for k, shape in read_safetensors_header(path).shapes.items() if k.startswith(prefix)}
+              for k, shape in read_safetensors_header(path).shapes.items()
+              if k.startswith(prefix) and not k.endswith(SCALE_SUFFIXES)}
     return infer_transformer_config(shapes if kind == "flux_transformer_diffusers" else bfl_to_diffusers(shapes))
 
 
-def _read_transformer_file(path: Path, **read) -> dict[str, Tensor]:
-    """A single-file transformer's tensors under diffusers names, whatever its layout and key prefix."""
+def read_transformer_weights(path: Path, dtype: torch.dtype, device, fp8: set[str]) -> dict[str, Tensor]:
+    """A transformer file's or folder's tensors under diffusers names, whatever its layout and key prefix; those
+    named in `fp8` (diffusers names) cast to float8_e4m3fn as read, the other floats to `dtype`."""
+    if path.is_dir():
+        state_dict = {}
+        for file in weight_files(model_folder(path, "transformer")):
+            state_dict |= read_state_dict(file, dtype=dtype, device=device, fp8=fp8)
+        return state_dict
     if detect_file_kind(path) == "flux_transformer_diffusers":
-        return read_state_dict(path, key_prefix(path, "x_embedder.weight", "Flux transformer"), **read)
-    return bfl_to_diffusers(read_state_dict(path, key_prefix(path, "img_in.weight", "Flux transformer"), **read))
+        return read_state_dict(path, key_prefix(path, "x_embedder.weight", "Flux transformer"), dtype, device, fp8)
+    prefix = key_prefix(path, "img_in.weight", "Flux transformer")
+    return bfl_to_diffusers(read_state_dict(path, prefix, dtype, device, bfl_names(fp8)))
+
+
+def _frozen_weights(model: nn.Module) -> dict[str, tuple[nn.Module, str]]:
+    """The base's (not LoRA's) frozen parameters under the names of the file's model (peft's `.base_layer` removed),
+    each as (module, attribute)."""
+    return {f"{module_name}.{name}".replace(".base_layer.", ".").lstrip("."): (module, name)
+            for module_name, module in model.named_modules() if "lora_" not in module_name
+            for name, param in module.named_parameters(recurse=False) if not param.requires_grad}
+
+
+def drop_frozen_weights(model: nn.Module) -> None:
+    """Free the frozen weights of a (LoRA-carrying) transformer, keeping their shapes and dtypes on the meta device:
+    a base that is not in use costs no memory and is re-read from its file by `reload_frozen_weights`. The
+    parameters are replaced, so whatever held the old ones (a `BlockSwap`) must be dropped too."""
+    for module, name in _frozen_weights(model).values():
+        meta = torch.empty_like(getattr(module, name), device="meta")
+        setattr(module, name, nn.Parameter(meta, requires_grad=False))
+
+
+def reload_frozen_weights(model: nn.Module, path: str | Path, dtype: torch.dtype, device="cpu") -> None:
+    """Read the frozen weights dropped by `drop_frozen_weights` back from `path`, fp8 where they were fp8."""
+    frozen = _frozen_weights(model)
+    fp8 = {key for key, (module, name) in frozen.items() if getattr(module, name).dtype == torch.float8_e4m3fn}
+    state_dict = read_transformer_weights(check_model_file(path, "transformer"), dtype, device, fp8)
+    for key, (module, name) in frozen.items():
+        setattr(module, name, nn.Parameter(state_dict.pop(key), requires_grad=False))
+    assert not state_dict, f"{path} has tensors the model has not: {sorted(state_dict)[:5]}"
