@@ -16,6 +16,7 @@ from trainer_core.trainer import settings_mismatches
 
 from . import comfy_bridge
 from .common import CATEGORY, HANDLE
+from .queued_graph import validation_prompts
 
 log = logging.getLogger(__name__)
 
@@ -201,12 +202,14 @@ class InitTrainer:
                                                        "continue from, with the same settings; latest: the newest of "
                                                        "this output_name (step 0 if none), so after a crash just "
                                                        "queue again; none starts fresh."}),
-        }}
+        }, "hidden": {"prompt": "PROMPT", "unique_id": "UNIQUE_ID"}}
 
-    def init(self, **widgets):
+    def init(self, prompt=None, unique_id=None, **widgets):
         config, resume = build_config(**widgets)
         comfy_bridge.free_comfy_models()
         bar = comfy_bridge.progress_bar(1)
+        # the queued graph's validation prompts are encoded while T5 is loaded for the captions
         handle = TrainingRun.start(config, resume,
-                                   on_progress=lambda stage, done, total: bar.update_absolute(done, total))
+                                   on_progress=lambda stage, done, total: bar.update_absolute(done, total),
+                                   prompts=validation_prompts(prompt, unique_id))
         return (handle,)

@@ -78,8 +78,10 @@ class TrainingRun:
         config: TrainConfig,
         resume: TrainingState | None = None,
         on_progress: Callable[[str, int, int], None] | None = None,
+        prompts: Sequence[str] = (),
     ) -> TrainingHandle:
-        """Release the active run, load the models for `config` and return the handle at step 0 (or `resume`).
+        """Release the active run, load the models for `config` and return the handle at step 0 (or `resume`);
+        the validation `prompts` are encoded along with the captions (see `Trainer.from_config`).
 
         Everything that needs no weights is checked first (`preflight`): a wrong file, rank or dataset raises while
         the active run still holds its models.
@@ -88,7 +90,7 @@ class TrainingRun:
         records = preflight(config)
         if _active is not None:
             _active.release()
-        trainer = Trainer.from_config(config, on_progress=on_progress, records=records)
+        trainer = Trainer.from_config(config, on_progress=on_progress, records=records, prompts=prompts)
         if resume is not None:
             trainer.restore(resume)
         run = _active = cls(trainer)

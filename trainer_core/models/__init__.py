@@ -24,13 +24,15 @@ from .files import (
     read_safetensors_header,
     shipped_config,
 )
-from .fp8 import Fp8Linear, use_fp8_linears
+from .fp8 import Fp8Linear, to_fp8_linears, use_fp8_linears
 from .text_encoders import (
     DEFAULT_MAX_SEQUENCE_LENGTH,
+    TextEncoderFiles,
     TextEncoders,
     infer_clip_config,
     infer_t5_config,
     load_text_encoders,
+    text_encoder_files,
 )
 from .transformer import (
     drop_frozen_weights,

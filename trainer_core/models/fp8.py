@@ -23,7 +23,8 @@ class Fp8Linear(nn.Linear):
         # Under autocast x can be fp32 (after a layer norm): upcasting the weight to it would make a 4-byte copy of
         # every weight, which autocast would then cast down to bf16 anyway. Cast x down instead, as autocast would.
         device = x.device.type
-        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        autocast = torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
+        dtype = torch.get_autocast_dtype(device) if autocast else x.dtype
         bias = None if self.bias is None else self.bias.to(dtype)
         return _Fp8LinearFunction.apply(x.to(dtype), self.weight, bias)
 
@@ -66,3 +67,15 @@ def use_fp8_linears(model: nn.Module, compute_dtype: torch.dtype, under: tuple[s
         new = Fp8Linear(old.in_features, old.out_features, old.bias is not None, compute_dtype, device="meta")
         setattr(model.get_submodule(parent), child, new)
     return {f"{name}.weight" for name in names}
+
+
+def to_fp8_linears(model: nn.Module, compute_dtype: torch.dtype, under: tuple[str, ...] = FLUX_BLOCKS,
+                   keep: tuple[str, ...] = ()) -> None:
+    """`use_fp8_linears` on a model already loaded: each swapped Linear's weight is cast to float8, its bias kept."""
+    loaded = dict(model.named_modules())
+    for weight_name in use_fp8_linears(model, compute_dtype, under, keep):
+        name = weight_name.removesuffix(".weight")
+        old, new = loaded[name], model.get_submodule(name)
+        new.weight = nn.Parameter(old.weight.data.to(torch.float8_e4m3fn), requires_grad=False)
+        if old.bias is not None:
+            new.bias = nn.Parameter(old.bias.data, requires_grad=False)
