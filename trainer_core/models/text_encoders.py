@@ -254,7 +254,8 @@ def text_encoder_files(
     t5_on_cpu: bool = False,
     batch_size: int = 1,
 ) -> TextEncoderFiles:
-    """The files `load_text_encoders` loads, checked (headers and folders only) but not loaded: see there."""
+    """CLIP-L and T5 files and their tokenizer folders, checked (headers and folders only) but not loaded; what
+    `load_text_encoders` loads, and what caching encodes with one model at a time (`TextEncoderFiles`)."""
     if clip_tokenizer_dir is None or t5_tokenizer_dir is None:
         if tokenizer_dir is None:
             raise ValueError("No tokenizer folders: pass tokenizer_dir (holding clip/ and t5/) or both "
@@ -269,27 +270,17 @@ def text_encoder_files(
     )
 
 
-def load_text_encoders(
-    clip_path: str | Path,
-    t5_path: str | Path,
-    tokenizer_dir: str | Path | None = None,
-    dtype: torch.dtype = torch.bfloat16,
-    device="cpu",
-    max_sequence_length: int | None = None,
-    *,
-    clip_tokenizer_dir: str | Path | None = None,
-    t5_tokenizer_dir: str | Path | None = None,
-) -> TextEncoders:
-    """CLIP-L and T5 from ComfyUI-style single files or transformers folders, tokenizers from local folders.
+def load_text_encoders(*args, **kwargs) -> TextEncoders:
+    """CLIP-L and T5 from ComfyUI-style single files or transformers folders, tokenizers from local folders; the
+    arguments are `text_encoder_files`' (paths, tokenizer folders, dtype, device, max_sequence_length, t5_fp8).
 
     Tokenizers: `tokenizer_dir/clip` (vocab.json + merges.txt, as ComfyUI's comfy/sd1_tokenizer) and
     `tokenizer_dir/t5` (tokenizer.json, as comfy/text_encoders/t5_tokenizer), or each folder given on its own.
     `max_sequence_length` defaults to the T5 file's `max_sequence_length` metadata, else 512 (Flux-dev).
     """
-    files = text_encoder_files(clip_path, t5_path, tokenizer_dir, dtype, device, max_sequence_length,
-                               clip_tokenizer_dir=clip_tokenizer_dir, t5_tokenizer_dir=t5_tokenizer_dir)
-    clip = _load_clip(files.clip_path, dtype, device)
-    t5 = _load_t5(files.t5_path, dtype, device)
+    files = text_encoder_files(*args, **kwargs)
+    clip = _load_clip(files.clip_path, files.dtype, files.device)
+    t5 = _load_t5(files.t5_path, files.dtype, files.device, fp8=files.t5_fp8)
     t5_tokenizer = _load_tokenizer(files.t5_tokenizer_dir, T5TokenizerFast, ("tokenizer.json",), t5, "T5")
     return TextEncoders(clip, _clip_tokenizer(files.clip_tokenizer_dir, clip), t5, t5_tokenizer,
                         files.max_sequence_length)
