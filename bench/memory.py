@@ -605,9 +605,11 @@ def phase_report(all_phases: list[Phase], picks: dict[tuple[str, int], int]) -> 
     header = ("preset", "phase", "card use GiB", "card GiB", "headroom", "host RAM GiB")
     rows = [(p.preset, p.name, gib(p.peak), f"{p.card_gib:g}", f"{p.headroom:.0%}", gib(p.host)) for p in all_phases]
     widths = [max(len(row[i]) for row in (header, *rows)) for i in range(len(header))]
-    lines = ["", f"every phase, overhead included; host RAM assumes {gib(HOST_BASE)} GiB for Python, torch and ComfyUI:"]
+    lines = ["", f"every phase, overhead included; host RAM assumes {gib(HOST_BASE)} GiB for Python, torch and "
+             "ComfyUI:"]
     lines += ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in (header, *rows)]
-    lines += ["", f"checkpoint_blocks the projection picks (fewest for {PICK_HEADROOM:.0%} headroom in training; -1 = all):"]
+    lines += ["", f"checkpoint_blocks the projection picks (fewest for {PICK_HEADROOM:.0%} headroom in training; "
+              "-1 = all):"]
     lines += [f"  {name} at {r}²: {n}" for (name, r), n in picks.items()]
     return "\n".join(lines)
 

@@ -142,6 +142,7 @@ class PhaseMeter:
         yield
         self._peak = max(self._peak, self.measure())
         self.rows.append((name, time.perf_counter() - t0, self._peak / GIB))
+        log.info("done: %s in %.1f s, peak %s %.1f GiB", *self.rows[-1][:2], self.unit, self.rows[-1][2])
 
     def table(self) -> str:
         lines = [f"| phase | wall s | peak {self.unit} GiB |", "|---|---:|---:|"]

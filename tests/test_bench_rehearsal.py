@@ -34,8 +34,9 @@ def test_random_files_are_written_tensor_by_tensor_as_valid_safetensors(tmp_path
     rehearsal.write_streaming(tmp_path / "m.safetensors", shapes, lambda k: k.endswith(".weight"), {"a": "b"})
     tensors = load_file(tmp_path / "m.safetensors")
     assert {k: v.shape for k, v in tensors.items()} == shapes
-    assert tensors["blocks.0.weight"].dtype == torch.float8_e4m3fn and torch.isfinite(tensors["blocks.0.weight"].float()).all()
-    assert tensors["blocks.0.weight"].float().abs().max() < 0.03  # small weights: activations stay finite
+    weight = tensors["blocks.0.weight"]
+    assert weight.dtype == torch.float8_e4m3fn and torch.isfinite(weight.float()).all()
+    assert weight.float().abs().max() < 0.03  # small weights: activations stay finite
     assert torch.equal(tensors["blocks.0.norm.scale"], torch.ones(4, dtype=torch.bfloat16))
     header = (tmp_path / "m.safetensors").read_bytes()
     assert json.loads(header[8 : 8 + struct.unpack("<Q", header[:8])[0]])["__metadata__"] == {"a": "b"}

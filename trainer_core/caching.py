@@ -126,7 +126,10 @@ def cache_dataset(
     if isinstance(text_encoders, dict):
         text = text_encoders
     else:
-        text = cache_text(captions, text_encoders, cache_dir, encoder_identity, lambda done, _: advance(done - advance.done))
+        def text_progress(done: int, _total: int) -> None:
+            advance(done - advance.done)  # texts come first: the count so far is theirs
+
+        text = cache_text(captions, text_encoders, cache_dir, encoder_identity, text_progress)
 
     latent_files = None
     if cache_dir is not None:

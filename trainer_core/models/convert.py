@@ -111,7 +111,8 @@ def bfl_to_diffusers(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
 
 def bfl_names(names: set[str]) -> set[str]:
     """The BFL tensor names whose diffusers parts are all in `names` (diffusers tensor names)."""
-    modules = flux_module_map(count_blocks(names, "transformer_blocks"), count_blocks(names, "single_transformer_blocks"))
+    modules = flux_module_map(count_blocks(names, "transformer_blocks"),
+                              count_blocks(names, "single_transformer_blocks"))
     return {f"{bfl}.{bfl_param}" for bfl, targets in modules.items() for bfl_param, param in _param_names(bfl)
             if all(f"{t}.{param}" in names for t in targets)}
 
