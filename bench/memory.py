@@ -21,6 +21,13 @@ Approximations:
   prefetched). Their LoRA weights and optimizer state stay on the GPU, as BlockSwap leaves them.
 - Text encoders and the VAE are off the GPU while training (their outputs are cached first), as the trainer does.
 
+Every other phase of a run is projected too (`phases`): caching with one model at a time, the base load, samples on
+the training base and on another, the XY grid, a new prompt; device and host RAM. Their working sets (T5, CLIP, the
+VAE at each resolution, one inference pass) are measured on the meta device as the peak bytes of live tensors
+(`LiveBytes`). Host RAM adds an assumed `HOST_BASE` for Python, torch and ComfyUI. The last line is the smallest
+headroom over every preset and phase. `pick_checkpoint_blocks` gives the fewest checkpointed blocks per preset and
+resolution; the presets use the figure for their own resolution.
+
 Run: .venv/bin/python bench/memory.py [--quick] [--json PATH]
 """
 from __future__ import annotations
@@ -30,6 +37,7 @@ import dataclasses
 import json
 import logging
 import sys
+import weakref
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -37,16 +45,20 @@ from typing import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
-from diffusers import FluxTransformer2DModel
+from diffusers import AutoencoderKL, FluxTransformer2DModel
 from peft.tuners.lora import LoraLayer
 from torch import nn
 from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 from torch.utils.checkpoint import checkpoint
+from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere: make trainer_core importable
 
 from trainer_core import lora, models  # noqa: E402
+from trainer_core.models.text_encoders import T5_FP8  # noqa: E402
 from trainer_core.presets import PRESETS, MemoryPreset, split_blocks_to_swap  # noqa: E402
 
 log = logging.getLogger("bench.memory")
@@ -61,6 +73,10 @@ LORA_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 CUDA_CONTEXT = 1.0 * GIB  # CUDA context, cuBLAS/cuDNN workspaces and loaded kernels: ~0.5-1 GiB on recent cards
 FRAGMENTATION = 0.10  # PyTorch's caching allocator reserves more than it hands out: +10% of what is allocated
 HEADROOM = 0.10  # a preset must leave this fraction of its card free
+PICK_HEADROOM = 0.15  # what un-checkpointing blocks may leave: 5 points more, for what a projection leaves out
+HOST_BASE = 3.0 * GIB  # Python, torch, the CUDA libraries and ComfyUI itself, before any model is loaded
+HOST_LIMIT = 24 * GIB  # what a 32 GB PC leaves a run, with the desktop and a browser open
+XY_ROWS = 4  # LoRA checkpoints an XY grid holds in RAM
 
 
 # ----------------------------------------------------------------------------------------- measuring what is saved
@@ -119,8 +135,8 @@ class CudaLikeMeta(TorchFunctionMode):
             args, kwargs = _cast_floats(args, kwargs, self.autocast)
         elif self.autocast is not None and func in self.FULL_PRECISION:
             args, kwargs = _cast_floats(args, kwargs, torch.float32)
-        if func is F.scaled_dot_product_attention:
-            return _flash_attention(*args, **kwargs)
+        if func is F.scaled_dot_product_attention and kwargs.get("attn_mask") is None and len(args) < 4:
+            return _flash_attention(*args, **kwargs)  # masked attention (CLIP's 77 tokens) runs as it is
         return func(*args, **kwargs)
 
 
@@ -300,15 +316,20 @@ def training_state_bytes(sizes: ModelSizes, optimizer: str, lora_dtype: str) -> 
     return 2 * sizes.lora * size + round(state)
 
 
-def activation_bytes(act: Activations, sizes: ModelSizes, checkpointing: bool) -> int:
-    """Peak activation bytes of a step: what is kept for backward, the block in backward's working set, the batch."""
+def activation_bytes(act: Activations, sizes: ModelSizes, checkpointed: int | bool) -> int:
+    """Peak activation bytes of a step: what is kept for backward, the block in backward's working set, the batch.
+
+    `checkpointed`: how many blocks, the last ones in execution order (single blocks first), keep only their inputs
+    (`block_swap.checkpoint_blocks`); True or -1 = all, False = none.
+    """
     nd, ns = sizes.num_double, sizes.num_single
+    count = nd + ns if checkpointed is True or checkpointed == -1 else min(int(checkpointed), nd + ns)
+    ns_c, nd_c = min(count, ns), max(0, count - ns)
     grads = 2 * max(act.double_inputs, act.single_inputs)  # the activation gradient coming in and the one going out
-    if checkpointing:  # every block keeps its inputs; the one in backward is recomputed and holds its full saved set
-        kept = nd * act.double_inputs + ns * act.single_inputs + max(act.double, act.single)
-    else:
-        kept = nd * act.double + ns * act.single
-    return kept + grads + act.head + act.shared + act.batch
+    kept = (nd - nd_c) * act.double + nd_c * act.double_inputs + (ns - ns_c) * act.single + ns_c * act.single_inputs
+    # a checkpointed block in backward is recomputed and holds its full saved set
+    recompute = max([act.double] * (nd_c > 0) + [act.single] * (ns_c > 0), default=0)
+    return kept + recompute + grads + act.head + act.shared + act.batch
 
 
 @dataclass(frozen=True)
@@ -340,7 +361,8 @@ def project(preset: MemoryPreset, sizes: ModelSizes, act: Activations) -> Projec
     """Peak VRAM of `preset`'s training step, from `act` measured with its resolution, batch, fp8_base, lora_dtype."""
     assert (act.resolution, act.batch_size) == (preset.resolution, preset.batch_size)
     weights = resident_weight_bytes(sizes, preset.fp8_base, preset.blocks_to_swap)
-    activations = activation_bytes(act, sizes, preset.gradient_checkpointing)
+    checkpointed = preset.checkpoint_blocks if preset.gradient_checkpointing else 0
+    activations = activation_bytes(act, sizes, checkpointed)
     state = training_state_bytes(sizes, preset.optimizer, preset.lora_dtype)
     overhead = round(CUDA_CONTEXT + FRAGMENTATION * (weights + activations + state))
     return Projection(preset.name, preset.resolution, preset.card_gib, weights, activations, state, overhead)
@@ -386,6 +408,161 @@ def comparison(bench: Bench, resolution: int) -> dict[str, Projection]:
     return {label: bench.project(preset) for label, preset in variants.items()}
 
 
+# ----------------------------------------------------------------------------------------- every phase of a run
+class LiveBytes(TorchDispatchMode):
+    """Inside the `with`, the peak bytes of the tensors ops made that are still alive (inputs and weights aside).
+
+    On the meta device this is an inference pass's working set at exact shapes in a second, with no memory. Views
+    and in-place results make no new storage and are not counted.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.live = self.peak = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {id(a) for a in tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)}
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor) and id(t) not in inputs and not t._is_view():
+                n = t.untyped_storage().nbytes()
+                self.live += n
+                self.peak = max(self.peak, self.live)
+                weakref.finalize(t, self._free, n)
+        return out
+
+    def _free(self, n: int) -> None:
+        self.live -= n
+
+
+def working_set(fn: Callable[[], object]) -> int:
+    """Peak bytes of what `fn()` allocates, run without grad under `CudaLikeMeta` (flash attention, bf16)."""
+    with torch.no_grad(), CudaLikeMeta(), LiveBytes() as live:
+        fn()
+    return live.peak
+
+
+@dataclass(frozen=True)
+class EncoderSizes:
+    """Bytes of the models around the transformer, and the working sets they need (meta-measured, bf16)."""
+
+    t5: int  # T5-XXL encoder in bf16
+    t5_fp8: int  # with its block Linears but `wo` in float8 (`models.text_encoders.T5_FP8`)
+    t5_largest: int  # its largest tensor: what a streaming load holds in RAM at once
+    t5_forward: int  # encoding one 512-token prompt
+    clip: int
+    clip_forward: int
+    vae: int
+    vae_encode: dict[int, int]  # resolution -> encoding one image
+    vae_decode: dict[int, int]
+    flux_forward: dict[int, int]  # resolution -> one inference pass of the transformer, batch 1
+    flux_largest: int  # the transformer's largest tensor in bf16: what a streaming load holds in RAM at once
+
+
+def measure_encoders(config: dict, resolutions: Iterable[int]) -> EncoderSizes:
+    with torch.device("meta"):
+        t5 = T5EncoderModel(T5Config.from_dict(models.shipped_config("t5-xxl-encoder.json"))).bfloat16()
+        clip = CLIPTextModel(CLIPTextConfig.from_dict(models.shipped_config("clip-l.json"))).bfloat16()
+        vae = AutoencoderKL.from_config(models.shipped_config("flux-vae.json")).bfloat16()
+        flux = FluxTransformer2DModel.from_config(config).bfloat16()
+    t5_params = {name: p for name, p in t5.named_parameters()}
+    fp8_names = {f"{name}.weight" for name, m in t5.named_modules() if isinstance(m, nn.Linear)
+                 and name.startswith(T5_FP8["under"]) and not name.endswith(T5_FP8["keep"])}
+    t5_bytes = sum(p.nbytes for p in t5_params.values())
+    ids = torch.zeros(1, TEXT_TOKENS, dtype=torch.long, device="meta")
+
+    def flux_forward(r: int):
+        n = (r // 16) ** 2
+        flux(hidden_states=torch.empty(1, n, flux.config.in_channels, device="meta", dtype=torch.bfloat16),
+             encoder_hidden_states=torch.empty(1, TEXT_TOKENS, flux.config.joint_attention_dim, device="meta",
+                                               dtype=torch.bfloat16),
+             pooled_projections=torch.empty(1, flux.config.pooled_projection_dim, device="meta", dtype=torch.bfloat16),
+             timestep=torch.ones(1, device="meta"), guidance=torch.ones(1, device="meta"),
+             img_ids=torch.zeros(n, 3, device="meta"), txt_ids=torch.zeros(TEXT_TOKENS, 3, device="meta"))
+
+    def image(r: int) -> torch.Tensor:
+        return torch.empty(1, 3, r, r, device="meta", dtype=torch.bfloat16)
+
+    def latent(r: int) -> torch.Tensor:
+        return torch.empty(1, 16, r // 8, r // 8, device="meta", dtype=torch.bfloat16)
+
+    return EncoderSizes(
+        t5=t5_bytes,
+        t5_fp8=t5_bytes - sum(t5_params[n].numel() for n in fp8_names),
+        t5_largest=max(p.nbytes for p in t5_params.values()),
+        t5_forward=working_set(lambda: t5(ids)),
+        clip=sum(p.nbytes for p in clip.parameters()),
+        clip_forward=working_set(lambda: clip(ids[:, :77])),
+        vae=sum(p.nbytes for p in vae.parameters()),
+        vae_encode={r: working_set(lambda: vae.encode(image(r))) for r in resolutions},
+        vae_decode={r: working_set(lambda: vae.decode(latent(r))) for r in resolutions},
+        flux_forward={r: working_set(lambda: flux_forward(r)) for r in resolutions},
+        flux_largest=max(p.nbytes for p in flux.parameters()),
+    )
+
+
+@dataclass(frozen=True)
+class Phase:
+    """One phase of a run under a preset: bytes on the card (with overhead) and in host RAM."""
+
+    preset: str
+    name: str
+    card_gib: float
+    device: int  # allocated on the card, before overhead
+    host: int  # resident in RAM, HOST_BASE included
+
+    @property
+    def peak(self) -> int:
+        return round(self.device + CUDA_CONTEXT + FRAGMENTATION * self.device)
+
+    @property
+    def headroom(self) -> float:
+        return 1 - self.peak / (self.card_gib * GIB)
+
+
+def phases(preset: MemoryPreset, bench: Bench, enc: EncoderSizes) -> list[Phase]:
+    """Every phase of a run under `preset`, as `Trainer` runs it: caching one model at a time (T5 in fp8 with an
+    fp8 base), the transformer load (read to RAM, then moved), training, validation samples on the training base
+    and on another (the training base's frozen weights dropped, the other's read), the XY grid, and a prompt not
+    seen while caching (T5 reloaded on the CPU while the base waits on the card)."""
+    s, r, fp8 = bench.sizes, preset.resolution, preset.fp8_base
+    train = bench.project(preset)
+    full = weight_bytes(s.params, s.block_linear, fp8)
+    resident = resident_weight_bytes(s, fp8, preset.blocks_to_swap)
+    n_double, n_single = split_blocks_to_swap(preset.blocks_to_swap, s.num_double, s.num_single)
+    swapped = n_double * weight_bytes(*s.double, fp8) + n_single * weight_bytes(*s.single, fp8)
+    lora_weights = s.lora * LORA_DTYPES[preset.lora_dtype].itemsize
+    t5 = enc.t5_fp8 if fp8 else enc.t5
+    sampling = resident + train.training_state + enc.vae + max(enc.flux_forward[r], enc.vae_decode[r])
+    # a base streams to the card unless blocks are swapped: then it is read to RAM first (`trainer._load_device`)
+    base_read = HOST_BASE + (full if preset.blocks_to_swap else enc.flux_largest)
+    t5_card = 0 if preset.t5_on_cpu else t5 + enc.t5_forward
+    t5_host = t5 + enc.t5_forward if preset.t5_on_cpu else enc.t5_largest
+    rows = [
+        ("cache: T5" + (" (CPU)" if preset.t5_on_cpu else ""), t5_card, HOST_BASE + t5_host),
+        ("cache: CLIP", enc.clip + enc.clip_forward, HOST_BASE + enc.clip),
+        ("cache: VAE", enc.vae + enc.vae_encode[r], HOST_BASE + enc.vae),
+        ("load base", resident, base_read),
+        ("train", train.weights + train.activations + train.training_state, HOST_BASE + swapped),
+        ("sample", sampling, HOST_BASE + swapped),
+        ("sample other base", sampling + lora_weights, max(base_read, HOST_BASE + swapped)),
+        ("XY grid", sampling, HOST_BASE + swapped + XY_ROWS * lora_weights),
+        ("new prompt", sampling, HOST_BASE + swapped + t5 + enc.t5_forward),
+    ]
+    return [Phase(preset.name, name, preset.card_gib, device, host) for name, device, host in rows]
+
+
+def pick_checkpoint_blocks(preset: MemoryPreset, bench: Bench) -> int:
+    """The fewest checkpointed blocks (no fewer than the swapped ones) with which `preset`'s training step keeps
+    `PICK_HEADROOM`; -1 when it needs them all."""
+    total = bench.sizes.num_double + bench.sizes.num_single
+    for count in range(preset.blocks_to_swap, total):
+        projection = bench.project(dataclasses.replace(preset, gradient_checkpointing=True, checkpoint_blocks=count))
+        if projection.headroom >= PICK_HEADROOM:
+            return count
+    return -1
+
+
 def report(bench: Bench, projections: list[Projection], resolutions: Iterable[int]) -> str:
     def gib(n: float) -> str:
         return f"{n / GIB:.1f}"
@@ -421,6 +598,22 @@ def report(bench: Bench, projections: list[Projection], resolutions: Iterable[in
     return "\n".join(lines)
 
 
+def phase_report(all_phases: list[Phase], picks: dict[tuple[str, int], int]) -> str:
+    def gib(n: float) -> str:
+        return f"{n / GIB:.1f}"
+
+    header = ("preset", "phase", "card use GiB", "card GiB", "headroom", "host RAM GiB")
+    rows = [(p.preset, p.name, gib(p.peak), f"{p.card_gib:g}", f"{p.headroom:.0%}", gib(p.host)) for p in all_phases]
+    widths = [max(len(row[i]) for row in (header, *rows)) for i in range(len(header))]
+    lines = ["", f"every phase, overhead included; host RAM assumes {gib(HOST_BASE)} GiB for Python, torch and "
+             "ComfyUI:"]
+    lines += ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in (header, *rows)]
+    lines += ["", f"checkpoint_blocks the projection picks (fewest for {PICK_HEADROOM:.0%} headroom in training; "
+              "-1 = all):"]
+    lines += [f"  {name} at {r}²: {n}" for (name, r), n in picks.items()]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="measure 512² only, and project every preset at 512²")
@@ -438,21 +631,35 @@ def main(argv: list[str] | None = None) -> int:
         presets = [dataclasses.replace(p, resolution=512) for p in presets]
     projections = [bench.project(p) for p in presets]
     print(report(bench, projections, resolutions))
+    log.info("measuring T5, CLIP, the VAE and an inference pass")
+    encoders = measure_encoders(config, sorted({*resolutions, *(p.resolution for p in presets)}))
+    all_phases = [phase for p in presets for phase in phases(p, bench, encoders)]
+    picks = {(p.name, r): pick_checkpoint_blocks(dataclasses.replace(p, resolution=r), bench)
+             for p in presets if p.gradient_checkpointing for r in resolutions}
+    print(phase_report(all_phases, picks))
 
     if args.json:
         numbers = {
-            "assumptions": {"cuda_context": CUDA_CONTEXT, "fragmentation": FRAGMENTATION, "headroom": HEADROOM},
+            "assumptions": {"cuda_context": CUDA_CONTEXT, "fragmentation": FRAGMENTATION, "headroom": HEADROOM,
+                            "host_base": HOST_BASE},
             "sizes": dataclasses.asdict(bench.sizes),
+            "encoders": dataclasses.asdict(encoders),
             "activations": [{**dataclasses.asdict(a), "fp8_base": fp8, "lora_dtype": lora}
                             for (_, _, fp8, lora), a in bench.measured.items()],
             "presets": [{**dataclasses.asdict(p), "peak": p.peak, "headroom": p.headroom, "fits": p.fits}
                         for p in projections],
+            "phases": [{**dataclasses.asdict(p), "peak": p.peak, "headroom": p.headroom} for p in all_phases],
+            "checkpoint_blocks": {f"{name}@{r}": n for (name, r), n in picks.items()},
             "comparison": {r: {k: p.peak for k, p in comparison(bench, r).items()} for r in resolutions},
         }
         args.json.write_text(json.dumps(numbers, indent=2))
-    misfits = [p.name for p in projections if not p.fits]
+    misfits = sorted({f"{p.preset} ({p.name})" for p in all_phases if p.headroom < HEADROOM or p.host > HOST_LIMIT})
     if misfits:
-        log.error("under %d%% headroom: %s; change them in trainer_core/presets.py", HEADROOM * 100, ", ".join(misfits))
+        log.error("under %d%% card headroom or over %d GiB of RAM: %s; change them in trainer_core/presets.py",
+                  HEADROOM * 100, HOST_LIMIT // GIB, ", ".join(misfits))
+    worst = min(all_phases, key=lambda p: p.headroom)
+    print(f"worst phase headroom {worst.headroom * 100:.0f}% ({worst.preset}, {worst.name}); "
+          f"host RAM peak {max(p.host for p in all_phases) / GIB:.1f} GiB")
     return 1 if misfits else 0
 
 

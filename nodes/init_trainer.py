@@ -17,7 +17,7 @@ from trainer_core.trainer import settings_mismatches
 
 from . import comfy_bridge
 from .common import CATEGORY, HANDLE
-from .queued_graph import planned_train_steps
+from .queued_graph import planned_train_steps, validation_prompts
 
 log = logging.getLogger(__name__)
 
@@ -279,10 +279,12 @@ class InitTrainer:
         except (ValueError, OSError) as e:
             return str(e)  # init raises it, naming the widget
 
-    def init(self, **widgets):
+    def init(self, prompt=None, unique_id=None, **widgets):
         config, resume = build_config(**widgets)
-        # models load only when a loop must really train or a sample render: the run store may hold every loop
+        # models load only when a loop must really train or a sample render: the run store may hold every loop;
+        # the queued graph's validation prompts are encoded then, while T5 is loaded for the captions
         handle = TrainingRun.start(
             config, resume, before_load=comfy_bridge.free_comfy_models,
-            on_progress=lambda stage, done, total: comfy_bridge.progress_bar(total).update_absolute(done, total))
+            on_progress=lambda stage, done, total: comfy_bridge.progress_bar(total).update_absolute(done, total),
+            prompts=validation_prompts(prompt, unique_id))
         return (handle,)

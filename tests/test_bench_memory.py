@@ -159,6 +159,60 @@ def test_every_preset_fits_its_card_with_headroom(flux_dev, name):
     assert projection.fits, f"{name}: {projection.peak / memory.GIB:.1f} GiB on a {projection.card_gib:g} GiB card"
 
 
+def test_partial_checkpointing_projects_between_none_and_all(flux_dev):
+    act, sizes = flux_dev.activations(512, 1, True, "fp32"), flux_dev.sizes
+    by_count = [memory.activation_bytes(act, sizes, n) for n in range(58)]
+    assert by_count[0] == memory.activation_bytes(act, sizes, False)
+    assert by_count[57] == memory.activation_bytes(act, sizes, True) == memory.activation_bytes(act, sizes, -1)
+    assert all(a > b for a, b in zip(by_count[1:], by_count[2:]))  # each more checkpointed block saves memory
+    assert by_count[1] < by_count[0] + act.single  # the first one costs at most its own recompute
+
+
+@pytest.mark.parametrize("name", ["24GB", "12GB", "8GB"])
+def test_presets_checkpoint_the_blocks_the_projection_picks(flux_dev, name):
+    assert memory.pick_checkpoint_blocks(PRESETS[name], flux_dev) == PRESETS[name].checkpoint_blocks
+
+
+def test_live_bytes_counts_what_is_alive_at_once():
+    def chain(keep: list):
+        y = torch.ones(1000, device="meta") * 2  # the ones die once the product exists: 2 tensors at most
+        keep.append(y + 1)
+
+    assert memory.working_set(lambda: chain([])) == 2 * 4000
+    assert memory.working_set(lambda: [torch.ones(1000, device="meta") for _ in range(3)]) == 3 * 4000
+
+
+@pytest.fixture(scope="module")
+def encoders() -> memory.EncoderSizes:
+    return memory.measure_encoders(memory.flux_dev_config(), sorted({p.resolution for p in PRESETS.values()}))
+
+
+def test_encoder_sizes_are_the_real_models(encoders):
+    assert 8.8 < encoders.t5 / memory.GIB < 8.9  # T5-XXL encoder: 4.76 B parameters in bf16
+    assert 0.55 < encoders.t5_fp8 / encoders.t5 < 0.65  # fp8 but `wo`
+    assert encoders.vae_decode[1024] > 3 * encoders.vae_decode[512]  # the decoder's working set grows with pixels
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_every_phase_of_every_preset_fits_the_card_and_a_32_gb_pc(flux_dev, encoders, name):
+    projected = memory.phases(PRESETS[name], flux_dev, encoders)
+    assert [p.name.removesuffix(" (CPU)") for p in projected] == [
+        "cache: T5", "cache: CLIP", "cache: VAE", "load base", "train", "sample", "sample other base", "XY grid",
+        "new prompt"]
+    for p in projected:
+        assert p.headroom >= memory.HEADROOM, f"{name} {p.name}: {p.peak / memory.GIB:.1f} GiB of {p.card_gib:g}"
+        assert p.host <= memory.HOST_LIMIT, f"{name} {p.name}: {p.host / memory.GIB:.1f} GiB of RAM"
+
+
+def test_t5_in_bf16_would_not_fit_the_small_cards(flux_dev, encoders):
+    """Why caching holds one model at a time with T5 in fp8 (or on the CPU for 8 GB)."""
+    for name in ("12GB", "8GB"):
+        bf16 = memory.phases(dataclasses.replace(PRESETS[name], fp8_base=False, t5_on_cpu=False), flux_dev, encoders)
+        assert bf16[0].headroom < memory.HEADROOM
+    on_card = memory.phases(dataclasses.replace(PRESETS["8GB"], t5_on_cpu=False), flux_dev, encoders)
+    assert on_card[0].headroom < memory.HEADROOM
+
+
 # ---------------------------------------------------------------------------------------- the presets
 @pytest.mark.parametrize("blocks_to_swap", range(6))
 def test_blocks_to_swap_are_counted_as_block_swap_swaps_them(blocks_to_swap):

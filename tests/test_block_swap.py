@@ -64,3 +64,21 @@ def test_swap_needs_gradient_checkpointing():
     with pytest.raises(ValueError, match="blocks_to_swap needs gradient_checkpointing"):
         TrainConfig(transformer_path="m", vae_path="v", clip_path="c", t5_path="t", dataset_dir="d",
                     blocks_to_swap=4, gradient_checkpointing=False)
+
+
+def test_partial_checkpointing_recomputes_only_the_last_blocks_and_trains_the_same_weights(base, monkeypatch):
+    from trainer_core import block_swap
+
+    recomputed = []
+    real_checkpoint = block_swap.checkpoint
+    monkeypatch.setattr(block_swap, "checkpoint", lambda forward, *a, **k: (
+        recomputed.append(forward.__self__), real_checkpoint(forward, *a, **k))[1])
+    full, partial, none = trainer(base), trainer(base, checkpoint_blocks=2), trainer(base, gradient_checkpointing=False)
+    for run in (full, partial, none):
+        run.train(3)
+
+    assert set(recomputed) == set(model_blocks(partial.transformer)[-2:]) and len(recomputed) == 3 * 2
+    assert partial.losses == full.losses == none.losses
+    for k, v in lora.lora_state(full.transformer).items():
+        assert torch.equal(lora.lora_state(partial.transformer)[k], v)
+        assert torch.equal(lora.lora_state(none.transformer)[k], v)

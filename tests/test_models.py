@@ -1,6 +1,7 @@
 """Model loading from the files users have, proven on the tiny stack written in the very same layouts."""
 import json
 import shutil
+import weakref
 
 import pytest
 import torch
@@ -11,9 +12,11 @@ from peft import LoraConfig
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
 from trainer_core import models, tiny
+from trainer_core.models import files
 from trainer_core.flow_matching import image_ids, text_ids
 
 
@@ -237,6 +240,91 @@ def test_fp8_base_stores_float8_and_trains_a_peft_lora(tiny_flux):
         losses.append(loss.item())
     assert losses[-1] < losses[0]
     assert to_q.weight.dtype == torch.float8_e4m3fn and to_q.weight.grad is None
+
+
+class WeightCopies(TorchDispatchMode):
+    """Inside the `with`, the dtypes of every tensor made in the shape of a given weight (its copies)."""
+
+    def __init__(self, shape: torch.Size):
+        super().__init__()
+        self.shape, self.dtypes = shape, set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor) and t.shape == self.shape:
+                self.dtypes.add(t.dtype)
+        return out
+
+
+def test_fp8_linear_under_autocast_upcasts_to_the_autocast_dtype_not_to_fp32():
+    g = torch.Generator().manual_seed(0)
+    layer = models.Fp8Linear(64, 32, bias=True, compute_dtype=torch.bfloat16).requires_grad_(False)
+    layer.weight.data = (torch.randn(32, 64, generator=g) / 8).to(torch.float8_e4m3fn)
+    layer.bias.data = layer.bias.data.bfloat16()
+    x = torch.randn(4, 64, generator=g, requires_grad=True)  # fp32, as a layer norm's output is under autocast
+
+    with WeightCopies(layer.weight.shape) as copies:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = layer(x)
+        y.float().square().sum().backward()
+
+    assert copies.dtypes == {torch.bfloat16}  # bf16 upcasts of the weight, never an fp32 one
+    assert y.dtype == torch.bfloat16 and x.grad.dtype == torch.float32
+    reference = torch.nn.functional.linear(x.detach().bfloat16(), layer.weight.bfloat16(), layer.bias)
+    assert torch.equal(y.detach(), reference)
+    expected_grad = (2 * reference.float()).bfloat16() @ layer.weight.bfloat16()
+    assert relative_error(x.grad, expected_grad) < 1e-2
+
+
+def test_fp8_base_from_a_bf16_file_casts_each_block_weight_as_it_is_read(tiny_flux, monkeypatch):
+    read, peak_alive = [], []
+    real_safe_open = files.safe_open
+
+    class Tracked:
+        """safe_open, noting each block weight read and how many read before it are still alive in bf16."""
+
+        def __init__(self, *args, **kwargs):
+            self.file = real_safe_open(*args, **kwargs)
+
+        def __enter__(self):
+            self.file.__enter__()
+            return self
+
+        def __exit__(self, *exc):
+            return self.file.__exit__(*exc)
+
+        def __getattr__(self, name):
+            return getattr(self.file, name)
+
+        def get_tensor(self, name):
+            tensor = self.file.get_tensor(name)
+            if "blocks." in name and tensor.ndim == 2:
+                peak_alive.append(sum(ref() is not None for ref in read))
+                read.append(weakref.ref(tensor))
+            return tensor
+
+    monkeypatch.setattr(files, "safe_open", Tracked)
+    model = models.load_transformer(tiny_flux.transformer_bf16, dtype=torch.bfloat16, fp8_base=True)
+    assert len(read) > 10 and max(peak_alive) == 0  # no bf16 block weight outlives its own read
+    assert model.transformer_blocks[0].attn.to_q.weight.dtype == torch.float8_e4m3fn
+
+
+def test_a_dropped_base_is_re_read_from_its_file_with_the_lora_kept(tiny_flux):
+    model = models.load_transformer(tiny_flux.transformer_bf16, dtype=torch.float32, fp8_base=True)
+    model.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "proj_mlp"], init_lora_weights=False))
+    inputs = transformer_inputs()
+    before = run(model, inputs)
+    lora_weights = {k: v.clone() for k, v in model.state_dict().items() if "lora_" in k}
+
+    models.drop_frozen_weights(model)
+    assert model.x_embedder.weight.is_meta and model.transformer_blocks[0].attn.to_q.base_layer.weight.is_meta
+    assert all(not v.is_meta for k, v in model.state_dict().items() if "lora_" in k)
+    models.reload_frozen_weights(model, tiny_flux.transformer_bf16, dtype=torch.float32)
+
+    assert model.transformer_blocks[0].attn.to_q.base_layer.weight.dtype == torch.float8_e4m3fn
+    assert all(torch.equal(v, lora_weights[k]) for k, v in model.state_dict().items() if "lora_" in k)
+    assert torch.equal(run(model, inputs), before)
 
 
 # ------------------------------------------------------------------------------------------------ VAE

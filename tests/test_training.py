@@ -160,8 +160,8 @@ def test_the_xy_grid_swaps_a_validation_base_in_once(tiny_flux, dataset, tmp_pat
     trainer.train(3)
     own = lora.lora_state(trainer.transformer)
     moved = []
-    to_cpu = trainer._to_cpu
-    monkeypatch.setattr(trainer, "_to_cpu", lambda model: (moved.append(model), to_cpu(model)))
+    drop = trainer._drop_base
+    monkeypatch.setattr(trainer, "_drop_base", lambda model: (moved.append(model), drop(model)))
 
     grid = strength_grid(trainer, [(0, first), (3, own)], [0.0, 1.0], "fltglyph", base_path=str(tiny_flux.transformer_fp8),
                          steps=2, width=64, height=64)

@@ -1,5 +1,6 @@
 """Block swap: keep the frozen weights of the last N transformer blocks in CPU RAM and stream each block to the GPU
-just before it runs, so a 12B Flux trains on 12-16 GB cards.
+just before it runs, so a 12B Flux trains on 12-16 GB cards. And partial gradient checkpointing, of the last N
+blocks too, so that the swapped blocks are always among the checkpointed ones.
 
 Only frozen tensors move; the LoRA parameters (and so the optimizer state) stay on the GPU. At most `resident`
 swapped blocks are on the GPU at once: the one running and the one just used, which on the way back through
@@ -9,11 +10,13 @@ references to the weights of every block until backward.
 """
 from __future__ import annotations
 
+import functools
 import logging
 from collections import OrderedDict
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -21,6 +24,28 @@ log = logging.getLogger(__name__)
 def model_blocks(transformer: nn.Module) -> list[nn.Module]:
     """Flux's blocks in execution order: the double-stream blocks, then the single-stream ones."""
     return [*transformer.transformer_blocks, *transformer.single_transformer_blocks]
+
+
+def checkpoint_blocks(transformer: nn.Module, count: int) -> int:
+    """Gradient checkpointing of the last `count` blocks (all of them when `count` is -1 or more than there are);
+    the others keep their activations for backward, which is faster where the card has room. Returns the count.
+
+    All blocks use diffusers' own checkpointing; fewer wrap each chosen block's forward, recomputed in backward
+    the same way (non-reentrant), so the weights trained are the same either way.
+    """
+    blocks = model_blocks(transformer)
+    if count < 0 or count >= len(blocks):
+        transformer.enable_gradient_checkpointing()
+        return len(blocks)
+    for block in blocks[len(blocks) - count:]:
+        block.forward = functools.partial(_checkpointed, block.forward)
+    return count
+
+
+def _checkpointed(forward, *args, **kwargs):
+    if torch.is_grad_enabled():
+        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+    return forward(*args, **kwargs)
 
 
 class BlockSwap:

@@ -1,7 +1,9 @@
 """VAE latents and text embeddings, computed once per distinct image and caption, optionally cached on disk.
 
 Nothing cached refers to the models, so the caller can free the VAE and the text encoders before training
-(T5-XXL alone is ~9.5 GB in bf16).
+(T5-XXL alone is ~9.5 GB in bf16). Texts are encoded first (`cache_text`: every text not on disk in one call, so
+`models.TextEncoderFiles` can run T5 then CLIP, each loaded once and freed), images after, so that a caller that
+loads the VAE only then never holds two models on the device.
 """
 from __future__ import annotations
 
@@ -32,7 +34,7 @@ Tensors = dict[str, torch.Tensor]
 
 class TextEncoder(Protocol):
     def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> prompt_embeds (B, L, D), pooled (B, D')."""
+        """-> prompt_embeds (B, L, D), pooled (B, D'); called once with every text to encode, which it batches."""
         ...
 
 
@@ -66,10 +68,36 @@ class _ImageKey(NamedTuple):
     flip: bool
 
 
+def cache_text(
+    texts: Sequence[str],
+    text_encoders: TextEncoder,
+    cache_dir: str | Path | None = None,
+    encoder_identity: str = "",
+    on_progress: Callable[[int, int], None] | None = None,
+) -> dict[str, Tensors]:
+    """Each distinct text's {"prompt_embeds": (L, D), "pooled": (D',)}, on the CPU.
+
+    With `cache_dir` (and `encoder_identity`, as `cache_dataset`), each is also a file there, read back by a later
+    call. The texts not on disk go to `text_encoders.encode` in one call. `on_progress(done, total)` as they complete.
+    """
+    _check_identity(cache_dir, encoder_identity)
+    texts = list(dict.fromkeys(texts))
+    files = None if cache_dir is None else \
+        {t: Path(cache_dir) / f"text-{_hash(encoder_identity, t)}.safetensors" for t in texts}
+
+    def encode_text(prompts: list[str]) -> list[Tensors]:
+        prompt_embeds, pooled = text_encoders.encode(prompts)
+        return [{"prompt_embeds": e, "pooled": p} for e, p in zip(prompt_embeds.cpu(), pooled.cpu())]
+
+    with torch.inference_mode(False), torch.no_grad():
+        return _load_or_compute("texts", texts, encode_text, lambda t: None, max(1, len(texts)), files,
+                                _Progress(len(texts), on_progress))
+
+
 def cache_dataset(
     records: Sequence[ImageRecord],
     vae: AutoencoderKL,
-    text_encoders: TextEncoder,
+    text_encoders: TextEncoder | dict[str, Tensors],
     cache_dir: str | Path | None = None,
     flip: bool = False,
     batch_size: int = 1,
@@ -78,26 +106,32 @@ def cache_dataset(
 ) -> CachedDataset:
     """Encode every distinct (image, bucket, flip) with the VAE and every distinct caption, plus "", once.
 
+    `text_encoders` may instead be `cache_text`'s result for those captions (and ""), encoded beforehand.
     With `cache_dir`, each result is also a safetensors file there, named by a hash of `encoder_identity` and
     either the image file's bytes, bucket and flip (latents) or the caption (text). A later call with the same
     data and identity reads them back without calling the models; a damaged file is recomputed with a warning.
     `encoder_identity` must identify the models (e.g. fingerprints of their files and the dtype) so that another
     model's cache is never used.
 
-    `batch_size` images of one bucket, or captions, go through a model together. `on_progress(done, total)` is
-    called as items complete. Tensors come back as ordinary tensors even under `torch.inference_mode`.
+    `batch_size` images of one bucket go through the VAE together. `on_progress(done, total)` is called as items
+    complete. Tensors come back as ordinary tensors even under `torch.inference_mode`.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size: {batch_size} must be at least 1")
-    if cache_dir is not None and not encoder_identity:
-        raise ValueError(
-            "cache_dir is set but encoder_identity is empty: pass a string that identifies the VAE and text"
-            " encoders (e.g. fingerprints of their files and the dtype) so that another model's cache is never reused"
-        )
+    _check_identity(cache_dir, encoder_identity)
     record_of = {_ImageKey(r.path, r.bucket, f): r for r in records for f in ((False, True) if flip else (False,))}
     captions = list(dict.fromkeys(["", *(r.caption for r in records)]))
+    total = len(record_of) + (0 if isinstance(text_encoders, dict) else len(captions))
+    advance = _Progress(total, on_progress)
+    if isinstance(text_encoders, dict):
+        text = text_encoders
+    else:
+        def text_progress(done: int, _total: int) -> None:
+            advance(done - advance.done)  # texts come first: the count so far is theirs
 
-    latent_files = text_files = None
+        text = cache_text(captions, text_encoders, cache_dir, encoder_identity, text_progress)
+
+    latent_files = None
     if cache_dir is not None:
         cache_dir = Path(cache_dir)
         digests = {path: hashlib.sha256(path.read_bytes()).hexdigest() for path in {key.path for key in record_of}}
@@ -105,15 +139,6 @@ def cache_dataset(
             k: cache_dir / f"latents-{_hash(encoder_identity, digests[k.path], k.bucket, k.flip)}.safetensors"
             for k in record_of
         }
-        text_files = {c: cache_dir / f"text-{_hash(encoder_identity, c)}.safetensors" for c in captions}
-
-    done, total = 0, len(record_of) + len(captions)
-
-    def advance(n: int) -> None:
-        nonlocal done
-        done += n
-        if on_progress is not None:
-            on_progress(done, total)
 
     def encode_images(keys: list[_ImageKey]) -> list[Tensors]:
         pixels = torch.stack([load_image(record_of[k], flip=k.flip) for k in keys])  # (B, 3, H, W)
@@ -121,16 +146,11 @@ def cache_dataset(
         z = (z - (vae.config.shift_factor or 0.0)) * vae.config.scaling_factor
         return [{"latents": x} for x in z.cpu()]
 
-    def encode_text(prompts: list[str]) -> list[Tensors]:
-        prompt_embeds, pooled = text_encoders.encode(prompts)
-        return [{"prompt_embeds": e, "pooled": p} for e, p in zip(prompt_embeds.cpu(), pooled.cpu())]
-
     # ComfyUI runs nodes under inference_mode, whose tensors the training step could not save for backward
     with torch.inference_mode(False), torch.no_grad():
         latents = _load_or_compute(
             "latents", list(record_of), encode_images, lambda k: k.bucket, batch_size, latent_files, advance
         )
-        text = _load_or_compute("captions", captions, encode_text, lambda c: None, batch_size, text_files, advance)
 
     def sample(record: ImageRecord, flipped: bool) -> CachedSample:
         z = latents[_ImageKey(record.path, record.bucket, flipped)]["latents"]
@@ -143,6 +163,26 @@ def cache_dataset(
         flipped=[sample(r, True) for r in records] if flip else None,
         empty_prompt=(text[""]["prompt_embeds"], text[""]["pooled"]),
     )
+
+
+def _check_identity(cache_dir, encoder_identity: str) -> None:
+    if cache_dir is not None and not encoder_identity:
+        raise ValueError(
+            "cache_dir is set but encoder_identity is empty: pass a string that identifies the VAE and text"
+            " encoders (e.g. fingerprints of their files and the dtype) so that another model's cache is never reused"
+        )
+
+
+class _Progress:
+    """`advance(n)`: n more items done of `total`, reported to `on_progress(done, total)`."""
+
+    def __init__(self, total: int, on_progress: Callable[[int, int], None] | None):
+        self.done, self.total, self.on_progress = 0, total, on_progress
+
+    def __call__(self, n: int) -> None:
+        self.done += n
+        if self.on_progress is not None:
+            self.on_progress(self.done, self.total)
 
 
 def _load_or_compute(

@@ -102,7 +102,7 @@ def _run(path: Path, config, plan, resume: Path | None, start_over: tuple[bool, 
         aside = output_guard.set_aside(earlier, Path(config.output_dir),
                                        f"{config.output_name}_replaced_{time.strftime('%Y%m%d-%H%M%S')}")
         log.warning("--overwrite: moved the %d files of the earlier run to %s", len(earlier), aside)
-    trainer = Trainer.from_config(config, records=records, processes=processes)
+    trainer = Trainer.from_config(config, records=records, prompts=plan.prompts, processes=processes)
     if state is not None:
         trainer.restore(state)
     try:

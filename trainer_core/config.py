@@ -106,8 +106,10 @@ class TrainConfig:
 
     # --- compute and memory
     mixed_precision: str = "bf16"  # bf16 base and activations with fp32 LoRA, or fp32 throughout
-    fp8_base: bool = False  # keep frozen block weights in float8_e4m3fn, compute in bf16
+    fp8_base: bool = False  # keep frozen block weights in float8_e4m3fn, compute in bf16 (T5's too, while caching)
+    t5_on_cpu: bool = False  # encode the captions with T5 on the CPU: for 8 GB cards, where T5 alone would not fit
     gradient_checkpointing: bool = True  # recompute activations in backward: far less memory, ~30% slower
+    checkpoint_blocks: int = -1  # with gradient_checkpointing: how many blocks (the last ones) recompute; -1 = all
     blocks_to_swap: int = 0  # transformer blocks kept on the CPU and streamed to the GPU just before use
     compile_blocks: bool = False  # torch.compile each transformer block: faster steps on GPUs after a cold start of minutes
     device: str = "auto"  # auto (cuda when available), cuda, cuda:1, cpu
@@ -204,6 +206,12 @@ class TrainConfig:
             self.blocks_to_swap == 0 or self.gradient_checkpointing,
             "blocks_to_swap needs gradient_checkpointing on (swapped weights cannot wait in RAM while backward "
             "still needs them); turn gradient_checkpointing on or set blocks_to_swap to 0",
+        )
+        need(self.checkpoint_blocks >= -1, f"checkpoint_blocks: {self.checkpoint_blocks}; use -1 (all) or 0 or more")
+        need(
+            self.checkpoint_blocks == -1 or self.checkpoint_blocks >= self.blocks_to_swap,
+            f"checkpoint_blocks {self.checkpoint_blocks} is fewer than blocks_to_swap {self.blocks_to_swap} (swapped "
+            "blocks must be checkpointed); raise checkpoint_blocks or set it to -1 (all)",
         )
         need(
             not (self.compile_blocks and self.blocks_to_swap),

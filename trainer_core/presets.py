@@ -13,6 +13,7 @@ from .config import OPTIMIZERS
 
 FLUX_DOUBLE_BLOCKS = 19
 FLUX_SINGLE_BLOCKS = 38
+FLUX_BLOCKS = FLUX_DOUBLE_BLOCKS + FLUX_SINGLE_BLOCKS
 LORA_DTYPES = ("fp32", "bf16")
 
 
@@ -46,6 +47,8 @@ class MemoryPreset:
     resolution: int  # bucket base size, pixels
     batch_size: int
     lora_dtype: str = "fp32"  # LoRA weights, gradients and optimizer state; the trainer keeps fp32 under bf16 autocast
+    checkpoint_blocks: int = -1  # with gradient_checkpointing: the last N blocks recompute, -1 = all (bench picks N)
+    t5_on_cpu: bool = False  # T5 encodes the captions on the CPU: where even its fp8 weights (5.5 GB) do not fit
 
     def __post_init__(self):
         if self.optimizer not in OPTIMIZERS:
@@ -57,6 +60,9 @@ class MemoryPreset:
         if self.batch_size < 1 or self.card_gib <= 0:
             raise ValueError(f"preset {self.name}: batch_size and card_gib must be positive")
         split_blocks_to_swap(self.blocks_to_swap)
+        if self.checkpoint_blocks != -1 and not self.blocks_to_swap <= self.checkpoint_blocks <= FLUX_BLOCKS:
+            raise ValueError(f"preset {self.name}: checkpoint_blocks {self.checkpoint_blocks}; use -1 (all) or "
+                             f"{self.blocks_to_swap} (blocks_to_swap) to {FLUX_BLOCKS}")
 
     def train_settings(self) -> dict:
         """The `TrainConfig` fields this preset sets: `TrainConfig(**paths, **preset.train_settings())`.
@@ -66,6 +72,8 @@ class MemoryPreset:
         return {
             "fp8_base": self.fp8_base,
             "gradient_checkpointing": self.gradient_checkpointing,
+            "checkpoint_blocks": self.checkpoint_blocks,
+            "t5_on_cpu": self.t5_on_cpu,
             "blocks_to_swap": self.blocks_to_swap,
             "optimizer": self.optimizer,
             "resolutions": (self.resolution,),
@@ -75,7 +83,8 @@ class MemoryPreset:
 
 
 # Tuned with `bench/memory.py`: each fits its card with >= 10% headroom in its projection, 15-20% where two more
-# swapped blocks buy it, for what a projection leaves out (a desktop on the same card, driver differences).
+# swapped blocks buy it, for what a projection leaves out (a desktop on the same card, driver differences), in
+# every phase of a run. checkpoint_blocks is the bench's pick at the preset's resolution (15% headroom in training).
 PRESETS: dict[str, MemoryPreset] = {
     p.name: p
     for p in (
@@ -83,12 +92,12 @@ PRESETS: dict[str, MemoryPreset] = {
         MemoryPreset("none", 96, fp8_base=False, gradient_checkpointing=False, blocks_to_swap=0, optimizer="adamw",
                      resolution=1024, batch_size=1),
         MemoryPreset("24GB", 24, fp8_base=True, gradient_checkpointing=True, blocks_to_swap=0, optimizer="adamw",
-                     resolution=1024, batch_size=1),
+                     resolution=1024, batch_size=1, checkpoint_blocks=54),
         MemoryPreset("16GB", 16, fp8_base=True, gradient_checkpointing=True, blocks_to_swap=28, optimizer="adamw8bit",
                      resolution=1024, batch_size=1),
         MemoryPreset("12GB", 12, fp8_base=True, gradient_checkpointing=True, blocks_to_swap=46, optimizer="adamw8bit",
-                     resolution=1024, batch_size=1),
+                     resolution=1024, batch_size=1, checkpoint_blocks=56),
         MemoryPreset("8GB", 8, fp8_base=True, gradient_checkpointing=True, blocks_to_swap=50, optimizer="adafactor",
-                     resolution=512, batch_size=1),
+                     resolution=512, batch_size=1, checkpoint_blocks=54, t5_on_cpu=True),
     )
 }

@@ -90,11 +90,12 @@ def store_folder(config: TrainConfig) -> Path:
 class TrainingRun:
     def __init__(self, config: TrainConfig, records: Sequence[ImageRecord], resume: TrainingState | None = None,
                  on_progress: Callable[[str, int, int], None] | None = None,
-                 before_load: Callable[[], None] | None = None):
+                 before_load: Callable[[], None] | None = None, prompts: Sequence[str] = ()):
         """The run of `config` on `records` from `resume` (None: fresh). Raises if `resume` was trained on another
         version of the dataset. A resumed state of this very run continues its chain (and its stored loops)."""
         self.config = config
         self.records = list(records)
+        self.prompts = tuple(prompts)  # validation prompts to encode with the captions when the models load
         self.store = RunStore(store_folder(config), config.keep_runs)
         self._dataset, self._dataset_files = dataset_fingerprint(records), dataset_files(records)
         if resume is not None and resume.dataset and resume.dataset != self._dataset:
@@ -122,15 +123,17 @@ class TrainingRun:
         resume: TrainingState | None = None,
         on_progress: Callable[[str, int, int], None] | None = None,
         before_load: Callable[[], None] | None = None,
+        prompts: Sequence[str] = (),
     ) -> TrainingHandle:
         """Release the active run and return the handle at step 0 (or `resume`) of `config`'s run; no model loads
-        until a loop must train or a sample must render (`before_load` runs then).
+        until a loop must train or a sample must render (`before_load` runs then; the validation `prompts` are
+        encoded then along with the captions, see `Trainer.from_config`).
 
         Everything that needs no weights is checked first (`preflight`): a wrong file, rank or dataset raises while
         the active run still holds its models. A run of the same config and data takes the active run's models over.
         """
         global _active
-        run = cls(config, preflight(config), resume, on_progress, before_load)
+        run = cls(config, preflight(config), resume, on_progress, before_load, prompts)
         if _active is not None:
             if (_active.config, _active.load_key) == (config, run.load_key) and _active._trainer is not None:
                 run._trainer, run._fresh, run._at = _active._trainer, _active._fresh, _active._at
@@ -186,7 +189,8 @@ class TrainingRun:
         if self._trainer is None:
             if self._before_load is not None:
                 self._before_load()
-            self._trainer = Trainer.from_config(self.config, on_progress=self._on_progress, records=self.records)
+            self._trainer = Trainer.from_config(self.config, on_progress=self._on_progress, records=self.records,
+                                                prompts=self.prompts)
             self._fresh = self._trainer.snapshot()
             self._at = self._fresh.id
         return self._trainer

@@ -1,5 +1,5 @@
 """A tiny random Flux stack, written to disk in the layouts users have, so the demo and the tests load it through
-`models.py` exactly as they load the real files.
+`models` exactly as they load the real files.
 
 Transformer ~100k parameters (1 double + 2 single blocks, 2 heads of 16), a 16-latent-channel VAE with 4 blocks
 (scale factor 8, as every Flux VAE), CLIP-L and T5 encoders 32 wide, and tokenizers built offline.

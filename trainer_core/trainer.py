@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import dataclasses
 import logging
 import math
 import time
@@ -18,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from . import caching, data, dataset_report, lora, models, plots, sampling
-from .block_swap import BlockSwap, model_blocks
+from .block_swap import BlockSwap, checkpoint_blocks, model_blocks
 from .checkpoints import TrainingState, file_fingerprint, save_training_state
 from .config import TrainConfig
 from .distributed import SINGLE, Processes, process_device
@@ -112,6 +113,11 @@ def check_init_lora(config: TrainConfig) -> None:
                          f"{rank} to continue that LoRA")
 
 
+def _load_device(config: TrainConfig, device: torch.device) -> torch.device:
+    """Where a base is read to: the device itself, or RAM when blocks are swapped (most of it stays there)."""
+    return torch.device("cpu") if config.blocks_to_swap else device
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -133,7 +139,6 @@ class Trainer:
         self.text_encoders = text_encoders
         self.dataset = dataset
         self._prompt_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._validation = None  # (path, transformer) of another base to judge samples on
         self._base_fingerprint: str | None = None  # of config.transformer_path, hashed at the first save
         self._warned_past_schedule = False
         self.tensorboard = TensorBoardLog(config.output_dir, config.output_name, enabled=config.tensorboard and processes.is_main)
@@ -145,7 +150,7 @@ class Trainer:
             lora.load_lora_file(config.init_lora, transformer)
             log.info("LoRA initialised from %s", config.init_lora)
         if config.gradient_checkpointing:
-            transformer.enable_gradient_checkpointing()
+            checkpoint_blocks(transformer, config.checkpoint_blocks)
         if config.compile_blocks:
             for block in model_blocks(transformer):
                 block.compile()  # regional compilation: one compiled graph per block type, reused by every block
@@ -165,31 +170,48 @@ class Trainer:
     # ------------------------------------------------------------------ construction from files
     @classmethod
     def from_config(cls, config: TrainConfig, on_progress: Callable[[str, int, int], None] | None = None,
-                    records: list[data.ImageRecord] | None = None, processes: Processes = SINGLE) -> "Trainer":
-        """Load the models and cache the dataset; `records` come from `preflight(config)`, run here when not given."""
+                    records: list[data.ImageRecord] | None = None, prompts: Sequence[str] = (),
+                    processes: Processes = SINGLE) -> "Trainer":
+        """Load the models and cache the dataset; `records` come from `preflight(config)`, run here when not given.
+
+        One model on the device at a time: T5 encodes the captions and the validation `prompts` and is freed, then
+        CLIP, then the VAE encodes the images; then the transformer loads. The text encoders are not kept: a prompt
+        not among `prompts` reloads them (on the CPU) when it is first sampled.
+        """
         records = preflight(config) if records is None else records
         device = process_device(processes, config.device) or resolve_device(config.device)
         dtype = compute_dtype(config)
-        text_encoders = models.load_text_encoders(
+        encoders = models.text_encoder_files(
             config.clip_path, config.t5_path, config.tokenizer_dir or None, dtype=dtype, device=device,
-            max_sequence_length=config.max_sequence_length,
-            clip_tokenizer_dir=config.clip_tokenizer_dir or None, t5_tokenizer_dir=config.t5_tokenizer_dir or None,
+            max_sequence_length=config.max_sequence_length, clip_tokenizer_dir=config.clip_tokenizer_dir or None,
+            t5_tokenizer_dir=config.t5_tokenizer_dir or None, t5_fp8=config.fp8_base, t5_on_cpu=config.t5_on_cpu,
+            batch_size=config.batch_size,
         )
-        vae = models.load_vae(config.vae_path, dtype=dtype, device=device)
         identity = "|".join([file_fingerprint(config.vae_path), file_fingerprint(config.clip_path),
-                             file_fingerprint(config.t5_path), str(dtype), str(config.max_sequence_length)])
+                             file_fingerprint(config.t5_path), str(dtype), str(config.max_sequence_length)]
+                            + (["t5 fp8"] if config.fp8_base else []))  # fmt: skip
+
+        def progress(stage: str):
+            return (lambda done, total: on_progress(stage, done, total)) if on_progress else None
+
+        captions = ["", *(r.caption for r in records)]
+        text = caching.cache_text([*captions, *prompts], encoders, config.cache_dir or None, identity,
+                                  progress("encoding text"))
+        vae = models.load_vae(config.vae_path, dtype=dtype, device=device)
         dataset = caching.cache_dataset(
-            records, vae, text_encoders, cache_dir=config.cache_dir or None, flip=config.flip_augment,
-            encoder_identity=identity,
-            on_progress=(lambda done, total: on_progress("caching", done, total)) if on_progress else None,
+            records, vae, text, cache_dir=config.cache_dir or None, flip=config.flip_augment,
+            encoder_identity=identity, on_progress=progress("caching"),
         )
-        # the encoders leave the GPU once the data is cached; they stay in RAM for validation prompts
-        vae.to("cpu"), text_encoders.to("cpu")
+        vae.to("cpu")  # back on the device only while sampling
         if device.type == "cuda":
             torch.cuda.empty_cache()
-        transformer = models.load_transformer(config.transformer_path, dtype=dtype, device="cpu", fp8_base=config.fp8_base)
-        return cls(config, transformer, vae, text_encoders, dataset, device,
-                   dataset_identity=data.dataset_fingerprint(records), processes=processes)
+        # straight to the device, tensor by tensor, unless blocks are swapped: then RAM is where most of it stays
+        transformer = models.load_transformer(config.transformer_path, dtype=dtype, device=_load_device(config, device),
+                                              fp8_base=config.fp8_base)
+        trainer = cls(config, transformer, vae, dataclasses.replace(encoders, device="cpu"), dataset, device,
+                      dataset_identity=data.dataset_fingerprint(records), processes=processes)
+        trainer._prompt_cache.update({p: (text[p]["prompt_embeds"], text[p]["pooled"]) for p in prompts})
+        return trainer
 
     # ------------------------------------------------------------------ the loop
     def train(
@@ -387,7 +409,8 @@ class Trainer:
         return save_training_state(path, state or self.snapshot(), self.config.to_dict())
 
     def encode_prompts(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, L, D) and (B, D) embeddings; each prompt is encoded once per run (the encoders run on the CPU)."""
+        """(B, L, D) and (B, D) embeddings; each prompt is encoded once per run (the encoders load on the CPU for
+        it, one at a time, and are freed: see `from_config`)."""
         missing = [p for p in dict.fromkeys(prompts) if p not in self._prompt_cache]
         if missing:
             embeds, pooled = self.text_encoders.encode(missing)
@@ -413,15 +436,18 @@ class Trainer:
         height=512, callback=None, negative_prompt="", true_cfg_scale=1.0) -> images`. `lora_state` renders another
         checkpoint's LoRA (the XY grid); `true_cfg_scale` other than 1 turns true CFG with `negative_prompt` on.
         `base_path` judges the LoRA on another base (train on Flux-dev2pro, look at it on Flux-dev): the training
-        base waits in RAM meanwhile, so the GPU never holds two bases, and the swap happens once per session.
+        base's frozen weights are dropped and re-read from its file afterwards (its LoRA and optimizer stay), so
+        neither the GPU nor the RAM ever holds two bases; the swap happens once per session.
         """
         other_base = bool(base_path) and Path(base_path).resolve() != Path(self.config.transformer_path).resolve()
-        model = self._validation_model(base_path) if other_base else self.transformer
         own = lora.lora_state(self.transformer)
-        loaded_other = other_base  # whether `model` holds LoRA weights other than the run's own
         if other_base:
-            self._to_cpu(self.transformer)
+            self._drop_base(self.transformer)
+            model = self._validation_model(base_path)
             self._to_device(model)
+        else:
+            model = self.transformer
+        loaded_other = other_base  # whether `model` holds LoRA weights other than the run's own
         self.vae.to(self.device)
 
         def render(prompts: Sequence[str], *, strength: float = 1.0, lora_state: dict | None = None, seed: int = 0,
@@ -448,7 +474,10 @@ class Trainer:
         finally:
             lora.set_lora_strength(model, 1.0)
             if other_base:
-                self._to_cpu(model)
+                self._drop_base(model)
+                del model
+                models.reload_frozen_weights(self.transformer, self.config.transformer_path, self.dtype,
+                                             _load_device(self.config, self.device))
                 self._to_device(self.transformer)
             elif loaded_other:
                 lora.load_lora_state(self.transformer, own)
@@ -462,27 +491,26 @@ class Trainer:
             self._swaps[id(model)] = BlockSwap(model, self.config.blocks_to_swap, self.device)
         self._swaps[id(model)].attach()  # everything but the swapped blocks' frozen weights
 
-    def _to_cpu(self, model) -> None:
-        if id(model) in self._swaps:
-            self._swaps[id(model)].detach()
-        model.to("cpu")
+    def _drop_base(self, model) -> None:
+        """Free `model`'s frozen weights wherever they are (GPU, RAM, a BlockSwap's pinned copies)."""
+        swap = self._swaps.pop(id(model), None)
+        if swap is not None:
+            swap.detach()
+        models.drop_frozen_weights(model)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     def _validation_model(self, path: str):
-        """The other base with an adapter shaped like ours, loaded once and kept in RAM."""
-        if self._validation is None or self._validation[0] != path:
-            if self._validation is not None:  # let the previous one go before loading the next
-                self._swaps.pop(id(self._validation[1]), None)
-                self._validation = None
-            model = models.load_transformer(path, dtype=self.dtype, device="cpu", fp8_base=self.config.fp8_base)
-            lora.add_lora(model, self.config.rank, self.config.alpha, blocks=self.config.blocks, dora=self.config.dora)
-            model.requires_grad_(False)
-            self._validation = (path, model)
-        return self._validation[1]
+        """The other base with an adapter shaped like ours, read from its file (streamed, fp8 as read)."""
+        model = models.load_transformer(path, dtype=self.dtype, device=_load_device(self.config, self.device),
+                                        fp8_base=self.config.fp8_base)
+        lora.add_lora(model, self.config.rank, self.config.alpha, blocks=self.config.blocks, dora=self.config.dora)
+        return model.requires_grad_(False)
 
     def release(self) -> None:
         """Drop the models so their memory returns at once (a new run replaces this one)."""
         self.tensorboard.close()
-        self.transformer = self.vae = self.text_encoders = self.optimizer = self._validation = None
+        self.transformer = self.vae = self.text_encoders = self.optimizer = None
         self._swaps.clear()
         self.params = []
         self._prompt_cache.clear()
