@@ -280,7 +280,7 @@ class InitTrainer:
             return str(e)  # init raises it, naming the widget
 
     def init(self, prompt=None, unique_id=None, **widgets):
-        config, resume = build_config(**widgets)
+        config, resume = build_config(prompt=prompt, unique_id=unique_id, **widgets)
         # models load only when a loop must really train or a sample render: the run store may hold every loop;
         # the queued graph's validation prompts are encoded then, while T5 is loaded for the captions
         handle = TrainingRun.start(
