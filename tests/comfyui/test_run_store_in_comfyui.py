@@ -25,6 +25,7 @@ LOOP2_CHANGED = 5
 UNRELATED = {"1": {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 64, "batch_size": 1, "color": 0}},
              "2": {"class_type": "PreviewImage", "inputs": {"images": ["1", 0]}}}
 TRAINED_STEP = re.compile(r"step \d+/\d+  loss")  # TrainLoop's console line of a step it trained
+MODEL_LOADED = "Loaded the Flux transformer"  # trainer_core.models logs it for every base it reads
 
 
 def our_tracebacks(log: str) -> list[str]:
@@ -94,13 +95,15 @@ def test_first_run_trains_every_loop_and_writes_its_loras(runs):
 
 
 @pytest.mark.parametrize("when", ["after another prompt", "after a restart"])
-def test_the_graph_again_trains_nothing_rewrites_nothing_and_is_fast(runs, when):
+def test_the_graph_again_trains_nothing_rewrites_nothing_and_loads_no_model(runs, when):
     again, first = runs[when], runs["first"]
     print(f"{when}: {again.seconds:.1f} s, first run {first.seconds:.1f} s")
     assert not TRAINED_STEP.findall(again.log), again.log[-6000:]
     assert again.log.count("loaded from the run store") == 4
     assert again.loras == first.loras  # every LoRA file byte for byte, and no new one
-    assert again.seconds < 0.1 * first.seconds, f"{again.seconds:.1f} s against {first.seconds:.1f} s"
+    # what makes a re-queue cost minutes on real Flux files is loading the models: none loads (the wall times are
+    # printed above; a speed target would be a timed test, which this project keeps out of its suites)
+    assert MODEL_LOADED in first.log and MODEL_LOADED not in again.log, again.log[-6000:]
     assert not our_tracebacks(again.log), again.log[-6000:]
 
 
