@@ -30,9 +30,10 @@ def _train(args) -> int:
 
     from .checkpoints import latest_state_file
     from .distributed import launched_processes
-    from .plan import RunPlan
+    from .plan import RunPlan, planned_config
 
     plan = RunPlan.from_dict(plan_values)
+    config = planned_config(config, plan)  # before the run's identity is taken from it
     processes = launched_processes(config.device)
     if not processes.is_main:  # one voice: the main process logs, prints, locks and moves files for the run
         logging.getLogger().setLevel(logging.WARNING)

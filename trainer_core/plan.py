@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from . import plots
 from .checkpoints import STATE_SUFFIX, checkpoint_stem, save_png
-from .config import check_fields
+from .config import TrainConfig, check_fields
 from .run_handle import Checkpoint, TrainingHandle, TrainingInterrupted, TrainingRun
 from .trainer import StepInfo, Trainer, strength_grid
 
@@ -73,9 +73,7 @@ def execute(trainer: Trainer, plan: RunPlan, should_stop: Callable[[], bool] | N
     the plot and grid show the whole run. `should_stop()` (a Ctrl-C) ends it after the current step, with a LoRA and a
     state saved at that step so that no step done is lost. Of several data-parallel processes only the main one
     writes files and samples (each keeps the run store's entries, identical, so that all skip the same stretches)."""
-    if trainer.config.total_steps == 0:  # auto: the schedule spans the plan
-        trainer.config = trainer.config.replace(total_steps=plan.steps)
-    cfg = trainer.config
+    trainer.config = cfg = planned_config(trainer.config, plan)
     main = trainer.processes.is_main
     out = Path(cfg.output_dir)
     result = RunResult()
@@ -131,6 +129,11 @@ def execute(trainer: Trainer, plan: RunPlan, should_stop: Callable[[], bool] | N
         grid = strength_grid(trainer, rows, plan.strengths, plan.prompts[0], **sample)
         result.grid = save_png(grid, out / f"{cfg.output_name}_xy_grid.png")
     return result
+
+
+def planned_config(config: TrainConfig, plan: RunPlan) -> TrainConfig:
+    """`config` with total_steps 0 (auto) made the plan's steps: the LR schedule spans the run."""
+    return config.replace(total_steps=plan.steps) if config.total_steps == 0 else config
 
 
 def mean_losses(losses: list[float], window: int = 20) -> tuple[float, float]:
