@@ -44,6 +44,12 @@ class ComfyUIClient:
         self.process = process
         self._http = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never through a proxy
 
+    @staticmethod
+    def pack_tracebacks(log: str) -> list[str]:
+        """The tracebacks in `log` that pass through this pack (ComfyUI's own, e.g. its database's, are not ours)."""
+        chunks = log.split("Traceback (most recent call last):")[1:]
+        return [c for c in chunks if "trainer_core" in c or "custom_nodes" in c]
+
     def models_dir(self, folder: str) -> Path:
         """`models/<folder>` of the base directory, e.g. "loras"; files put there show up in the node pickers."""
         return self.base_dir / "models" / folder

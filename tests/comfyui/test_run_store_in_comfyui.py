@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass
 
 import pytest
-from conftest import _base_directory, start_comfyui, stop_comfyui
+from conftest import ComfyUIClient, _base_directory, start_comfyui, stop_comfyui
 from test_workflow_in_comfyui import PACK_DIR, STEPS, WORKFLOW, node_ids, shrunk
 from workflow_api import with_inputs, workflow_to_prompt
 
@@ -26,12 +26,6 @@ UNRELATED = {"1": {"class_type": "EmptyImage", "inputs": {"width": 64, "height":
              "2": {"class_type": "PreviewImage", "inputs": {"images": ["1", 0]}}}
 TRAINED_STEP = re.compile(r"step \d+/\d+  loss")  # TrainLoop's console line of a step it trained
 MODEL_LOADED = "Loaded the Flux transformer"  # trainer_core.models logs it for every base it reads
-
-
-def our_tracebacks(log: str) -> list[str]:
-    """Tracebacks through this pack (a restarted ComfyUI may log its own database's, which are not ours)."""
-    chunks = log.split("Traceback (most recent call last):")[1:]
-    return [c for c in chunks if "trainer_core" in c or "custom_nodes" in c]
 
 
 @dataclass
@@ -91,7 +85,7 @@ def test_first_run_trains_every_loop_and_writes_its_loras(runs):
     first = runs["first"]
     assert len(TRAINED_STEP.findall(first.log)) >= 4 and "loaded from the run store" not in first.log
     assert sorted(first.loras) == [f"{OUTPUT_NAME}_{STEPS * k:06d}.safetensors" for k in (1, 2, 3, 4)]
-    assert not our_tracebacks(first.log), first.log[-6000:]
+    assert not ComfyUIClient.pack_tracebacks(first.log), first.log[-6000:]
 
 
 @pytest.mark.parametrize("when", ["after another prompt", "after a restart"])
@@ -104,7 +98,7 @@ def test_the_graph_again_trains_nothing_rewrites_nothing_and_loads_no_model(runs
     # what makes a re-queue cost minutes on real Flux files is loading the models: none loads (the wall times are
     # printed above; a speed target would be a timed test, which this project keeps out of its suites)
     assert MODEL_LOADED in first.log and MODEL_LOADED not in again.log, again.log[-6000:]
-    assert not our_tracebacks(again.log), again.log[-6000:]
+    assert not ComfyUIClient.pack_tracebacks(again.log), again.log[-6000:]
 
 
 def test_changing_loop_2_trains_loops_2_to_4_only(runs):

@@ -37,6 +37,7 @@ PACK_DIR = Path(__file__).resolve().parents[2]
 WORKFLOW = "flux_tiny_demo.json"
 OUTPUT_NAME = "flux_tiny_api"  # not the shipped one: other modules may train the same workflow on this server
 STEPS = 3  # per loop in the first run
+STATES = "flux_lora_states"  # models/<STATES>: where SaveCheckpoint puts training states (nodes/comfy_bridge.py)
 LOOP2_CHANGED = 5
 LONG = 30  # loop 4 when it is cancelled: long enough that the Cancel lands mid-loop
 CELL = 64  # sample and grid cell size in pixels
@@ -63,9 +64,11 @@ def lora_name(step: int, state: bool = False) -> str:
 
 
 def finish(comfyui, prompt: dict, prompt_id: str, start: float, timeout: float = RUN_TIMEOUT_S) -> Run:
-    """Wait for a queued prompt; the Run, with what models/loras holds afterwards."""
+    """Wait for a queued prompt; the Run, with what models/loras (LoRAs) and models/flux_lora_states (the states
+    SaveCheckpoint saves) hold afterwards."""
     history = comfyui.wait(prompt_id, timeout=timeout)
-    loras = {p.name: p.read_bytes() for p in comfyui.models_dir("loras").glob(f"{OUTPUT_NAME}_*")}
+    loras = {p.name: p.read_bytes() for folder in ("loras", STATES)
+             for p in comfyui.models_dir(folder).glob(f"{OUTPUT_NAME}_*")}
     return Run(prompt, prompt_id, history, time.monotonic() - start, loras)
 
 
@@ -282,7 +285,7 @@ def test_first_run_renders_samples_loss_plots_and_the_grid(first_run, comfyui):
 
 def test_server_log_has_no_traceback(first_run, comfyui, shipped):
     log = our_log(comfyui, shipped)
-    assert "Traceback" not in log, log[-6000:]
+    assert not comfyui.pack_tracebacks(log), log[-6000:]
     assert re.search(rf"saved LoRA at step {4 * STEPS} ", log)
 
 
@@ -313,7 +316,7 @@ def test_loop_2_after_the_change_equals_training_straight_through(loop2_changed,
     Exact, not close: same CPU, same seed, and restoring a state is exact (both Pythons' torch agree bit for bit
     on this machine; a different torch build could differ in the last bits and would show here first)."""
     step = STEPS + LOOP2_CHANGED
-    state, config = load_training_state(comfyui.models_dir("loras") / lora_name(step, state=True))
+    state, config = load_training_state(comfyui.models_dir(STATES) / lora_name(step, state=True))
     trainer = Trainer.from_config(TrainConfig.from_dict(config))
     trainer.train(step)
     pairs = [(state.lora, lora_state(trainer.transformer)),  # float32, as trained
@@ -356,7 +359,7 @@ def test_cancel_mid_loop_then_queue_again_continues_the_loop(cancelled_and_conti
 
     log = our_log(comfyui, shipped)
     assert f"continuing the interrupted loop from step {c.at_step}" in log, log[-6000:]
-    assert "Traceback" not in log, log[-6000:]
+    assert not comfyui.pack_tracebacks(log), log[-6000:]
     assert executed_nodes(c.continued) & set(node_ids(c.continued.prompt, "FluxLoRA_TrainLoop")) == {loop4}
-    state, _ = load_training_state(comfyui.models_dir("loras") / lora_name(start + LONG, state=True))
+    state, _ = load_training_state(comfyui.models_dir(STATES) / lora_name(start + LONG, state=True))
     assert state.step == len(state.losses) == start + LONG  # no step lost or done twice
