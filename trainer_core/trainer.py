@@ -141,7 +141,8 @@ class Trainer:
         self._prompt_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._base_fingerprint: str | None = None  # of config.transformer_path, hashed at the first save
         self._warned_past_schedule = False
-        self.tensorboard = TensorBoardLog(config.output_dir, config.output_name, enabled=config.tensorboard and processes.is_main)
+        self.tensorboard = TensorBoardLog(config.output_dir, config.output_name,
+                                          enabled=config.tensorboard and processes.is_main)  # one writer per run
 
         torch.manual_seed(config.seed)  # LoRA init
         lora.add_lora(transformer, config.rank, config.alpha, dropout=config.lora_dropout, blocks=config.blocks,
