@@ -157,12 +157,13 @@ def rss() -> int:
 
 
 def run_config(paths: dict[str, Path], dataset: Path, out: Path, size: int, seq: int, **settings) -> TrainConfig:
-    """A config on the rehearsal files: the second base as the validation base."""
+    """A config on the rehearsal files: the second base as the validation base, images of `size` (whatever
+    resolution the preset's `settings` train at: the sample is drawn at it too)."""
     return TrainConfig(
         transformer_path=str(paths["transformer"]), vae_path=str(paths["vae"]), clip_path=str(paths["clip"]),
         t5_path=str(paths["t5"]), dataset_dir=str(dataset), tokenizer_dir=str(paths["tokenizers"]),
         validation_transformer_path=str(paths["other"]), max_sequence_length=seq, output_dir=str(out),
-        output_name="rehearsal", trigger_word="fltglyph", **{"resolutions": (size,), **settings},
+        output_name="rehearsal", trigger_word="fltglyph", **{**settings, "resolutions": (size,)},
     )
 
 

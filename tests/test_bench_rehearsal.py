@@ -18,6 +18,7 @@ def test_the_rehearsal_phases_run_on_the_tiny_stack_and_are_measured(tiny_flux, 
     settings = {**PRESETS["12GB"].train_settings(), "optimizer": "adamw", "mixed_precision": "fp32", "device": "cpu",
                 "blocks_to_swap": 2, "checkpoint_blocks": 2}
     config = rehearsal.run_config(paths, dataset, tmp_path / "out", 64, 8, **settings)
+    assert config.resolutions == (64,)  # not the preset's 1024: the sample on the second base is drawn at it
     meter = rehearsal.PhaseMeter(rehearsal.rss)
 
     trainer = rehearsal.run_phases(config, meter, steps=2, sample_steps=1)
