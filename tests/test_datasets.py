@@ -251,7 +251,7 @@ def test_preflight_logs_the_summary_and_warns_on_serious_findings(tiny_flux, tmp
 def two_datasets(tmp_path_factory):
     root = tmp_path_factory.mktemp("two")
     write_demo_dataset(root / "first", count=2, size=64)
-    write_demo_dataset(root / "second" / "2_zqx", count=1, size=128, seed=1)
+    write_demo_dataset(root / "second" / "2_zqx", count=1, size=128)
     return [DatasetEntry(str(root / "first"), "fltglyph", (64,), 1), DatasetEntry(str(root / "second"), "", (64, 128), 1)]
 
 
@@ -277,7 +277,7 @@ def test_several_datasets_train_resume_exactly_and_tag_the_lora(tiny_flux, two_d
     with safe_open(str(saved), "pt") as f:
         metadata = f.metadata()
     tags = json.loads(metadata["ss_tag_frequency"])
-    assert tags == {"first": {"fltglyph": 2, "a glyph on a teal background": 1, "a glyph on a orange background": 1},
+    assert tags == {"first": {"fltglyph": 2, "a glyph on a teal background": 1, "a glyph on an orange background": 1},
                     "2_zqx": {"zqx": 1, "a glyph on a teal background": 1}}
     assert metadata["ss_resolution"] == "64,128" and metadata["trigger_word"] == "fltglyph"
     assert tag_frequency(resumed.dataset.records) == tags

@@ -170,7 +170,7 @@ def test_tiny_workflow_settings_pass_init_trainer_checks_on_an_installed_comfyui
     with pytest.raises(ValueError, match=r"^total_steps: 0 \(auto\) needs"):
         init_trainer.build_config(**widgets)  # no queued graph to count the loops of
     config, resume = init_trainer.build_config(**widgets, prompt=api_prompt(workflow, {}), unique_id="2")
-    assert config.total_steps == 4 * 25
+    assert config.total_steps == 4 * 50
     assert Path(config.transformer_path) == installed.transformer
     assert Path(config.validation_transformer_path) == installed.validation_transformer
     assert Path(config.vae_path) == installed.vae

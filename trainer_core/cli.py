@@ -81,7 +81,7 @@ def _run(path: Path, config, plan, resume: Path | None, start_over: tuple[bool, 
         _earlier_run(Path(config.output_dir), config.output_name, run_identity(config, records), *start_over)
     if state is not None:
         identity = data.dataset_fingerprint(records)
-        if state.fingerprint.get("dataset", identity) != identity:  # states saved before the identity was kept pass
+        if state.dataset and state.dataset != identity:  # states saved before the identity was kept pass
             differ.append(f"the dataset (images added, removed, edited or re-captioned in {config.dataset_dir})")
         if differ:
             raise ValueError(f"{resume} belongs to a run with other settings: {', '.join(differ)}. Set them as the "
@@ -159,7 +159,7 @@ def _demo(args) -> None:
     from .plan import mean_losses
 
     t0 = time.perf_counter()
-    trainer, result = run_demo(args.out, steps=args.steps)
+    trainer, result, summary = run_demo(args.out, steps=args.steps)
     first, last = mean_losses(trainer.losses)
     print(f"\ndemo finished in {time.perf_counter() - t0:.1f} s, peak memory "
           f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
@@ -170,6 +170,15 @@ def _demo(args) -> None:
     print(f"samples:         {Path(result.samples[0]).parent}")
     print(f"loss plot:       {result.loss_plot}")
     print(f"XY grid:         {result.grid}")
+    print(f"summary:         {Path(args.out) / 'summary.json'}")
+    scores = summary["dataset_scores"]
+    print(f"\nsubject score (fraction of pixels in the subject's yellow and red); training pictures: "
+          f"{sum(scores) / len(scores):.3f}")
+    strengths = sorted({c["strength"] for c in summary["cells"]})
+    print("step    " + "".join(f"{s:>8g}" for s in strengths))
+    for step in sorted({c["step"] for c in summary["cells"]}):
+        row = {c["strength"]: c["score"] for c in summary["cells"] if c["step"] == step}
+        print(f"{step:<8d}" + "".join(f"{row[s]:8.3f}" for s in strengths))
 
 
 def _install_tiny(args) -> None:
@@ -253,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
                        help="let a run that starts at step 0 replace an earlier run of the same output_name (its "
                             "files are moved into a <output_name>_replaced_<time> folder); refused without it")
     train.set_defaults(run=_train)
-    demo = sub.add_parser("demo", help="train a tiny random Flux on a generated dataset, end to end, on the CPU")
+    demo = sub.add_parser("demo", help="train a LoRA on a small trained Flux and a generated dataset, end to end, on the CPU")
     demo.add_argument("--out", default="demo_output", help="folder for the model, data and results")
     demo.add_argument("--steps", type=int, default=200)
     demo.set_defaults(run=_demo)

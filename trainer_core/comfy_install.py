@@ -1,15 +1,15 @@
-"""Put the tiny demo stack and dataset where a ComfyUI installation looks for them, under the names the tiny
-example workflow (`example_workflows/flux_tiny_demo.json`) uses: `python -m trainer_core install-tiny BASE_DIR`."""
+"""Put the demo stack (`demo_stack`: a small trained Flux) and the demo dataset where a ComfyUI installation looks for
+them, under the names the tiny example workflow (`example_workflows/flux_tiny_demo.json`) uses:
+`python -m trainer_core install-tiny BASE_DIR`."""
 from __future__ import annotations
 
 import logging
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from .demo import write_demo_dataset
-from .tiny import write_tiny_flux
+from .demo_stack import demo_stack
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +27,7 @@ class TinyInstall:
 
 
 def install_tiny(base_dir: str | Path) -> TinyInstall:
-    """Write the tiny Flux stack into `<base_dir>/models/...` and the demo dataset into `<base_dir>/input/`.
+    """Copy the demo stack into `<base_dir>/models/...` and the demo dataset into `<base_dir>/input/`.
 
     `base_dir` is ComfyUI's folder (or its `--base-directory`); existing files of the same names are replaced.
     """
@@ -44,14 +44,13 @@ def install_tiny(base_dir: str | Path) -> TinyInstall:
         t5=encoders / "t5xxl_tiny.safetensors",
         dataset=base / "input" / DEMO_DATASET,
     )
-    with tempfile.TemporaryDirectory() as tmp:
-        tiny = write_tiny_flux(tmp)
-        copies = {tiny.transformer_bf16: target.transformer, tiny.transformer_fp8: target.validation_transformer,
-                  tiny.vae: target.vae, tiny.clip_l: target.clip_l, tiny.t5: target.t5}
-        for source, dest in copies.items():
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(source, dest)
-        shutil.copytree(tiny.tokenizers, encoders / "tokenizers", dirs_exist_ok=True)
+    stack = demo_stack()
+    copies = {stack.transformer_bf16: target.transformer, stack.transformer_fp8: target.validation_transformer,
+              stack.vae: target.vae, stack.clip_l: target.clip_l, stack.t5: target.t5}
+    for source, dest in copies.items():
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source, dest)
+    shutil.copytree(stack.tokenizers, encoders / "tokenizers", dirs_exist_ok=True)
     write_demo_dataset(target.dataset)
-    log.info("tiny Flux stack written under %s, demo dataset in %s", models, target.dataset)
+    log.info("demo Flux stack written under %s, demo dataset in %s", models, target.dataset)
     return target

@@ -16,7 +16,7 @@ from . import plots
 from .checkpoints import STATE_SUFFIX, checkpoint_stem, save_png
 from .config import TrainConfig, check_fields
 from .run_handle import Checkpoint, TrainingHandle, TrainingInterrupted, TrainingRun
-from .trainer import StepInfo, Trainer, strength_grid
+from .trainer import StepInfo, Trainer, label_grid, strength_cells
 
 
 @dataclass(frozen=True)
@@ -62,6 +62,7 @@ class RunResult:
     loss_plot: Path | None = None
     grid: Path | None = None
     interrupted: bool = False  # `should_stop` ended the run before plan.steps; its last state is in `states`
+    cells: dict[int, list] = field(default_factory=dict)  # the grid's images: step -> a row, a column per strength
 
 
 def execute(trainer: Trainer, plan: RunPlan, should_stop: Callable[[], bool] | None = None) -> RunResult:
@@ -125,8 +126,11 @@ def execute(trainer: Trainer, plan: RunPlan, should_stop: Callable[[], bool] | N
     result.loss_plot = out / f"{cfg.output_name}_loss.png"
     plots.loss_plot(state.losses, state.lrs, [c.step for c in checkpoints], path=result.loss_plot)
     if plan.prompts and checkpoints:
-        rows = [(c.step, c.state.lora) for c in checkpoints]
-        grid = strength_grid(trainer, rows, plan.strengths, plan.prompts[0], **sample)
+        steps = [c.step for c in checkpoints]
+        rows = strength_cells(trainer, [(c.step, c.state.lora) for c in checkpoints], plan.strengths, plan.prompts[0],
+                              **sample)
+        result.cells = dict(zip(steps, rows))
+        grid = label_grid(trainer, rows, steps, plan.strengths, plan.prompts[0])
         result.grid = save_png(grid, out / f"{cfg.output_name}_xy_grid.png")
     return result
 

@@ -104,11 +104,9 @@ def write_tiny_flux(folder: str | Path, seed: int = 0) -> TinyFluxPaths:
         clip = CLIPTextModel(tiny_clip_config(clip_vocab_size))
         t5 = T5EncoderModel(tiny_t5_config(t5_vocab_size))
 
-    bfl = {k: v.contiguous() for k, v in diffusers_to_bfl(transformer.state_dict()).items()}
-    save_file({f"model.diffusion_model.{k}": v for k, v in bfl.items()}, paths.transformer_bf16)
-    save_file({k: v.to(torch.float8_e4m3fn) if v.ndim == 2 else v for k, v in bfl.items()}, paths.transformer_fp8)
+    write_transformer_files(transformer, paths.transformer_bf16, paths.transformer_fp8)
     transformer.save_pretrained(paths.transformer_diffusers)
-    save_file(vae_to_bfl(vae.state_dict(), len(vae.config.block_out_channels)), paths.vae)
+    write_vae_file(vae, paths.vae)
     # fp16 like ComfyUI's clip_l / t5xxl_fp16; the head count is not in CLIP's weights, so the file says it.
     clip_sd = {f"text_model.{k}": v.half() for k, v in clip.state_dict().items()}
     save_file(clip_sd, paths.clip_l, metadata={"num_attention_heads": str(CLIP_HEADS)})
@@ -116,6 +114,18 @@ def write_tiny_flux(folder: str | Path, seed: int = 0) -> TinyFluxPaths:
     save_file(t5_sd, paths.t5, metadata={"max_sequence_length": str(MAX_SEQUENCE_LENGTH)})
     marker.write_text(json.dumps(stamp))
     return paths
+
+
+def write_transformer_files(transformer: FluxTransformer2DModel, bf16_path: Path, fp8_path: Path) -> None:
+    """The transformer as BFL files: bf16 with the `model.diffusion_model.` prefix, and float8_e4m3fn matrices."""
+    bfl = {k: v.contiguous() for k, v in diffusers_to_bfl(transformer.state_dict()).items()}
+    save_file({f"model.diffusion_model.{k}": v.bfloat16() for k, v in bfl.items()}, bf16_path)
+    save_file({k: v.to(torch.float8_e4m3fn) if v.ndim == 2 else v.bfloat16() for k, v in bfl.items()}, fp8_path)
+
+
+def write_vae_file(vae: AutoencoderKL, path: Path) -> None:
+    """The VAE in BFL's `ae.safetensors` layout."""
+    save_file(vae_to_bfl(vae.state_dict(), len(vae.config.block_out_channels)), path)
 
 
 def tiny_clip_config(vocab_size: int) -> CLIPTextConfig:

@@ -355,8 +355,6 @@ class Trainer:
         fp = {name: str(getattr(self.config, name)) for name in _FINGERPRINT_FIELDS}
         tc = self.transformer.config
         fp["architecture"] = f"{tc.num_layers}x{tc.num_single_layers}x{tc.num_attention_heads * tc.attention_head_dim}"
-        if self.dataset_identity:
-            fp["dataset"] = self.dataset_identity
         return fp
 
     def snapshot(self) -> TrainingState:
@@ -372,6 +370,7 @@ class Trainer:
         return TrainingState(
             step=self.step, epoch=self.epoch, cursor=self.cursor, lora=lora.lora_state(self.transformer),
             optimizer=opt, rng=rng, losses=list(self.losses), lrs=list(self.lrs), fingerprint=self.fingerprint(),
+            dataset=self.dataset_identity,
         )
 
     def restore(self, state: TrainingState) -> None:
@@ -521,15 +520,26 @@ class Trainer:
 
 def strength_grid(trainer: Trainer, checkpoints: Sequence[tuple[int, dict]], strengths: Sequence[float], prompt: str,
                   base_path: str | None = None, **sample_kwargs):
-    """The LoRA-strength x training-step comparison: rows are (step, LoRA state) checkpoints, columns strengths.
+    """The LoRA-strength x training-step comparison: rows are (step, LoRA state) checkpoints, columns strengths."""
+    cells = strength_cells(trainer, checkpoints, strengths, prompt, base_path, **sample_kwargs)
+    return label_grid(trainer, cells, [step for step, _ in checkpoints], strengths, prompt)
+
+
+def strength_cells(trainer: Trainer, checkpoints: Sequence[tuple[int, dict]], strengths: Sequence[float], prompt: str,
+                   base_path: str | None = None, **sample_kwargs) -> list[list]:
+    """The grid's images, a row per (step, LoRA state) checkpoint and a column per strength.
 
     One sampling session for all cells: the prompt is encoded once, a validation base is swapped in once, and each
     cell only loads its row's LoRA weights and rescales the adapter, so no file is read per cell.
     """
     with trainer.sampling_session(base_path) as render:
-        rows = [[render([prompt], strength=s, lora_state=state, **sample_kwargs)[0] for s in strengths]
+        return [[render([prompt], strength=s, lora_state=state, **sample_kwargs)[0] for s in strengths]
                 for _, state in checkpoints]
-    grid = plots.xy_grid(rows, [f"step {step}" for step, _ in checkpoints], [f"{s:g}" for s in strengths],
-                         title=prompt)
-    trainer.tensorboard.images("xy_grid", [grid], max(step for step, _ in checkpoints))
+
+
+def label_grid(trainer: Trainer, cells: Sequence[Sequence], steps: Sequence[int], strengths: Sequence[float],
+               prompt: str):
+    """The cells as one labelled picture (rows: steps, columns: strengths), also sent to TensorBoard."""
+    grid = plots.xy_grid(cells, [f"step {step}" for step in steps], [f"{s:g}" for s in strengths], title=prompt)
+    trainer.tensorboard.images("xy_grid", [grid], max(steps))
     return grid

@@ -238,7 +238,7 @@ def test_the_converted_prompt_has_the_graphs_shape_and_widget_values(shipped):
     assert prompt[grid]["inputs"]["strengths"] == "0,0.2,0.4,0.6,0.8,1.0" and prompt[grid]["inputs"]["seed"] == 1
     loops = node_ids(prompt, "FluxLoRA_TrainLoop")
     saves = node_ids(prompt, "FluxLoRA_SaveCheckpoint")
-    assert [prompt[i]["inputs"]["steps"] for i in loops] == [25] * 4
+    assert [prompt[i]["inputs"]["steps"] for i in loops] == [50] * 4
     assert [prompt[i]["inputs"]["handle"] for i in loops[1:]] == [[s, 0] for s in saves[:-1]]
 
 
