@@ -194,7 +194,8 @@ def load_training_state(path: str | Path, optimizer: bool = True) -> tuple[Train
         rng={k[4:]: v for k, v in tensors.items() if k.startswith("rng.")},
         optimizer={"state": opt_state, "param_groups": header["param_groups"]} if optimizer else {},
         losses=header["losses"], lrs=header["lrs"], fingerprint=header["fingerprint"],
-        dataset=header.get("dataset") or header["fingerprint"].get("dataset", ""),  # older states kept it in the fingerprint
+        # older states kept the dataset identity in their fingerprint
+        dataset=header.get("dataset") or header["fingerprint"].get("dataset", ""),
         dataset_files=header.get("dataset_files", {}), run=header.get("run", ""), chain=tuple(header.get("chain", ())),
     )
     return state, header["config"]

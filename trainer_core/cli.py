@@ -262,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
                        help="let a run that starts at step 0 replace an earlier run of the same output_name (its "
                             "files are moved into a <output_name>_replaced_<time> folder); refused without it")
     train.set_defaults(run=_train)
-    demo = sub.add_parser("demo", help="train a LoRA on a small trained Flux and a generated dataset, end to end, on the CPU")
+    demo = sub.add_parser("demo", help="train a LoRA on the demo's small Flux and pictures, end to end, on the CPU")
     demo.add_argument("--out", default="demo_output", help="folder for the model, data and results")
     demo.add_argument("--steps", type=int, default=200)
     demo.set_defaults(run=_demo)

@@ -17,7 +17,8 @@ from PIL import Image, ImageDraw
 
 from .checkpoints import atomic_write, save_png
 from .config import TrainConfig
-from .demo_stack import COLOURS, MAX_SEQUENCE_LENGTH, SIZE, SUBJECT_COLOURS, DemoStackPaths, article, demo_stack, draw_shape
+from .demo_stack import (COLOURS, MAX_SEQUENCE_LENGTH, SIZE, SUBJECT_COLOURS, DemoStackPaths, article, demo_stack,
+                         draw_shape)
 from .plan import RunPlan, RunResult, execute
 from .trainer import Trainer
 
@@ -56,7 +57,7 @@ def _write_if_changed(path: Path, data: bytes) -> None:
 
 
 def subject_score(image: Image.Image) -> float:
-    """The fraction of pixels in the subject's yellow or red: 0 for the base's world, about 0.28 for a training picture."""
+    """The fraction of pixels in the subject's yellow or red: 0 in the base's world, about 0.28 in a training picture."""
     pixels = np.asarray(image.convert("RGB"), dtype=np.float32)  # (H, W, 3)
     near = np.zeros(pixels.shape[:2], dtype=bool)
     for colour in SUBJECT_COLOURS.values():
