@@ -52,7 +52,7 @@ def lora_shapes() -> dict[str, torch.Size]:
     with init_empty_weights():
         model = FluxTransformer2DModel.from_config(flux_dev_config())
     lora.add_lora(model, RANK, float(RANK))
-    return {k: p.shape for k, p in lora._named_lora_parameters(model).items()}
+    return {k: p.shape for k, p in lora.lora_parameters_by_name(model).items()}
 
 
 class RealWidthTrainer:

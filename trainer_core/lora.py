@@ -100,7 +100,7 @@ def _require_adapter(transformer: nn.Module) -> dict[str, LoraLayer]:
     return layers
 
 
-def _named_lora_parameters(transformer: nn.Module) -> dict[str, nn.Parameter]:
+def lora_parameters_by_name(transformer: nn.Module) -> dict[str, nn.Parameter]:
     """peft/diffusers names (`transformer_blocks.0.attn.to_q.lora_A.weight`, DoRA's
     `...lora_magnitude_vector.weight`) -> the adapter's parameters."""
     params = {}
@@ -188,12 +188,7 @@ def check_lora_settings(transformer_config: dict, rank: int, alpha: float, dropo
 
 def lora_parameters(transformer: nn.Module) -> list[nn.Parameter]:
     """The adapter's trainable tensors, for the optimizer."""
-    return list(_named_lora_parameters(transformer).values())
-
-
-def lora_parameters_by_name(transformer: nn.Module) -> dict[str, nn.Parameter]:
-    """The adapter's trainable tensors under the names `lora_state` gives them."""
-    return _named_lora_parameters(transformer)
+    return list(lora_parameters_by_name(transformer).values())
 
 
 def set_lora_strength(transformer: nn.Module, strength: float) -> None:
@@ -222,7 +217,7 @@ def _interpolate(base: torch.Tensor, out: torch.Tensor, strength: float) -> torc
 
 def lora_state(transformer: nn.Module) -> dict[str, torch.Tensor]:
     """The adapter's tensors under peft/diffusers names, cloned to the CPU."""
-    return {k: p.detach().to("cpu", copy=True) for k, p in _named_lora_parameters(transformer).items()}
+    return {k: p.detach().to("cpu", copy=True) for k, p in lora_parameters_by_name(transformer).items()}
 
 
 def _preview(keys: Sequence[str], n: int = 10) -> str:
@@ -231,7 +226,7 @@ def _preview(keys: Sequence[str], n: int = 10) -> str:
 
 def load_lora_state(transformer: nn.Module, state: dict[str, torch.Tensor]) -> None:
     """Copy `lora_state` tensors into the adapter; the keys and shapes must match it exactly."""
-    params = _named_lora_parameters(transformer)
+    params = lora_parameters_by_name(transformer)
     missing, unexpected = sorted(params.keys() - state.keys()), sorted(state.keys() - params.keys())
     if missing or unexpected:
         raise ValueError(
