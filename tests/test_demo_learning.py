@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from numerics import assert_ulps
 from trainer_core import models
 from trainer_core.demo import DEMO_BACKGROUNDS, STRENGTHS, run_demo, subject_score, write_demo_dataset
 from trainer_core.demo_stack import COLOURS, SIZE, SUBJECT_COLOURS, demo_stack, demo_vae, world_picture
@@ -39,7 +40,8 @@ def test_the_shipped_vae_is_the_hand_written_one_and_keeps_every_colour():
     shipped = models.load_vae(demo_stack().vae, dtype=torch.float32)
     written = demo_vae().state_dict()
     assert {k: v.shape for k, v in shipped.state_dict().items()} == {k: v.shape for k, v in written.items()}
-    assert all(torch.equal(shipped.state_dict()[k], v) for k, v in written.items())
+    for k, v in written.items():  # QR and matrix products: the last bit depends on the CPU that ran them
+        assert_ulps(shipped.state_dict()[k], v, what=k)
     flat = [Image.new("RGB", (SIZE, SIZE), c) for c in [*COLOURS.values(), *SUBJECT_COLOURS.values()]]
     decoded, pixels = round_trip(shipped, flat)
     inside = (decoded - pixels)[..., 8:-8, 8:-8]  # the outermost pixels fade towards grey (zero padding)
