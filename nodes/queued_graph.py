@@ -3,7 +3,8 @@
 InitTrainer gets the whole queued graph through the hidden `PROMPT` input (`{node_id: {"class_type": ...,
 "inputs": {name: value or [source_id, output_index]}}}`), so it can plan for what the graph will ask of the run
 before any TrainLoop runs: how many steps the loops add up to (the LR schedule's length) and which prompts the
-samples and the XY grid will render (encoded while the text encoders are loaded anyway).
+samples and the XY grid will render (encoded while the text encoders are loaded anyway). The memory shared with
+ComfyUI asks which prompts hold the pack's nodes at all, and which of them a running prompt has still to run.
 
 Only plain widget values count: a value fed by another node's output is unknown until that node runs.
 """
@@ -92,3 +93,28 @@ def validation_prompts(prompt: Mapping | None, init_id: str | None) -> list[str]
             lines = text.splitlines() if name == "prompts" else [text]
             found.update(dict.fromkeys(p.strip() for p in lines if p.strip()))
     return list(found)
+
+
+def holds_pack_nodes(prompt: Mapping) -> bool:
+    return any(str(node.get("class_type", "")).startswith(PREFIX) for node in prompt.values() if isinstance(node, Mapping))
+
+
+def _upstream(prompt: Mapping, ids) -> set[str]:
+    """`ids` and every node that feeds them, directly or not."""
+    found, stack = set(), [str(i) for i in ids]
+    while stack:
+        node_id = stack.pop()
+        if node_id not in found and node_id in prompt:
+            found.add(node_id)
+            stack.extend(_handle_sources(prompt[node_id]))
+    return found
+
+
+def pack_nodes_to_run(prompt: Mapping, outputs, done) -> list[str]:
+    """The pack's nodes ComfyUI will still run in a prompt after the nodes `done` ran: nodes that the output nodes it
+    executes (`outputs`) need, fed directly or not by a node in `done` (a node no ran node feeds was served from
+    ComfyUI's cache, as the nodes after it then are), and not in `done`."""
+    needed = _upstream(prompt, outputs)
+    after = {n for d in done for n in _downstream(prompt, d)}
+    return [n for n in prompt if n in needed and n in after and n not in done
+            and str(prompt[n].get("class_type", "")).startswith(PREFIX)]
