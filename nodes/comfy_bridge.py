@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import logging
 import os
 import sys
 import threading
 import uuid
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 BASE_DIR_ENV = "FLUX_LORA_TRAINER_BASE_DIR"
 PROGRESS_EVENT = "flux_lora_trainer.progress"  # web/js/live_progress.js listens for it
@@ -172,6 +175,9 @@ def register_loaded_model(kind: type) -> bool:
     mm = _comfy("comfy.model_management")
     loaded = getattr(mm, "current_loaded_models", None)
     if loaded is None:
+        if mm is not None:  # a ComfyUI whose model management changed: tests/comfyui/test_memory_in_comfyui.py fails
+            log.warning("ComfyUI's model management has no current_loaded_models: the trainer's models will not "
+                            "make way when ComfyUI needs the memory")
         return False
     unregister_loaded_models(kind)
     loaded.insert(0, kind(mm.get_torch_device()))  # where ComfyUI puts the model it loaded last
@@ -186,15 +192,15 @@ def unregister_loaded_models(kind: type) -> None:
 
 def executing_node() -> tuple[str, str] | None:
     """(prompt id, node id) of the node ComfyUI is running now; None outside a prompt."""
-    utils = _comfy("comfy_execution.utils")
-    context = utils.get_executing_context() if utils is not None else None
+    get_context = getattr(_comfy("comfy_execution.utils"), "get_executing_context", None)
+    context = get_context() if get_context is not None else None
     return None if context is None else (str(context.prompt_id), str(context.node_id))
 
 
 def _queue_items() -> tuple[list, list]:
     """ComfyUI's running and waiting queue items, `(number, prompt_id, graph, extra_data, output ids, ...)`."""
-    queue = getattr(_prompt_server(), "prompt_queue", None)
-    return queue.get_current_queue_volatile() if queue is not None else ([], [])
+    items = getattr(getattr(_prompt_server(), "prompt_queue", None), "get_current_queue_volatile", None)
+    return items() if items is not None else ([], [])
 
 
 def queued_graphs() -> list[dict]:
@@ -212,15 +218,15 @@ def running_graph(prompt_id: str) -> tuple[dict, list[str]] | None:
 def on_prompt_queued(handler) -> bool:
     """Have ComfyUI's server call `handler(graph)` with each prompt posted to it, before queueing it (on the
     server's thread); False outside ComfyUI."""
-    instance = _prompt_server()
-    if instance is None:
+    add_handler = getattr(_prompt_server(), "add_on_prompt_handler", None)
+    if add_handler is None:
         return False
 
     def on_prompt(json_data: dict) -> dict:
         handler(json_data.get("prompt"))
         return json_data
 
-    instance.add_on_prompt_handler(on_prompt)
+    add_handler(on_prompt)
     return True
 
 
