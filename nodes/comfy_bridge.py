@@ -177,7 +177,7 @@ def register_loaded_model(kind: type) -> bool:
     if loaded is None:
         if mm is not None:  # a ComfyUI whose model management changed: tests/comfyui/test_memory_in_comfyui.py fails
             log.warning("ComfyUI's model management has no current_loaded_models: the trainer's models will not "
-                            "make way when ComfyUI needs the memory")
+                        "make way when ComfyUI needs the memory")
         return False
     unregister_loaded_models(kind)
     loaded.insert(0, kind(mm.get_torch_device()))  # where ComfyUI puts the model it loaded last

@@ -95,8 +95,12 @@ def validation_prompts(prompt: Mapping | None, init_id: str | None) -> list[str]
     return list(found)
 
 
+def _is_pack_node(node) -> bool:
+    return isinstance(node, Mapping) and str(node.get("class_type", "")).startswith(PREFIX)
+
+
 def holds_pack_nodes(prompt: Mapping) -> bool:
-    return any(str(node.get("class_type", "")).startswith(PREFIX) for node in prompt.values() if isinstance(node, Mapping))
+    return any(_is_pack_node(node) for node in prompt.values())
 
 
 def _upstream(prompt: Mapping, ids) -> set[str]:
@@ -111,10 +115,9 @@ def _upstream(prompt: Mapping, ids) -> set[str]:
 
 
 def pack_nodes_to_run(prompt: Mapping, outputs, done) -> list[str]:
-    """The pack's nodes ComfyUI will still run in a prompt after the nodes `done` ran: nodes that the output nodes it
-    executes (`outputs`) need, fed directly or not by a node in `done` (a node no ran node feeds was served from
-    ComfyUI's cache, as the nodes after it then are), and not in `done`."""
+    """The pack's nodes ComfyUI will still run in a prompt after the nodes `done` ran: those not in `done` that the
+    output nodes it executes (`outputs`) need and that a node in `done` feeds, directly or not. (ComfyUI ran the
+    nodes whose inputs changed and all nodes after them; a node that nothing which ran feeds came from its cache.)"""
     needed = _upstream(prompt, outputs)
     after = {n for d in done for n in _downstream(prompt, d)}
-    return [n for n in prompt if n in needed and n in after and n not in done
-            and str(prompt[n].get("class_type", "")).startswith(PREFIX)]
+    return [n for n in prompt if n in needed and n in after and n not in done and _is_pack_node(prompt[n])]
