@@ -128,9 +128,11 @@ def evening(server) -> dict:
         status, log = queue(server, prompt)
         steps[name] = (status, log, rss(server))
     start, deadline = len(server.log()), time.monotonic() + 60
-    server.post("/free", {"unload_models": True})
     while not released(server.log()[start:]) and time.monotonic() < deadline:
-        time.sleep(0.5)
+        # ComfyUI's worker acts on the flag when it next wakes; a flag set between its last look and its wait does
+        # not wake it (a lost notify, its wait then lasts 1000 s), so the button is pressed again, as a user would
+        server.post("/free", {"unload_models": True})
+        time.sleep(5)
     steps["freed"] = ({}, server.log()[start:], rss(server))
     print("server RSS (MB): " + ", ".join(f"{name} {rss_ / 2**20:.0f}" for name, (_, _, rss_) in steps.items()))
     return steps
