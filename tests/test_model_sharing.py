@@ -16,6 +16,7 @@ import types
 import pytest
 import torch
 from test_nodes import TINY_WIDGETS, assert_lora_equal, base_dir, nodes, pack, straight  # noqa: F401 (fixtures)
+from pack import ROOT
 from test_queued_graph import chain
 
 from trainer_core import run_handle
@@ -185,3 +186,8 @@ def test_pack_nodes_still_to_run_are_those_the_outputs_need_after_the_nodes_that
     assert queued_graph.pack_nodes_to_run(graph, ["30"], {"1", "10", "20", "30"}) == []
     assert queued_graph.holds_pack_nodes(graph) and not queued_graph.holds_pack_nodes(
         {"1": {"class_type": "EmptyImage", "inputs": {}}})
+
+
+def test_the_live_view_shows_the_memory_messages():
+    text = (ROOT / pack.WEB_DIRECTORY / "js" / "memory_notice.js").read_text(encoding="utf-8")
+    assert f'"{model_sharing.MEMORY_EVENT}"' in text and "detail.text" in text
