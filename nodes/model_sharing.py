@@ -80,8 +80,8 @@ class TrainerModels:
         return False  # never collected behind ComfyUI's back: released only through model_unload or this pack
 
     def real_model(self):
-        """None once the models are gone, so ComfyUI's clean-up drops this entry."""
-        return self if run_handle.loaded_bytes() else None
+        """None once the models are gone, so ComfyUI's clean-up (on any thread) drops this entry."""
+        return self if run_handle.models_loaded() else None
 
 
 def trainer_loaded(size: int, seconds: float, again: bool) -> None:

@@ -95,6 +95,10 @@ def loaded_bytes() -> int:
     return trainer.memory_bytes() if trainer is not None else 0
 
 
+def models_loaded() -> bool:
+    return _active is not None and _active.loaded
+
+
 def release_models() -> int:
     """Free the memory of the active run's models without ending the run (`TrainingRun.unload`); -> bytes freed."""
     return _active.unload() if _active is not None else 0
