@@ -2,7 +2,7 @@
 
 Node ids carry the pack's prefix so they never collide with core's or other packs' training nodes.
 """
-from . import comfy_bridge
+from . import comfy_bridge, model_sharing
 from .dataset import AutoCaption, DatasetReport
 from .images import LossPlot, ValidationSample, XYLoraStrengthGrid
 from .init_trainer import InitTrainer
@@ -18,7 +18,8 @@ _NODES = {
     "DatasetReport": (DatasetReport, "Dataset Report"),
     "AutoCaption": (AutoCaption, "Auto Caption (Florence-2)"),
 }
-NODE_CLASS_MAPPINGS = {f"FluxLoRA_{name}": cls for name, (cls, _) in _NODES.items()}
+NODE_CLASS_MAPPINGS = {f"FluxLoRA_{name}": model_sharing.shares_memory(cls) for name, (cls, _) in _NODES.items()}
 NODE_DISPLAY_NAME_MAPPINGS = {f"FluxLoRA_{name}": f"{title} (Flux LoRA)" for name, (_, title) in _NODES.items()}
 
 comfy_bridge.register_progress_route()  # the live view's catch-up after a browser reload; nothing outside ComfyUI
+model_sharing.install()  # a prompt without the pack's nodes frees the trainer's models; nothing outside ComfyUI

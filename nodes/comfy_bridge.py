@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import logging
 import os
 import sys
 import threading
 import uuid
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 BASE_DIR_ENV = "FLUX_LORA_TRAINER_BASE_DIR"
 PROGRESS_EVENT = "flux_lora_trainer.progress"  # web/js/live_progress.js listens for it
@@ -161,6 +164,70 @@ def free_comfy_models() -> None:
     if mm is not None:
         mm.unload_all_models()
         mm.soft_empty_cache()
+
+
+# ComfyUI's model management and queue, for sharing memory with it (the policy is nodes/model_sharing.py's). Its
+# list of loaded models is changed only from the thread that runs prompts: ComfyUI walks it there without a lock.
+def register_loaded_model(kind: type) -> bool:
+    """Put `kind(device)` (ComfyUI's device), shaped like `comfy.model_management.LoadedModel`, among the models
+    ComfyUI's model management unloads when it needs memory (`free_memory`, "Unload models"), replacing any other
+    of `kind`; False outside ComfyUI."""
+    mm = _comfy("comfy.model_management")
+    loaded = getattr(mm, "current_loaded_models", None)
+    if loaded is None:
+        if mm is not None:  # a ComfyUI whose model management changed: tests/comfyui/test_memory_in_comfyui.py fails
+            log.warning("ComfyUI's model management has no current_loaded_models: the trainer's models will not "
+                        "make way when ComfyUI needs the memory")
+        return False
+    unregister_loaded_models(kind)
+    loaded.insert(0, kind(mm.get_torch_device()))  # where ComfyUI puts the model it loaded last
+    return True
+
+
+def unregister_loaded_models(kind: type) -> None:
+    loaded = getattr(_comfy("comfy.model_management"), "current_loaded_models", None)
+    if loaded is not None:
+        loaded[:] = [m for m in loaded if not isinstance(m, kind)]
+
+
+def executing_node() -> tuple[str, str] | None:
+    """(prompt id, node id) of the node ComfyUI is running now; None outside a prompt."""
+    get_context = getattr(_comfy("comfy_execution.utils"), "get_executing_context", None)
+    context = get_context() if get_context is not None else None
+    return None if context is None else (str(context.prompt_id), str(context.node_id))
+
+
+def _queue_items() -> tuple[list, list]:
+    """ComfyUI's running and waiting queue items, `(number, prompt_id, graph, extra_data, output ids, ...)`."""
+    items = getattr(getattr(_prompt_server(), "prompt_queue", None), "get_current_queue_volatile", None)
+    return items() if items is not None else ([], [])
+
+
+def queued_graphs() -> list[dict]:
+    """The API-format graphs of the prompts running or waiting in ComfyUI's queue."""
+    running, waiting = _queue_items()
+    return [item[2] for item in (*running, *waiting)]
+
+
+def running_graph(prompt_id: str) -> tuple[dict, list[str]] | None:
+    """The graph of the running prompt `prompt_id` and the ids of the output nodes ComfyUI executes in it."""
+    running, _ = _queue_items()
+    return next(((item[2], [str(n) for n in item[4]]) for item in running if str(item[1]) == prompt_id), None)
+
+
+def on_prompt_queued(handler) -> bool:
+    """Have ComfyUI's server call `handler(graph)` with each prompt posted to it, before queueing it (on the
+    server's thread); False outside ComfyUI."""
+    add_handler = getattr(_prompt_server(), "add_on_prompt_handler", None)
+    if add_handler is None:
+        return False
+
+    def on_prompt(json_data: dict) -> dict:
+        handler(json_data.get("prompt"))
+        return json_data
+
+    add_handler(on_prompt)
+    return True
 
 
 def save_previews(images) -> list[dict]:

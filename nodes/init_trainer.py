@@ -15,7 +15,7 @@ from trainer_core.run_handle import TrainingRun
 from trainer_core.run_store import RUNS, folder_listing
 from trainer_core.trainer import settings_mismatches
 
-from . import comfy_bridge
+from . import comfy_bridge, model_sharing
 from .common import CATEGORY, HANDLE
 from .queued_graph import planned_train_steps, validation_prompts
 
@@ -286,5 +286,5 @@ class InitTrainer:
         handle = TrainingRun.start(
             config, resume, before_load=comfy_bridge.free_comfy_models,
             on_progress=lambda stage, done, total: comfy_bridge.progress_bar(total).update_absolute(done, total),
-            prompts=validation_prompts(prompt, unique_id))
+            prompts=validation_prompts(prompt, unique_id), on_loaded=model_sharing.trainer_loaded)
         return (handle,)

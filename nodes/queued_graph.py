@@ -3,7 +3,8 @@
 InitTrainer gets the whole queued graph through the hidden `PROMPT` input (`{node_id: {"class_type": ...,
 "inputs": {name: value or [source_id, output_index]}}}`), so it can plan for what the graph will ask of the run
 before any TrainLoop runs: how many steps the loops add up to (the LR schedule's length) and which prompts the
-samples and the XY grid will render (encoded while the text encoders are loaded anyway).
+samples and the XY grid will render (encoded while the text encoders are loaded anyway). The memory shared with
+ComfyUI asks which prompts hold the pack's nodes at all, and which of them a running prompt has still to run.
 
 Only plain widget values count: a value fed by another node's output is unknown until that node runs.
 """
@@ -92,3 +93,31 @@ def validation_prompts(prompt: Mapping | None, init_id: str | None) -> list[str]
             lines = text.splitlines() if name == "prompts" else [text]
             found.update(dict.fromkeys(p.strip() for p in lines if p.strip()))
     return list(found)
+
+
+def _is_pack_node(node) -> bool:
+    return isinstance(node, Mapping) and str(node.get("class_type", "")).startswith(PREFIX)
+
+
+def holds_pack_nodes(prompt: Mapping) -> bool:
+    return any(_is_pack_node(node) for node in prompt.values())
+
+
+def _upstream(prompt: Mapping, ids) -> set[str]:
+    """`ids` and every node that feeds them, directly or not."""
+    found, stack = set(), [str(i) for i in ids]
+    while stack:
+        node_id = stack.pop()
+        if node_id not in found and node_id in prompt:
+            found.add(node_id)
+            stack.extend(_handle_sources(prompt[node_id]))
+    return found
+
+
+def pack_nodes_to_run(prompt: Mapping, outputs, done) -> list[str]:
+    """The pack's nodes ComfyUI will still run in a prompt after the nodes `done` ran: those not in `done` that the
+    output nodes it executes (`outputs`) need and that a node in `done` feeds, directly or not. (ComfyUI ran the
+    nodes whose inputs changed and all nodes after them; a node that nothing which ran feeds came from its cache.)"""
+    needed = _upstream(prompt, outputs)
+    after = {n for d in done for n in _downstream(prompt, d)}
+    return [n for n in prompt if n in needed and n in after and n not in done and _is_pack_node(prompt[n])]

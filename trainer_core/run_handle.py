@@ -11,12 +11,18 @@ Every loop result goes to the run store (`run_store.py`), so a loop ComfyUI runs
 train or a sample must render.
 
 Only one run holds models at a time: starting a run releases the previous one (handing its models over when the new
-run needs the same ones), and its handles then raise.
+run needs the same ones), and its handles then raise. `release_models()` lets another program have the memory
+without ending the run: its models go, its handles stay valid, and the next loop or sample that needs the models
+loads them again (`on_loaded` says how long that took).
 """
 from __future__ import annotations
 
+import ctypes
 import functools
+import gc
 import logging
+import sys
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Sequence
@@ -83,6 +89,30 @@ def _grad_enabled(method):
 _active: "TrainingRun | None" = None  # the run holding models; a new run releases it first
 
 
+def loaded_bytes() -> int:
+    """Bytes the active run's models hold (0 when none are loaded)."""
+    trainer = _active._trainer if _active is not None else None
+    return trainer.memory_bytes() if trainer is not None else 0
+
+
+def models_loaded() -> bool:
+    return _active is not None and _active.loaded
+
+
+def release_models() -> int:
+    """Free the memory of the active run's models without ending the run (`TrainingRun.unload`); -> bytes freed."""
+    return _active.unload() if _active is not None else 0
+
+
+def _return_freed_memory() -> None:
+    """Collect what the dropped models leave in reference cycles, and have glibc give freed heap pages back to the
+    system: a model's many mid-sized tensors live on the heap, which otherwise keeps them as the process's memory."""
+    gc.collect()
+    trim = getattr(ctypes.CDLL(None), "malloc_trim", None) if sys.platform.startswith("linux") else None
+    if trim is not None:  # glibc (musl has none)
+        trim(0)
+
+
 def store_folder(config: TrainConfig) -> Path:
     return Path(config.store_dir or Path(config.output_dir) / "run_store")
 
@@ -90,7 +120,8 @@ def store_folder(config: TrainConfig) -> Path:
 class TrainingRun:
     def __init__(self, config: TrainConfig, records: Sequence[ImageRecord], resume: TrainingState | None = None,
                  on_progress: Callable[[str, int, int], None] | None = None,
-                 before_load: Callable[[], None] | None = None, prompts: Sequence[str] = ()):
+                 before_load: Callable[[], None] | None = None, prompts: Sequence[str] = (),
+                 on_loaded: Callable[[int, float, bool], None] | None = None):
         """The run of `config` on `records` from `resume` (None: fresh). Raises if `resume` was trained on another
         version of the dataset. A resumed state of this very run continues its chain (and its stored loops)."""
         self.config = config
@@ -114,6 +145,8 @@ class TrainingRun:
         # (id of the state a cancelled loop started from, the state it reached): lets a re-run continue it
         self._interrupted: tuple[str, TrainingState] | None = None
         self._on_progress, self._before_load = on_progress, before_load
+        self._on_loaded = on_loaded  # (bytes, seconds, again): after the models loaded; again: after release_models
+        self._unloaded = False  # the models were loaded once and released by `unload`
         self._base_fingerprint: str | None = None
 
     @classmethod
@@ -124,16 +157,17 @@ class TrainingRun:
         on_progress: Callable[[str, int, int], None] | None = None,
         before_load: Callable[[], None] | None = None,
         prompts: Sequence[str] = (),
+        on_loaded: Callable[[int, float, bool], None] | None = None,
     ) -> TrainingHandle:
         """Release the active run and return the handle at step 0 (or `resume`) of `config`'s run; no model loads
-        until a loop must train or a sample must render (`before_load` runs then; the validation `prompts` are
-        encoded then along with the captions, see `Trainer.from_config`).
+        until a loop must train or a sample must render (`before_load` runs then, and `on_loaded(bytes, seconds,
+        again)` after; the validation `prompts` are encoded then along with the captions, see `Trainer.from_config`).
 
         Everything that needs no weights is checked first (`preflight`): a wrong file, rank or dataset raises while
         the active run still holds its models. A run of the same config and data takes the active run's models over.
         """
         global _active
-        run = cls(config, preflight(config), resume, on_progress, before_load, prompts)
+        run = cls(config, preflight(config), resume, on_progress, before_load, prompts, on_loaded)
         if _active is not None:
             if (_active.config, _active.load_key) == (config, run.load_key) and _active._trainer is not None:
                 run._trainer, run._fresh, run._at = _active._trainer, _active._fresh, _active._at
@@ -171,12 +205,24 @@ class TrainingRun:
     def release(self) -> None:
         global _active
         self.released = True
-        if self._trainer is not None:
-            self._trainer.release()
-            self._trainer = None
+        self.unload()
         self._interrupted = None
         if _active is self:
             _active = None
+
+    def unload(self) -> int:
+        """Drop the models from the device and the RAM, keeping the run: its handles stay valid (their states are in
+        RAM and the run store) and the next call that needs the models loads them again. -> the bytes they held,
+        0 if none were loaded."""
+        if self._trainer is None:
+            return 0
+        trainer, self._trainer, self._at = self._trainer, None, None
+        held = trainer.memory_bytes()
+        trainer.release()
+        del trainer
+        self._unloaded = True
+        _return_freed_memory()
+        return held
 
     @_grad_enabled
     def _live(self) -> Trainer:
@@ -189,10 +235,14 @@ class TrainingRun:
         if self._trainer is None:
             if self._before_load is not None:
                 self._before_load()
+            start = time.perf_counter()
             self._trainer = Trainer.from_config(self.config, on_progress=self._on_progress, records=self.records,
                                                 prompts=self.prompts)
-            self._fresh = self._trainer.snapshot()
-            self._at = self._fresh.id
+            if self._fresh is None:  # a reload keeps the first fresh state: handles and a cut-short loop refer to it
+                self._fresh = self._trainer.snapshot()
+                self._at = self._fresh.id
+            if self._on_loaded is not None:
+                self._on_loaded(self._trainer.memory_bytes(), time.perf_counter() - start, self._unloaded)
         return self._trainer
 
     @_grad_enabled

@@ -507,6 +507,23 @@ class Trainer:
         lora.add_lora(model, self.config.rank, self.config.alpha, blocks=self.config.blocks, dora=self.config.dora)
         return model.requires_grad_(False)
 
+    def memory_bytes(self) -> int:
+        """Bytes of the tensors this trainer holds (models, optimizer state, cached data), each storage counted once:
+        what `release` and dropping the trainer give back."""
+        modules = [m for m in (self.transformer, self.vae) if m is not None]
+        tensors = [t for m in modules for t in (*m.parameters(), *m.buffers())]
+        if self.optimizer is not None:
+            tensors += [v for s in self.optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
+        for sample in (*self.dataset.samples, *(self.dataset.flipped or ())):
+            tensors += [sample.latents, sample.prompt_embeds, sample.pooled]
+        tensors += [t for pair in (self.dataset.empty_prompt, *self._prompt_cache.values()) for t in pair]
+        storages = {}
+        for t in tensors:
+            storage = t.untyped_storage()
+            if storage.device.type != "meta":  # a dropped base's weights hold no memory
+                storages[(storage.device, storage.data_ptr())] = storage.nbytes()
+        return sum(storages.values())
+
     def release(self) -> None:
         """Drop the models so their memory returns at once (a new run replaces this one)."""
         self.tensorboard.close()
