@@ -66,26 +66,23 @@ def _run(path: Path, config, plan, resume: Path | None, start_over: tuple[bool, 
     """`start_over`: (--fresh, --overwrite) when the run starts at step 0 over whatever `output_dir` holds: an earlier
     run's files there are refused, or with --overwrite moved aside once every check passed (so that a later resume
     never picks up the earlier run's newer states)."""
-    from . import data, lora, models
+    from . import lora, models
     from .checkpoints import latest_state_file, load_training_state
+    from .identity import check_resume, dataset_identity, run_identity
     from .plan import execute
-    from .run_store import run_identity
-    from .trainer import NonFiniteLossError, Trainer, preflight, settings_mismatches
+    from .run_store import RunStore
+    from .trainer import NonFiniteLossError, Trainer, preflight
 
     state = None
+    dataset = dataset_identity(config.dataset_entries())
     if resume is not None:  # a wrong file fails here, before anything loads
         state, saved_config = load_training_state(resume)
-        differ = settings_mismatches(state.fingerprint, config)
+        check_resume(state, config, dataset, str(resume), "start another run with --fresh and another output_name")
     records = preflight(config)
-    earlier = [] if start_over is None else \
-        _earlier_run(Path(config.output_dir), config.output_name, run_identity(config, records), *start_over)
+    earlier = [] if start_over is None else _earlier_run(
+        Path(config.output_dir), config.output_name, run_identity(config, dataset, RunStore.of(config).hashes),
+        *start_over)
     if state is not None:
-        identity = data.dataset_fingerprint(records)
-        if state.dataset and state.dataset != identity:  # states saved before the identity was kept pass
-            differ.append(f"the dataset (images added, removed, edited or re-captioned in {config.dataset_dir})")
-        if differ:
-            raise ValueError(f"{resume} belongs to a run with other settings: {', '.join(differ)}. Set them as the "
-                             "state had them, or start another run with --fresh and another output_name")
         changed = [f"{k} {v} (state: {saved_config[k]})" for k, v in config.to_dict().items()
                    if k in saved_config and json.dumps(v) != json.dumps(saved_config[k])]
         if changed:
