@@ -267,6 +267,8 @@ class TrainingRun:
             self._live()  # raises, naming what to do
         chain = handle.chain + (steps,)
         stored = self.store.load(self.identity, chain)
+        if self._trainer is not None and self._trainer.processes.any(stored is None):
+            stored = None  # data-parallel processes train or load together (another machine may not see the store)
         if stored is not None:
             log.info("loops %s (step %d): loaded from the run store", chain_key(chain), stored.step)
             if on_known is not None:
