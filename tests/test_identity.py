@@ -8,18 +8,16 @@ import logging
 import shutil
 from pathlib import Path
 
-import pytest
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from trainer_core import content_hash, identity, lora, run_handle
+from test_run_store import config, dataset, no_active_run  # noqa: F401 (the tiny run's fixtures, shared)
+from trainer_core import content_hash, identity, lora
 from trainer_core.config import DatasetEntry, TrainConfig
 from trainer_core.content_hash import ContentIndex, content_identity
-from trainer_core.demo import demo_config, write_demo_dataset
 from trainer_core.identity import FILE, NO_WEIGHT, SETTING_SIDES, WEIGHTS, dataset_identity, image_key, run_identity
 from trainer_core.run_handle import TrainingRun
-from trainer_core.tiny import tiny_transformer_config
+from trainer_core.tiny import tiny_transformer_config, write_same_layout_copy
 from trainer_core.trainer import Trainer
 
 # a value other than the base config's, for every setting on the weights side
@@ -46,23 +44,6 @@ NO_WEIGHT_FLIPS = dict(
 # CPU only where no GPU is
 TRAINED_FLIPS = ("gradient_checkpointing", "checkpoint_blocks", "blocks_to_swap", "cache_dir", "tensorboard",
                  "lora_format") + (() if torch.cuda.is_available() else ("device",))
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    return write_demo_dataset(tmp_path_factory.mktemp("data"), count=2, size=64)
-
-
-@pytest.fixture
-def config(tiny_flux, dataset, tmp_path) -> TrainConfig:
-    return demo_config(tiny_flux, dataset, tmp_path / "out", steps=20).replace(resolutions=(64,), rank=4, alpha=4.0)
-
-
-@pytest.fixture(autouse=True)
-def no_active_run():
-    yield
-    if run_handle._active is not None:
-        run_handle._active.release()
 
 
 def key(config: TrainConfig, index: ContentIndex) -> str:
@@ -122,24 +103,13 @@ def test_model_files_count_by_content_never_by_path(config, tiny_flux, tmp_path)
     assert key(config.replace(init_lora=str(lora_file)), index) != base
 
 
-def same_layout_base(source: Path, path: Path) -> Path:
-    """`source`'s weights each scaled by 1 + 5% noise: the same header (names, shapes, offsets) and size."""
-    g = torch.Generator().manual_seed(0)
-    tensors = {k: (v.float() * (1 + 0.05 * torch.randn(v.shape, generator=g))).to(v.dtype)
-               for k, v in load_file(source).items()}
-    with safe_open(str(source), framework="pt") as f:
-        metadata = f.metadata()
-    save_file(tensors, path, metadata=metadata)
-    return path
-
-
 def header(path: Path) -> bytes:
     with open(path, "rb") as f:
         return f.read(int.from_bytes(f.read(8), "little"))
 
 
 def test_two_bases_of_one_layout_are_two_runs_and_switching_trains_again(config, tmp_path, caplog):
-    other = same_layout_base(Path(config.transformer_path), tmp_path / "other-base.safetensors")
+    other = write_same_layout_copy(config.transformer_path, tmp_path / "other-base.safetensors")
     assert header(other) == header(Path(config.transformer_path))
     assert other.stat().st_size == Path(config.transformer_path).stat().st_size
     switched = config.replace(transformer_path=str(other), output_name="switched")

@@ -8,6 +8,8 @@ import multiprocessing
 import os
 import shutil
 import stat
+import subprocess
+import sys
 from collections import namedtuple
 from dataclasses import replace
 from pathlib import Path
@@ -15,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from trainer_core import cli, run_handle, run_store
+from trainer_core import checkpoints, cli, run_handle, run_store
 from trainer_core.checkpoints import STATE_SUFFIX, TrainingState, load_training_state, save_training_state
 from trainer_core.config import TrainConfig
 from trainer_core.demo import demo_config, write_demo_dataset
@@ -225,6 +227,24 @@ def test_two_processes_saving_into_one_store_lose_nothing(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ files
+def test_a_writer_removes_only_its_own_and_dead_writers_temporary_files(tmp_path):
+    target = tmp_path / "x.safetensors"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    host = checkpoints._HOST
+    live = tmp_path / f".x.safetensors.tmp-{os.getppid()}-{host}abcd"  # another process, still writing
+    gone = tmp_path / f".x.safetensors.tmp-{int(dead.stdout)}-{host}abcd"  # killed mid-write
+    other_host = tmp_path / f".x.safetensors.tmp-{int(dead.stdout)}-{'0000' if host != '0000' else '1111'}abcd"
+    for p in (live, gone, other_host):
+        p.write_bytes(b"partial")
+    old = os.umask(0o077)
+    try:
+        checkpoints.save_safetensors(target, {"w": torch.zeros(2)})
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(target.stat().st_mode) == 0o600  # the umask read, not assumed
+    assert live.exists() and other_host.exists() and not gone.exists()
+
+
 def test_lora_files_follow_the_umask_and_another_runs_name_gets_a_counter(config, tmp_path, caplog):
     folder = tmp_path / "loras"
     old = os.umask(0o022)

@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import copy
 import glob
+import hashlib
 import json
 import logging
 import os
 import re
 import shutil
+import socket
 import time
 import uuid
 from dataclasses import dataclass, field, replace
@@ -29,8 +31,8 @@ log = logging.getLogger(__name__)
 STATE_FORMAT = "flux-lora-trainer/state/1"
 STATE_SUFFIX = ".state.safetensors"
 _TMP_MARK = ".tmp-"
-_DEAD_WRITER_SECONDS = 60.0  # a temporary file whose writer is gone, untouched this long, is a leftover
-_STALE_TEMPORARY_SECONDS = 86400.0  # any temporary file untouched for a day is one (a writer on another machine)
+_STALE_TEMPORARY_SECONDS = 86400.0  # any temporary file untouched for a day is a leftover (a writer on another machine)
+_HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:4]  # which machine's pids a temporary file's are
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
@@ -41,7 +43,7 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     except OSError as e:
         raise OSError(e.errno, f"cannot create the folder {path.parent} for {path.name}: {e.strerror or e}; check the path "
                                "and its permissions") from e
-    tmp = path.with_name(f"{_tmp_prefix(path)}{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    tmp = path.with_name(f"{_tmp_prefix(path)}{os.getpid()}-{_HOST}{uuid.uuid4().hex[:4]}")
     try:
         write(tmp)
         os.chmod(tmp, 0o666 & ~_umask())  # writers may create 0600 files; the user's files follow their umask
@@ -67,18 +69,17 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
 
 
 def _sweep_stale_temporaries(path: Path) -> None:
-    """Remove the temporary files of `path` that a killed writer left (no `except` ran in it): those whose process
-    is gone from this machine and that stayed untouched for a minute, or any untouched for a day. Another
-    process's file still being written (a second server, a data-parallel process) is never one of them."""
-    now = time.time()
+    """Remove the temporary files of `path` that a killed writer left (no `except` ran in it): those of this machine
+    whose process is gone, and any untouched for a day (a writer on another machine sharing the folder). Another
+    live process's file still being written (a second server, a data-parallel process) is never one of them."""
     for leftover in path.parent.glob(f"{glob.escape(_tmp_prefix(path))}*"):
-        match = re.match(r"(\d+)-", leftover.name[len(_tmp_prefix(path)):])
+        match = re.fullmatch(r"(\d+)-([0-9a-f]{4})[0-9a-f]{4}", leftover.name[len(_tmp_prefix(path)):])
         try:
-            idle = now - leftover.stat().st_mtime
+            idle = time.time() - leftover.stat().st_mtime
         except OSError:
             continue  # renamed or removed by its writer meanwhile
-        writer_gone = match is not None and not psutil.pid_exists(int(match.group(1)))
-        if idle > _STALE_TEMPORARY_SECONDS or (writer_gone and idle > _DEAD_WRITER_SECONDS):
+        writer_gone = match is not None and match[2] == _HOST and not psutil.pid_exists(int(match[1]))
+        if writer_gone or idle > _STALE_TEMPORARY_SECONDS:
             leftover.unlink(missing_ok=True)
 
 
@@ -104,7 +105,8 @@ def folder_lock(folder: str | Path) -> filelock.FileLock:
 
 
 def _tmp_prefix(path: Path) -> str:
-    """Temporary files of `path` are named `.<name>.tmp-<pid>-<random>`: hidden, and never a model or state name."""
+    """Temporary files of `path` are named `.<name>.tmp-<pid>-<host><random>`: hidden, and never a model or state
+    name."""
     return f".{path.name}{_TMP_MARK}"
 
 

@@ -6,7 +6,6 @@ cropped square, and several base resolutions (512, 768, 1024) can be trained tog
 from __future__ import annotations
 
 import codecs
-import hashlib
 import logging
 import math
 import os

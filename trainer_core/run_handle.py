@@ -322,7 +322,9 @@ class TrainingRun:
     def _save_last_good(self, handle: TrainingHandle, diverged: int) -> str:
         """After the weights of step `diverged` gave a NaN loss: save the loop's input as SaveCheckpoint would, if it
         came before (a state of that step would only give the NaN again); -> what the user should do next."""
-        if handle.step >= diverged or not self.writes:
+        if not self.writes:
+            return "The main process saves this loop's input."
+        if handle.step >= diverged:
             return (f"This loop's input (step {handle.step}) gave the NaN itself: lower learning_rate in InitTrainer "
                     f"and resume from a state saved before step {handle.step} (resume_state).")
         path = self.store.folder / f"{checkpoint_stem(self.config.output_name, handle.step)}{STATE_SUFFIX}"

@@ -22,12 +22,12 @@ from . import caching, data, dataset_report, lora, models, plots, sampling
 from .block_swap import BlockSwap, checkpoint_blocks, model_blocks
 from .checkpoints import TrainingState, save_training_state
 from .config import TrainConfig
-from .content_hash import ContentIndex, content_identity
+from .content_hash import content_identity
 from .distributed import SINGLE, Processes, process_device
 from .flow_matching import image_ids, noisy_input_and_target, pack_latents, sample_sigmas, text_ids
 from .identity import RESUME_FIELDS, DatasetIdentity, dataset_identity, settings_mismatches
 from .optim import learning_rate, make_optimizer, set_learning_rate
-from .run_store import store_folder
+from .run_store import RunStore
 from .tensorboard_log import TensorBoardLog
 
 log = logging.getLogger(__name__)
@@ -182,7 +182,7 @@ class Trainer:
             t5_tokenizer_dir=config.t5_tokenizer_dir or None, t5_fp8=config.fp8_base, t5_on_cpu=config.t5_on_cpu,
             batch_size=config.batch_size,
         )
-        hashes = ContentIndex(store_folder(config))
+        hashes = RunStore.of(config).hashes
         identity = "|".join([*(content_identity(p, hashes) for p in (config.vae_path, config.clip_path, config.t5_path)),
                              str(dtype), str(config.max_sequence_length)] + (["t5 fp8"] if config.fp8_base else []))
 
@@ -390,7 +390,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ outputs
     def lora_metadata(self) -> dict[str, str]:
-        base = content_identity(self.config.transformer_path, ContentIndex(store_folder(self.config)))
+        base = content_identity(self.config.transformer_path, RunStore.of(self.config).hashes)
         return lora_metadata(self.config, self.step, self.dataset.records, base)
 
     def save_lora(self, path: str | Path) -> Path:
