@@ -245,6 +245,8 @@ def test_dataset_identity_changes_with_each_edit_and_not_with_the_folder_path(tm
     write(folder / "img0.txt", "caption edited")
     edited = fingerprint()
     assert edited != base
+    write(folder / "img0.txt", "caption edited")  # saved again unchanged: the same caption, the same data
+    assert fingerprint() == edited
     save(halves((96, 96), GREEN, BLUE), folder / "img1.png")  # same size on disk is possible: mtime still moves
     repainted = fingerprint()
     assert repainted != edited

@@ -63,24 +63,31 @@ def _digest(value) -> str:
 @dataclass(frozen=True)
 class DatasetIdentity:
     key: str  # the hash: changes with any image or caption edited, added or removed, or a folder's settings
-    listing: list  # per folder: {"folder", "settings", "files": {name: "size mtime_ns"}}, to name what changed
+    listing: list  # per folder: {"folder", "settings", "files": {name: stamp}}, to name what changed
 
 
 def dataset_identity(entries: Sequence[DatasetEntry]) -> DatasetIdentity:
     """The identity of a run's data (`TrainConfig.dataset_entries()`): every visible file of each folder and its
-    direct subfolders (images and captions alike) by name, size and mtime, and the folder's trigger word,
-    resolutions and repeats. Nothing is decoded, so ComfyUI can ask on every queue. The folders' own paths are left
-    out: a dataset moved elsewhere (with its mtimes) keeps its identity."""
+    direct subfolders by name and `_stamp`, and the folder's trigger word, resolutions and repeats. No image is
+    read, so ComfyUI can ask on every queue. The folders' own paths are left out: a dataset moved elsewhere (with
+    its mtimes) keeps its identity."""
     listing = []
     for entry in entries:
         folder = Path(entry.dataset_dir).expanduser()
         files = {}
         for p in list_files(folder)[0] if folder.is_dir() else ():
-            st = os.stat(p)
-            files[p.relative_to(folder).as_posix()] = f"{st.st_size} {st.st_mtime_ns}"
+            files[p.relative_to(folder).as_posix()] = _stamp(p)
         settings = f"trigger word {entry.trigger_word!r}, resolutions {list(entry.resolutions)}, repeats {entry.repeats}"
         listing.append({"folder": str(folder), "settings": settings, "files": files})
     return DatasetIdentity(_digest([[f["settings"], f["files"]] for f in listing]), listing)
+
+
+def _stamp(path: Path) -> str:
+    """A caption (.txt) by its text, so a caption saved unchanged is the same; any other file by size and mtime."""
+    if path.suffix.lower() == ".txt":
+        return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+    st = os.stat(path)
+    return f"{st.st_size} {st.st_mtime_ns}"
 
 
 def dataset_changes(saved: list, now: list) -> str:
@@ -142,7 +149,8 @@ def check_resume(state, config: TrainConfig, dataset: DatasetIdentity | None, so
     A state saved before dataset listings were kept is not checked against the dataset. `fresh`: the way out."""
     problems = settings_mismatches(state.fingerprint, config)
     if dataset is not None and state.dataset_files and state.dataset != dataset.key:
-        problems.append(f"the dataset changed since it was saved ({dataset_changes(state.dataset_files, dataset.listing)})")
+        problems.append(f"the dataset changed since it was saved ({dataset_changes(state.dataset_files, dataset.listing)}"
+                        "; put those files back as they were)")
     if problems:
         raise ValueError(f"{source} belongs to a run with other settings: {', '.join(problems)}. Set them as the "
-                         f"state had them (the dataset's files too), or {fresh}")
+                         f"state had them, or {fresh}")
