@@ -9,9 +9,9 @@ from pathlib import Path
 from trainer_core.checkpoints import STATE_SUFFIX, TrainingState, latest_state_file, load_training_state
 from trainer_core.config import LORA_FORMATS, LR_SCHEDULES, MIXED_PRECISIONS, OPTIMIZERS, DatasetEntry, TrainConfig
 from trainer_core.flow_matching import TIMESTEP_SAMPLINGS
+from trainer_core.identity import check_resume, dataset_identity
 from trainer_core.models import KIND_DESCRIPTIONS, MODEL_ROLES, detect_file_kind
 from trainer_core.presets import PRESETS
-from trainer_core.identity import check_resume, dataset_identity
 from trainer_core.run_handle import TrainingRun
 from trainer_core.run_store import DAMAGED, RUNS
 

@@ -99,9 +99,9 @@ def _umask() -> int:
 
 def folder_lock(folder: str | Path) -> filelock.FileLock:
     """The lock of a folder that several processes write (the run store): two ComfyUI servers or a CLI run sharing
-    it take turns. Re-entrant within a process."""
+    it take turns. One lock object per folder in a process, so a holder may take it again (nested)."""
     Path(folder).mkdir(parents=True, exist_ok=True)
-    return filelock.FileLock(Path(folder) / ".lock")
+    return filelock.FileLock(Path(folder) / ".lock", is_singleton=True)
 
 
 def _tmp_prefix(path: Path) -> str:
