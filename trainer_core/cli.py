@@ -10,6 +10,7 @@ import resource
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 from . import output_guard
 
@@ -44,16 +45,18 @@ def _train(args) -> int:
         return _run(path, config, plan, resume, (args.fresh, args.overwrite) if check_earlier else None, processes)
 
 
-def _earlier_run(out: Path, name: str, identity: str, fresh: bool, overwrite: bool) -> list[Path]:
+def _earlier_run(out: Path, name: str, identity: Callable[[], str], fresh: bool, overwrite: bool) -> list[Path]:
     """The files of an earlier run that a run starting at step 0 would overwrite: refused unless `overwrite`. Files
-    this very run wrote (its LoRAs carry the run store's identity) are not an earlier run's: the run store rewrites
-    nothing of them."""
+    this very run wrote (its LoRAs carry the run store's identity, `identity()`: asked only when there are LoRAs, as
+    it may hash the model files) are not an earlier run's: the run store rewrites nothing of them."""
     from .run_handle import lora_run
 
     files = output_guard.run_files(out, name)
     loras = [p for p in files if p.name.endswith(".safetensors") and not p.name.endswith(".state.safetensors")]
-    if loras and all((lora_run(p) or "").startswith(f"{identity}/") for p in loras):
-        return []
+    if loras:
+        ours = f"{identity()}/"
+        if all((lora_run(p) or "").startswith(ours) for p in loras):
+            return []
     if files and not overwrite:
         why = "--fresh starts at step 0" if fresh else "there is no training state to resume from, so the run starts at step 0"
         raise ValueError(f"output_dir: {out} already holds {len(files)} file(s) of output_name {name!r} "
@@ -80,8 +83,8 @@ def _run(path: Path, config, plan, resume: Path | None, start_over: tuple[bool, 
         check_resume(state, config, dataset, str(resume), "start another run with --fresh and another output_name")
     records = preflight(config)
     earlier = [] if start_over is None else _earlier_run(
-        Path(config.output_dir), config.output_name, run_identity(config, dataset, RunStore.of(config).hashes),
-        *start_over)
+        Path(config.output_dir), config.output_name,
+        lambda: run_identity(config, dataset, RunStore.of(config).hashes), *start_over)
     if state is not None:
         changed = [f"{k} {v} (state: {saved_config[k]})" for k, v in config.to_dict().items()
                    if k in saved_config and json.dumps(v) != json.dumps(saved_config[k])]
