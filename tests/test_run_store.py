@@ -202,6 +202,11 @@ def test_the_current_runs_loops_are_never_evicted(tmp_path, caplog):
     assert "over store_max_gb" in caplog.text
 
 
+def test_an_old_toml_with_keep_runs_is_told_the_replacement(config):
+    with pytest.raises(ValueError, match=r"run.toml: keep_runs is no longer a setting; .*set store_max_gb"):
+        TrainConfig.from_dict({**config.to_dict(), "keep_runs": 3}, source="run.toml")
+
+
 def _save_twenty(folder: str, me: int) -> None:
     store = run_store.RunStore(Path(folder))
     for i in range(20):  # each entry written by both processes at once, as a shared store's two servers would
