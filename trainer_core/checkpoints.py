@@ -210,7 +210,8 @@ def load_training_state(path: str | Path, optimizer: bool = True) -> tuple[Train
         losses=header["losses"], lrs=header["lrs"], fingerprint=header["fingerprint"],
         # older states kept the dataset identity in their fingerprint
         dataset=header.get("dataset") or header["fingerprint"].get("dataset", ""),
-        dataset_files=_listing(header.get("dataset_files")), run=header.get("run", ""), chain=tuple(header.get("chain", ())),
+        dataset_files=_listing(header.get("dataset_files")), run=header.get("run", ""),
+        chain=tuple(header.get("chain", ())),
     )
     return state, header["config"]
 
