@@ -9,11 +9,11 @@ from pathlib import Path
 from trainer_core.checkpoints import STATE_SUFFIX, TrainingState, latest_state_file, load_training_state
 from trainer_core.config import LORA_FORMATS, LR_SCHEDULES, MIXED_PRECISIONS, OPTIMIZERS, DatasetEntry, TrainConfig
 from trainer_core.flow_matching import TIMESTEP_SAMPLINGS
+from trainer_core.identity import check_resume, dataset_identity
 from trainer_core.models import KIND_DESCRIPTIONS, MODEL_ROLES, detect_file_kind
 from trainer_core.presets import PRESETS
 from trainer_core.run_handle import TrainingRun
-from trainer_core.run_store import RUNS, folder_listing
-from trainer_core.trainer import settings_mismatches
+from trainer_core.run_store import DAMAGED, RUNS
 
 from . import comfy_bridge, model_sharing
 from .common import CATEGORY, HANDLE
@@ -112,7 +112,7 @@ def memory_settings(memory_preset: str, explicit: dict) -> dict:
 
 
 def load_resume(name: str, config: TrainConfig) -> TrainingState | None:
-    """The saved state to start from, checked against the settings that must match it."""
+    """The saved state to start from, checked to continue under `config` (its settings, its dataset)."""
     if name == NONE:
         return None
     if name == LATEST:
@@ -125,11 +125,9 @@ def load_resume(name: str, config: TrainConfig) -> TrainingState | None:
         log.info("resume_state latest: resuming from %s", path)
     else:
         path = comfy_bridge.full_path(comfy_bridge.STATES, name, "resume_state")
-    state, _ = load_training_state(path)
-    differ = settings_mismatches(state.fingerprint, config)
-    if differ:
-        raise ValueError(f"resume_state: {name} was trained with other settings: {', '.join(differ)}; set them as "
-                         f"the state had them, or choose resume_state {NONE}")
+    state = load_training_state(path)[0]
+    check_resume(state, config, dataset_identity(config.dataset_entries()), f"resume_state: {name}",
+                 f"choose resume_state {NONE}")
     return state
 
 
@@ -203,7 +201,7 @@ class InitTrainer:
         encoders = comfy_bridge.filename_list("text_encoders")
         loras = comfy_bridge.filename_list("loras")
         states = [n for n in comfy_bridge.filename_list(comfy_bridge.STATES)
-                  if n.endswith(STATE_SUFFIX) and not n.startswith(f"{RUNS}/")]  # the run store's own files stay out
+                  if n.endswith(STATE_SUFFIX) and not n.startswith((f"{RUNS}/", f"{DAMAGED}/"))]  # not the store's own
         d = _DEFAULTS
         return {"required": {
             "transformer": (transformers, {"tooltip": "Flux transformer to train on (models/diffusion_models or "
@@ -268,14 +266,18 @@ class InitTrainer:
                             "kohya saves; diffusers: peft keys, separate q/k/v, a smaller file. Both load in ComfyUI."}),
             "tensorboard": ("BOOLEAN", {"default": d["tensorboard"], "tooltip": "TensorBoard event files (loss, LR, "
                             "samples, grids) in models/loras/tensorboard/<output_name>, if tensorboard is installed."}),
+            "store_max_gb": ("FLOAT", {"default": d["store_max_gb"], "min": 0.1, "max": 10000.0, "step": 0.5,
+                                       "tooltip": "Size budget of the run store (models/flux_lora_states/runs): "
+                                       "least recently used loops of other runs are deleted beyond it; ~1 GB per "
+                                       "rank-16 loop with AdamW."}),
         }, "hidden": {"prompt": "PROMPT", "unique_id": "UNIQUE_ID"}}  # the queued graph: total_steps auto
 
     @classmethod
-    def IS_CHANGED(cls, dataset_dir: str, **_):
-        """Re-run when the dataset's files or captions change (names, sizes, mtimes; nothing decoded), else cached."""
-        try:  # one folder per line (see parse_datasets), each line's folder before its first "|"
-            return "\n".join(folder_listing(dataset_path(line.split("|")[0]))
-                             for line in dataset_dir.splitlines() if line.strip()) or str(dataset_path(dataset_dir))
+    def IS_CHANGED(cls, dataset_dir: str, trigger_word: str = "", resolutions: str = "512", repeats: int = 1, **_):
+        """Re-run when the dataset's identity changes (files or captions edited, added or removed: names, sizes,
+        mtimes, nothing decoded), else cached."""
+        try:
+            return dataset_identity(parse_datasets(dataset_dir, trigger_word, resolutions, repeats)).key
         except (ValueError, OSError) as e:
             return str(e)  # init raises it, naming the widget
 

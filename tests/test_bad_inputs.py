@@ -246,8 +246,8 @@ INIT_CASES: list[tuple[str, Setup, type, str]] = [
     ("resume from a pickle", lambda c: {"resume_state": c.pickle_file("flux_lora_states/last.ckpt")}, ValueError,
      r"last.ckpt is damaged or incomplete"),
     ("resume a run with other settings", lambda c: {"resume_state": state_file(c).name, "rank": 8, "seed": 5},
-     ValueError, r"resume_state: nodes_test_000000.state.safetensors was trained with other settings: rank 8 "
-                 r"\(state: 4\), seed 5 \(state: 3\); set them as the state had them"),
+     ValueError, r"resume_state: nodes_test_000000.state.safetensors belongs to a run with other settings: "
+                 r"rank 8 \(state: 4\), seed 5 \(state: 3\)\. Set them as the state had them"),
 ]
 
 

@@ -253,7 +253,7 @@ CASES = [
          match=r"flux_tiny_demo_000006\.state\.safetensors belongs to a run with other settings: rank 8 \(state: 4\), "
                r"alpha 8\.0 \(state: 4\.0\)\. Set them as the state had them, or start another run with --fresh"),
     Case("resume with a grown dataset", {"dataset_dir": "CASE/data"}, setup=dataset_grown,
-         match=r"belongs to a run with other settings: the dataset \(images added, removed, edited or re-captioned"),
+         match=r"belongs to a run with other settings: the dataset changed since it was saved \(in .*data: added "),
     Case("resume with a new seed and dataset", {"dataset_dir": "CASE/data", "seed": 1}, setup=dataset_grown,
          match=r"other settings: seed 1 \(state: 7\), the dataset"),
     Case("the newest state truncated", {"batch_size": 2}, setup=newest_state_truncated,

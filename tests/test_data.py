@@ -15,15 +15,16 @@ from diffusers import AutoencoderKL
 from PIL import Image
 
 from trainer_core.caching import cache_dataset
+from trainer_core.config import DatasetEntry
 from trainer_core.data import (
     ImageRecord,
     batches,
     bucket_sizes,
     choose_bucket,
-    dataset_fingerprint,
     load_image,
     scan_dataset,
 )
+from trainer_core.identity import dataset_identity
 
 RED, GREEN, BLUE = (255, 0, 0), (0, 255, 0), (0, 0, 255)
 SEQ_LEN, EMBED_DIM, POOLED_DIM = 5, 12, 6
@@ -224,25 +225,28 @@ def test_captions_and_trigger_word(tmp_path, caplog):
 # --- decoding ----------------------------------------------------------------------------------------------------
 
 
-def test_dataset_fingerprint_changes_with_each_edit_and_not_with_the_folder_path(tmp_path):
+def test_dataset_identity_changes_with_each_edit_and_not_with_the_folder_path(tmp_path):
     folder = tmp_path / "data"
     for i in range(2):
         save(halves((96, 96), RED, BLUE), folder / f"img{i}.png")
         write(folder / f"img{i}.txt", f"caption {i}")
 
     def fingerprint(path=folder, trigger="ohwx"):
-        return dataset_fingerprint(scan_dataset(path, trigger))
+        return dataset_identity([DatasetEntry(str(path), trigger, (512,), 1)]).key
 
     base = fingerprint()
+    scan_dataset(folder, "ohwx")
     assert fingerprint() == base  # scanning reads, it changes nothing
     moved = tmp_path / "elsewhere"
     folder.rename(moved)
     assert fingerprint(moved) == base
     moved.rename(folder)
-    assert fingerprint(trigger="sks") != base  # the caption text changed
+    assert fingerprint(trigger="sks") != base  # the captions trained on changed
     write(folder / "img0.txt", "caption edited")
     edited = fingerprint()
     assert edited != base
+    write(folder / "img0.txt", "caption edited")  # saved again unchanged: the same caption, the same data
+    assert fingerprint() == edited
     save(halves((96, 96), GREEN, BLUE), folder / "img1.png")  # same size on disk is possible: mtime still moves
     repainted = fingerprint()
     assert repainted != edited

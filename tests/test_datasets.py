@@ -17,8 +17,9 @@ from nodes.init_trainer import parse_datasets
 from trainer_core import cli, lora
 from trainer_core.checkpoints import load_training_state
 from trainer_core.config import DatasetEntry, TrainConfig
-from trainer_core.data import dataset_fingerprint, inspect_datasets, scan_dataset, scan_datasets, tag_frequency
+from trainer_core.data import inspect_datasets, scan_dataset, scan_datasets, tag_frequency
 from trainer_core.dataset_report import build_report, load_t5_tokenizer, perceptual_hash
+from trainer_core.identity import dataset_changes, dataset_identity
 from trainer_core.demo import demo_config, write_demo_dataset
 from trainer_core.tiny import MAX_SEQUENCE_LENGTH
 from trainer_core.trainer import Trainer, preflight
@@ -85,10 +86,12 @@ def test_several_datasets_each_with_its_own_settings(tmp_path):
     assert [(r.path.name, r.caption, r.bucket) for r in records] == (
         [("a.png", "sks, a dog", (256, 256))] * 3 + [("b.png", "top, a painting", (128, 128)),
                                                      ("b.png", "top, a painting", (256, 256))])
-    # the fingerprint covers every entry: a change in the second folder changes it
-    before = dataset_fingerprint(records)
+    # the identity covers every entry: a change in the second folder changes it, and the change names that folder
+    before = dataset_identity(entries)
     (b / "b.txt").write_text("another caption", "utf-8")
-    assert dataset_fingerprint(scan_datasets(entries)) != before
+    after = dataset_identity(entries)
+    assert after.key != before.key
+    assert dataset_changes(before.listing, after.listing) == f"in {b}: edited b.txt"
     # the one-folder form is the same as one entry
     single = TrainConfig(transformer_path="t", vae_path="v", clip_path="c", t5_path="t5", dataset_dir=str(a),
                          trigger_word="sks", resolutions=(256,), repeats=3)

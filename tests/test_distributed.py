@@ -62,7 +62,12 @@ def test_two_processes_train_the_single_process_run(tiny_flux, dataset, tmp_path
     assert double.returncode == 0, double.stderr[-3000:]
     assert "Traceback" not in double.stderr
 
-    # each file written once, by the main process alone
+    # each file written once, by the main process alone; the run store holds one complete state per loop
+    assert "could not" not in double.stderr and "cannot be used" not in double.stderr
+    (run,) = (tmp_path / "double" / "run_store" / "runs").iterdir()
+    assert sorted(p.name for p in run.iterdir()) == ["2-2.state.safetensors", "2.state.safetensors"]
+    assert [load_training_state(p)[0].step for p in sorted(run.iterdir())] == [4, 2]
+    assert not list((tmp_path / "double").rglob(".*tmp-*"))
     names = sorted(p.name for p in (tmp_path / "double").iterdir())
     assert names == sorted(p.name for p in (tmp_path / "single").iterdir())
     assert double.stdout.count("LoRA: ") == 2

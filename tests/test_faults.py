@@ -449,8 +449,8 @@ def test_latest_starts_fresh_when_nothing_was_saved_and_refuses_another_runs_set
     fresh = init(output_name="never_saved", resume_state="latest")
     assert fresh.step == 0
     save(loop(fresh, 1), save_state=True)
-    with pytest.raises(ValueError, match=r"resume_state: never_saved_000001.state.safetensors was trained with other "
-                                         r"settings: rank 8 \(state: 4\)"):
+    with pytest.raises(ValueError, match=r"resume_state: never_saved_000001.state.safetensors belongs to a run "
+                                         r"with other settings: rank 8 \(state: 4\)"):
         init(output_name="never_saved", resume_state="latest", rank=8)
 
 

@@ -1,22 +1,25 @@
 """The run store: a run's identity, loops loaded instead of trained (bit for bit), damaged entries trained again,
-disk checked and pruned, LoRA files never overwritten by another run, and the CLI trains nothing twice."""
+disk checked, the store evicted by size, one writer at a time, LoRA files never overwritten by another run, and the CLI trains nothing twice."""
 from __future__ import annotations
 
 import hashlib
 import logging
+import multiprocessing
 import os
 import shutil
 import stat
+import subprocess
+import sys
 from collections import namedtuple
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 
-from trainer_core import cli, run_handle, run_store
-from trainer_core.checkpoints import STATE_SUFFIX, load_training_state
+from trainer_core import checkpoints, cli, run_handle, run_store
+from trainer_core.checkpoints import STATE_SUFFIX, TrainingState, load_training_state, save_training_state
 from trainer_core.config import TrainConfig
-from trainer_core.data import scan_dataset
 from trainer_core.demo import demo_config, write_demo_dataset
 from trainer_core.run_handle import TrainingRun
 from trainer_core.trainer import Trainer
@@ -63,46 +66,6 @@ def counting_steps(monkeypatch) -> list[int]:
 
     monkeypatch.setattr(Trainer, "train", train)
     return steps
-
-
-# ------------------------------------------------------------------------------------------------ identity
-def test_identity_changes_with_every_weight_setting_and_dataset_edit_and_only_then(config, dataset, tmp_path):
-    records = scan_dataset(config.dataset_dir, config.trigger_word, config.resolutions)
-    base = run_store.run_identity(config, records)
-    assert run_store.run_identity(config, records) == base
-    for same in (dict(output_name="other"), dict(output_dir=str(tmp_path)), dict(device="cpu"),
-                 dict(cache_dir=str(tmp_path)), dict(keep_runs=5), dict(store_dir=str(tmp_path))):
-        assert run_store.run_identity(config.replace(**same), records) == base, same
-    changed = [dict(rank=8), dict(alpha=2.0), dict(learning_rate=1e-3), dict(seed=1), dict(total_steps=21),
-               dict(blocks="double"), dict(timestep_sampling="sigmoid"), dict(guidance=3.5), dict(fp8_base=True),
-               dict(caption_dropout=0.1), dict(flip_augment=True), dict(lr_schedule="constant"),
-               dict(mixed_precision="bf16"), dict(repeats=2), dict(trigger_word="other")]
-    ids = {run_store.run_identity(config.replace(**c), records) for c in changed}
-    assert len(ids) == len(changed) and base not in ids
-    other_base = config.replace(transformer_path=str(Path(config.transformer_path).with_name("other.safetensors")))
-    shutil.copy(config.transformer_path, other_base.transformer_path)
-    assert run_store.run_identity(other_base, records) == base  # the same file elsewhere: the same run
-
-    listing = run_store.folder_listing(dataset)
-    caption = dataset / "glyph_00.txt"
-    text = caption.read_text()
-    try:
-        caption.write_text(text + " in the rain")
-        edited = scan_dataset(config.dataset_dir, config.trigger_word, config.resolutions)
-        assert run_store.run_identity(config, edited) != base
-        assert run_store.folder_listing(dataset) != listing
-        assert "edited (image or caption) glyph_00.png" in run_store.dataset_changes(
-            run_store.dataset_files(records), run_store.dataset_files(edited))
-    finally:
-        caption.write_text(text)
-    shutil.copy(dataset / "glyph_01.png", dataset / "glyph_02.png")
-    try:
-        added = scan_dataset(config.dataset_dir, config.trigger_word, config.resolutions)
-        assert run_store.run_identity(config, added) != base
-        assert run_store.dataset_changes(run_store.dataset_files(records), run_store.dataset_files(added)) == \
-            "added glyph_02.png"
-    finally:
-        (dataset / "glyph_02.png").unlink()
 
 
 # ------------------------------------------------------------------------------------------------ loading = training
@@ -153,6 +116,8 @@ def test_a_truncated_or_foreign_entry_is_named_and_trained_again(config, monkeyp
     with caplog.at_level(logging.WARNING):
         again = h0.run.train(h0, 2)
     assert str(entry) in caplog.text and "training those steps again" in caplog.text
+    damaged = h0.run.store.folder / run_store.DAMAGED / f"{h0.run.identity}_{entry.name}"
+    assert damaged.read_bytes() == content[: len(content) // 2]  # moved aside, not deleted
     assert steps == [1, 2]
     assert_exactly_equal(again.state.lora, h1.state.lora)
 
@@ -184,19 +149,107 @@ def test_not_enough_space_fails_before_any_step_naming_the_folder(config, monkey
     assert steps == []
 
 
-def test_only_the_newest_keep_runs_runs_are_kept(config, tmp_path):
-    loras = []
-    for seed in (1, 2, 3):
-        h0 = start(config.replace(seed=seed, keep_runs=2))
-        h = h0.run.train(h0, 1)
-        loras.append(h.run.save_checkpoint(h, folder=tmp_path / "loras").checkpoints[-1].lora_path)
-        os.utime(h0.run.store.folder / run_store.RUNS / h0.run.identity, (seed, seed))  # oldest first
-    runs = sorted(p.name for p in (h0.run.store.folder / run_store.RUNS).iterdir())
-    assert len(runs) == 2 and h0.run.identity in runs
-    assert all(p.is_file() for p in loras)  # LoRA files are never deleted
+def test_an_io_error_while_loading_keeps_the_entry(config, monkeypatch, caplog):
+    h0 = start(config)
+    h0.run.train(h0, 2)
+    entry = h0.run.store.path(h0.run.identity, (2,))
+    content = entry.read_bytes()
+
+    def failing(path, optimizer=True):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(run_store, "load_training_state", failing)
+    with caplog.at_level(logging.WARNING):
+        assert h0.run.store.load(h0.run.identity, (2,)) is None
+    assert entry.read_bytes() == content and "the file is kept" in caplog.text
+    assert not (h0.run.store.folder / run_store.DAMAGED).exists()
+
+
+def fake_state(run: str, numel: int) -> TrainingState:
+    return TrainingState(step=1, epoch=0, cursor=1, lora={"w": torch.full((numel,), 0.5)},
+                         optimizer={"state": {}, "param_groups": []}, rng={}, losses=[0.1], lrs=[1e-4],
+                         fingerprint={}, run=run, chain=(1,))
+
+
+def test_a_budget_smaller_than_five_runs_keeps_the_newest_and_says_what_it_evicted(tmp_path, caplog):
+    folder = tmp_path / "store"
+    entry = save_training_state(tmp_path / "probe.state.safetensors", fake_state("probe", 250_000), {}).stat().st_size
+    store = run_store.RunStore(folder, max_bytes=int(2.5 * entry))  # room for two runs of one loop
+    (folder / "mine.state.safetensors").parent.mkdir(parents=True)
+    save_training_state(folder / "mine.state.safetensors", fake_state("named", 250_000), {})  # a user's named state
+    with caplog.at_level(logging.INFO):
+        for i in range(5):
+            path = store.save(fake_state(f"run{i}", 250_000), {})
+            os.utime(path, (1000 + i, 1000 + i))  # used in that order
+    runs = sorted(p.name for p in (folder / run_store.RUNS).iterdir())
+    assert runs == ["run3", "run4"]
+    assert sum(p.stat().st_size for p in (folder / run_store.RUNS).rglob("*") if p.is_file()) <= store.max_bytes
+    for i in range(3):
+        assert f"evicted loops 1 of run run{i} (1 MB, least recently used)" in caplog.text
+    assert "evicting freed" in caplog.text
+    assert (folder / "mine.state.safetensors").is_file()  # outside runs/: never touched
+    assert store.load("run4", (1,)) is not None
+
+
+def test_the_current_runs_loops_are_never_evicted(tmp_path, caplog):
+    store = run_store.RunStore(tmp_path / "store", max_bytes=1)
+    store.save(fake_state("other", 1000), {})
+    with caplog.at_level(logging.WARNING):
+        for chain in ((1,), (1, 1)):
+            store.save(replace(fake_state("current", 1000), chain=chain), {})
+    assert sorted(p.name for p in (tmp_path / "store" / run_store.RUNS).iterdir()) == ["current"]
+    assert store.load("current", (1,)) is not None and store.load("current", (1, 1)) is not None
+    assert "over store_max_gb" in caplog.text
+
+
+def test_an_old_toml_with_keep_runs_is_told_the_replacement(config):
+    with pytest.raises(ValueError, match=r"run.toml: keep_runs is no longer a setting; .*set store_max_gb"):
+        TrainConfig.from_dict({**config.to_dict(), "keep_runs": 3}, source="run.toml")
+
+
+def _save_twenty(folder: str, me: int) -> None:
+    store = run_store.RunStore(Path(folder))
+    for i in range(20):  # each entry written by both processes at once, as a shared store's two servers would
+        store.save(replace(fake_state("shared", 20_000), chain=(i + 1,)), {})
+        store.save(replace(fake_state(f"own{me}", 20_000), chain=(i + 1,)), {})
+
+
+def test_two_processes_saving_into_one_store_lose_nothing(tmp_path):
+    ctx = multiprocessing.get_context("spawn")
+    workers = [ctx.Process(target=_save_twenty, args=(str(tmp_path / "store"), me)) for me in range(2)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(timeout=300)
+    assert [w.exitcode for w in workers] == [0, 0]
+    store = run_store.RunStore(tmp_path / "store")
+    for run in ("shared", "own0", "own1"):
+        for i in range(20):
+            state = store.load(run, (i + 1,), optimizer=True)
+            assert state is not None and torch.equal(state.lora["w"], torch.full((20_000,), 0.5)), (run, i)
+    assert not [p for p in (tmp_path / "store").rglob("*") if ".tmp-" in p.name]
+    assert not (tmp_path / "store" / run_store.DAMAGED).exists()
 
 
 # ------------------------------------------------------------------------------------------------ files
+def test_a_writer_removes_only_its_own_and_dead_writers_temporary_files(tmp_path):
+    target = tmp_path / "x.safetensors"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    host = checkpoints._HOST
+    live = tmp_path / f".x.safetensors.tmp-{os.getppid()}-{host}abcd"  # another process, still writing
+    gone = tmp_path / f".x.safetensors.tmp-{int(dead.stdout)}-{host}abcd"  # killed mid-write
+    other_host = tmp_path / f".x.safetensors.tmp-{int(dead.stdout)}-{'0000' if host != '0000' else '1111'}abcd"
+    for p in (live, gone, other_host):
+        p.write_bytes(b"partial")
+    old = os.umask(0o077)
+    try:
+        checkpoints.save_safetensors(target, {"w": torch.zeros(2)})
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(target.stat().st_mode) == 0o600  # the umask read, not assumed
+    assert live.exists() and other_host.exists() and not gone.exists()
+
+
 def test_lora_files_follow_the_umask_and_another_runs_name_gets_a_counter(config, tmp_path, caplog):
     folder = tmp_path / "loras"
     old = os.umask(0o022)
@@ -232,8 +285,8 @@ def test_resuming_after_the_dataset_changed_is_refused_naming_the_change(config,
     stamp = image.stat()
     os.utime(image, ns=(stamp.st_atime_ns, stamp.st_mtime_ns + 10**9))
     try:
-        with pytest.raises(ValueError, match=r"resume_state: the dataset changed since this state was saved "
-                                             r"\(edited \(image or caption\) glyph_01.png\)"):
+        with pytest.raises(ValueError, match=r"resume_state belongs to a run with other settings: the dataset changed "
+                                             rf"since it was saved \(in {dataset}: edited glyph_01.png\)"):
             start(config, resume=state)
     finally:
         os.utime(image, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))

@@ -19,6 +19,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from .checkpoints import save_safetensors
+from .content_hash import content_identity
 from .data import ImageRecord, load_image
 
 if TYPE_CHECKING:
@@ -134,7 +135,7 @@ def cache_dataset(
     latent_files = None
     if cache_dir is not None:
         cache_dir = Path(cache_dir)
-        digests = {path: hashlib.sha256(path.read_bytes()).hexdigest() for path in {key.path for key in record_of}}
+        digests = {path: content_identity(path) for path in {key.path for key in record_of}}
         latent_files = {
             k: cache_dir / f"latents-{_hash(encoder_identity, digests[k.path], k.bucket, k.flip)}.safetensors"
             for k in record_of

@@ -13,11 +13,15 @@ import logging
 import os
 import re
 import shutil
+import socket
+import time
 import uuid
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
+import filelock
+import psutil
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
@@ -27,6 +31,8 @@ log = logging.getLogger(__name__)
 STATE_FORMAT = "flux-lora-trainer/state/1"
 STATE_SUFFIX = ".state.safetensors"
 _TMP_MARK = ".tmp-"
+_STALE_TEMPORARY_SECONDS = 86400.0  # any temporary file untouched for a day is a leftover (a writer on another machine)
+_HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:4]  # which machine's pids a temporary file's are
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
@@ -37,7 +43,7 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     except OSError as e:
         raise OSError(e.errno, f"cannot create the folder {path.parent} for {path.name}: {e.strerror or e}; check the path "
                                "and its permissions") from e
-    tmp = path.with_name(f"{_tmp_prefix(path)}{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    tmp = path.with_name(f"{_tmp_prefix(path)}{os.getpid()}-{_HOST}{uuid.uuid4().hex[:4]}")
     try:
         write(tmp)
         os.chmod(tmp, 0o666 & ~_umask())  # writers may create 0600 files; the user's files follow their umask
@@ -58,20 +64,49 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
             os.close(dir_fd)
     except OSError:
         pass  # some filesystems (Windows, network mounts) cannot fsync a folder; the rename is still atomic
-    # a process killed mid-write (no `except` runs) leaves its temporary file; a resumed run writes the same name again
-    for leftover in path.parent.glob(f"{glob.escape(_tmp_prefix(path))}*"):
-        leftover.unlink(missing_ok=True)
+    _sweep_stale_temporaries(path)
     return path
 
 
+def _sweep_stale_temporaries(path: Path) -> None:
+    """Remove the temporary files of `path` that a killed writer left (no `except` ran in it): those of this machine
+    whose process is gone, and any untouched for a day (a writer on another machine sharing the folder). Another
+    live process's file still being written (a second server, a data-parallel process) is never one of them."""
+    for leftover in path.parent.glob(f"{glob.escape(_tmp_prefix(path))}*"):
+        match = re.fullmatch(r"(\d+)-([0-9a-f]{4})[0-9a-f]{4}", leftover.name[len(_tmp_prefix(path)):])
+        try:
+            idle = time.time() - leftover.stat().st_mtime
+        except OSError:
+            continue  # renamed or removed by its writer meanwhile
+        writer_gone = match is not None and match[2] == _HOST and not psutil.pid_exists(int(match[1]))
+        if writer_gone or idle > _STALE_TEMPORARY_SECONDS:
+            leftover.unlink(missing_ok=True)
+
+
 def _umask() -> int:
-    mask = os.umask(0o022)  # the only way to read it is to set it; put straight back
-    os.umask(mask)
-    return mask
+    """The process's umask, read without changing it: setting it to read it (`os.umask`) would race with the other
+    threads of ComfyUI's server. Linux has it in /proc/self/status; elsewhere (macOS, Windows, old kernels) the
+    common 022 is assumed."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    return 0o022
+
+
+def folder_lock(folder: str | Path) -> filelock.FileLock:
+    """The lock of a folder that several processes write (the run store): two ComfyUI servers or a CLI run sharing
+    it take turns. One lock object per folder in a process, so a holder may take it again (nested)."""
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    return filelock.FileLock(Path(folder) / ".lock", is_singleton=True)
 
 
 def _tmp_prefix(path: Path) -> str:
-    """Temporary files of `path` are named `.<name>.tmp-<pid>-<random>`: hidden, and never a model or state name."""
+    """Temporary files of `path` are named `.<name>.tmp-<pid>-<host><random>`: hidden, and never a model or state
+    name."""
     return f".{path.name}{_TMP_MARK}"
 
 
@@ -83,27 +118,6 @@ def save_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], metadat
 def save_png(image, path: str | Path) -> Path:
     """A PIL image as a PNG, atomically."""
     return atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
-
-
-def file_fingerprint(path: str | Path) -> str:
-    """A quick identity for a model file: sha256 of its safetensors header and size (hashing 20 GB would take minutes)."""
-    path = Path(path)
-    h = hashlib.sha256()
-    if path.is_dir():
-        for p in sorted(path.rglob("*")):
-            if p.is_file() and p.suffix in (".json", ".safetensors"):
-                h.update(p.name.encode())
-                h.update(_header_bytes(p) if p.suffix == ".safetensors" else p.read_bytes())
-    else:
-        h.update(_header_bytes(path))
-        h.update(str(path.stat().st_size).encode())
-    return h.hexdigest()[:16]
-
-
-def _header_bytes(path: Path) -> bytes:
-    with open(path, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        return f.read(min(n, 100_000_000))
 
 
 @dataclass
@@ -120,8 +134,8 @@ class TrainingState:
     lrs: list[float]
     fingerprint: dict[str, str]  # settings that must match to resume (rank, blocks, base architecture, ...)
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
-    dataset: str = ""  # data.dataset_fingerprint of the records trained on ("" = unknown: an older file)
-    dataset_files: dict[str, str] = field(default_factory=dict)  # file -> size/mtime/caption, to name what changed
+    dataset: str = ""  # identity.dataset_identity's key of the data trained on ("" = unknown: an older file)
+    dataset_files: list = field(default_factory=list)  # its listing (each folder's files), to name what changed
     run: str = ""  # the run store identity of the run it belongs to ("" = none)
     chain: tuple[int, ...] = ()  # the loop lengths that led to it in that run
 
@@ -196,9 +210,15 @@ def load_training_state(path: str | Path, optimizer: bool = True) -> tuple[Train
         losses=header["losses"], lrs=header["lrs"], fingerprint=header["fingerprint"],
         # older states kept the dataset identity in their fingerprint
         dataset=header.get("dataset") or header["fingerprint"].get("dataset", ""),
-        dataset_files=header.get("dataset_files", {}), run=header.get("run", ""), chain=tuple(header.get("chain", ())),
+        dataset_files=_listing(header.get("dataset_files")), run=header.get("run", ""),
+        chain=tuple(header.get("chain", ())),
     )
     return state, header["config"]
+
+
+def _listing(saved) -> list:
+    """A state's dataset listing; an older state's (a flat dict of files, another identity) counts as unknown."""
+    return saved if isinstance(saved, list) else []
 
 
 def checkpoint_stem(output_name: str, step: int) -> str:

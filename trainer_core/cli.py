@@ -10,6 +10,7 @@ import resource
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 from . import output_guard
 
@@ -44,16 +45,18 @@ def _train(args) -> int:
         return _run(path, config, plan, resume, (args.fresh, args.overwrite) if check_earlier else None, processes)
 
 
-def _earlier_run(out: Path, name: str, identity: str, fresh: bool, overwrite: bool) -> list[Path]:
+def _earlier_run(out: Path, name: str, identity: Callable[[], str], fresh: bool, overwrite: bool) -> list[Path]:
     """The files of an earlier run that a run starting at step 0 would overwrite: refused unless `overwrite`. Files
-    this very run wrote (its LoRAs carry the run store's identity) are not an earlier run's: the run store rewrites
-    nothing of them."""
+    this very run wrote (its LoRAs carry the run store's identity, `identity()`: asked only when there are LoRAs, as
+    it may hash the model files) are not an earlier run's: the run store rewrites nothing of them."""
     from .run_handle import lora_run
 
     files = output_guard.run_files(out, name)
     loras = [p for p in files if p.name.endswith(".safetensors") and not p.name.endswith(".state.safetensors")]
-    if loras and all((lora_run(p) or "").startswith(f"{identity}/") for p in loras):
-        return []
+    if loras:
+        ours = f"{identity()}/"
+        if all((lora_run(p) or "").startswith(ours) for p in loras):
+            return []
     if files and not overwrite:
         why = "--fresh starts at step 0" if fresh else "there is no training state to resume from, so the run starts at step 0"
         raise ValueError(f"output_dir: {out} already holds {len(files)} file(s) of output_name {name!r} "
@@ -66,26 +69,23 @@ def _run(path: Path, config, plan, resume: Path | None, start_over: tuple[bool, 
     """`start_over`: (--fresh, --overwrite) when the run starts at step 0 over whatever `output_dir` holds: an earlier
     run's files there are refused, or with --overwrite moved aside once every check passed (so that a later resume
     never picks up the earlier run's newer states)."""
-    from . import data, lora, models
+    from . import lora, models
     from .checkpoints import latest_state_file, load_training_state
+    from .identity import check_resume, dataset_identity, run_identity
     from .plan import execute
-    from .run_store import run_identity
-    from .trainer import NonFiniteLossError, Trainer, preflight, settings_mismatches
+    from .run_store import RunStore
+    from .trainer import NonFiniteLossError, Trainer, preflight
 
     state = None
+    dataset = dataset_identity(config.dataset_entries())
     if resume is not None:  # a wrong file fails here, before anything loads
         state, saved_config = load_training_state(resume)
-        differ = settings_mismatches(state.fingerprint, config)
+        check_resume(state, config, dataset, str(resume), "start another run with --fresh and another output_name")
     records = preflight(config)
-    earlier = [] if start_over is None else \
-        _earlier_run(Path(config.output_dir), config.output_name, run_identity(config, records), *start_over)
+    earlier = [] if start_over is None else _earlier_run(
+        Path(config.output_dir), config.output_name,
+        lambda: run_identity(config, dataset, RunStore.of(config).hashes), *start_over)
     if state is not None:
-        identity = data.dataset_fingerprint(records)
-        if state.dataset and state.dataset != identity:  # states saved before the identity was kept pass
-            differ.append(f"the dataset (images added, removed, edited or re-captioned in {config.dataset_dir})")
-        if differ:
-            raise ValueError(f"{resume} belongs to a run with other settings: {', '.join(differ)}. Set them as the "
-                             "state had them, or start another run with --fresh and another output_name")
         changed = [f"{k} {v} (state: {saved_config[k]})" for k, v in config.to_dict().items()
                    if k in saved_config and json.dumps(v) != json.dumps(saved_config[k])]
         if changed:

@@ -121,7 +121,7 @@ class TrainConfig:
     lora_format: str = "kohya"  # kohya (fused qkv, BFL names) or diffusers (peft keys, separate q/k/v: smaller)
     tensorboard: bool = True  # TensorBoard event files in <output_dir>/tensorboard/<output_name> (if installed)
     store_dir: str = ""  # the run store (every loop's state, so no step is trained twice); "" = <output_dir>/run_store
-    keep_runs: int = 3  # runs whose states the store keeps; older runs' states are deleted (LoRA files never)
+    store_max_gb: float = 10.0  # the run store's size budget: least recently used loops of other runs go first
 
     def __post_init__(self):
         object.__setattr__(self, "resolutions", _parse_resolutions(self.resolutions))
@@ -223,7 +223,8 @@ class TrainConfig:
              "float8 weight to measure its norms); turn fp8_base off (memory_preset custom) or dora off")
         need(not (self.dora and self.blocks_to_swap), "dora cannot be combined with blocks_to_swap (DoRA's weight norms "
              "read every swapped weight, untested with block swap); set blocks_to_swap to 0 or dora off")
-        need(self.keep_runs >= 1, f"keep_runs: {self.keep_runs}; use 1 or more (each run takes about 3x its LoRA's size)")
+        need(math.isfinite(self.store_max_gb) and self.store_max_gb > 0, f"store_max_gb: {self.store_max_gb}; use a "
+             "positive size in GB (a rank-16 Flux-dev loop takes about 1 GB with AdamW)")
         need(bool(self.output_name.strip()), "output_name: empty; give a file name stem such as my_lora")
         check_output_name(self.output_name)
 
@@ -231,6 +232,9 @@ class TrainConfig:
     def from_dict(cls, values: dict, source: str = "config", base_dir: str | Path | None = None) -> "TrainConfig":
         """Strict: unknown keys raise. Relative paths are taken relative to `base_dir` (a config file's folder)."""
         known = {f.name for f in dataclasses.fields(cls)}
+        for old, new in _REPLACED.items():
+            if old in values:
+                raise ValueError(f"{source}: {old} is no longer a setting; {new}")
         unknown = sorted(set(values) - known)
         if unknown:
             raise ValueError(f"{source}: unknown setting(s) {', '.join(unknown)}; valid settings are: {', '.join(sorted(known))}")
@@ -254,6 +258,10 @@ class TrainConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+
+# settings that were replaced -> what to write instead
+_REPLACED = {"keep_runs": "the run store is bounded by size now: remove keep_runs and set store_max_gb (GB, default "
+                          "10) if the default does not suit"}
 
 _PATH_FIELDS = {"transformer_path", "vae_path", "clip_path", "t5_path", "dataset_dir", "tokenizer_dir", "clip_tokenizer_dir",
                 "t5_tokenizer_dir", "validation_transformer_path", "cache_dir", "output_dir", "init_lora", "store_dir"}

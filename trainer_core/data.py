@@ -6,7 +6,6 @@ cropped square, and several base resolutions (512, 768, 1024) can be trained tog
 from __future__ import annotations
 
 import codecs
-import hashlib
 import logging
 import math
 import os
@@ -168,7 +167,7 @@ def _scan_folder(entry: DatasetEntry, index: int, caption_extension: str, look=N
     if not folder.is_dir():
         raise ValueError(f"dataset folder {folder} is a file, not a folder: give the folder that holds the images")
 
-    files, skipped = _list_files(folder)
+    files, skipped = list_files(folder)
     candidates = [p for p in files if p.suffix.lower() in IMAGE_EXTENSIONS]
     if not candidates:
         n_captions = sum(p.suffix.lower() == caption_extension.lower() for p in files)
@@ -206,7 +205,7 @@ def _scan_folder(entry: DatasetEntry, index: int, caption_extension: str, look=N
     return DatasetScan(images, skipped)
 
 
-def _list_files(folder: Path) -> tuple[list[Path], list[tuple[Path, str]]]:
+def list_files(folder: Path) -> tuple[list[Path], list[tuple[Path, str]]]:
     """The visible files in `folder` and its direct subfolders, sorted, each real file once; and the links skipped.
 
     Links are followed (a folder of links is a dataset), but one that loops or dangles is named and skipped, and a
@@ -245,20 +244,6 @@ def _broken_link(path: Path) -> str:
     except (RuntimeError, OSError):  # Python 3.11 raises RuntimeError for a loop, later ones OSError
         return "a link that loops back to itself"
     return ""
-
-
-def dataset_fingerprint(records: Sequence[ImageRecord]) -> str:
-    """What decides a run's data, hashed: each record's file name, size, mtime, caption and bucket, in order.
-
-    An edited, added, removed or re-captioned image changes it; reading nothing does. The folder's own path is left
-    out: a dataset moved elsewhere (with its mtimes) keeps its identity."""
-    h = hashlib.sha256()
-    root = Path(os.path.commonpath([r.path.parent for r in records])) if records else Path()
-    for r in records:
-        st = r.path.stat()
-        h.update(f"{r.path.relative_to(root).as_posix()}\0{st.st_size}\0{st.st_mtime_ns}\0{r.caption}\0"
-                 f"{r.bucket[0]}x{r.bucket[1]}\n".encode())
-    return h.hexdigest()[:16]
 
 
 def _probe_image(path: Path, look=None) -> tuple[int, int]:

@@ -8,6 +8,7 @@ Linear; `kohya_state_dict` fuses the per-part LoRAs exactly (stacked down, block
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
 from collections.abc import Callable, Iterator, Sequence
@@ -130,11 +131,13 @@ def add_lora(
     include_modulation: bool = True,
     lora_dtype: torch.dtype = torch.float32,
     dora: bool = False,
+    generator: torch.Generator | None = None,
 ) -> None:
     """Add the peft LoRA adapter "default" to every Linear of the selected double/single blocks.
 
-    Only LoRA parameters stay trainable. Init is peft's default (A Kaiming-uniform, B zero), drawn from the global
-    torch RNG in `lora_dtype`, so a seed fixes it whatever the base dtype (bf16, fp8-storage Linear subclasses).
+    Only LoRA parameters stay trainable. Init is peft's default (A Kaiming-uniform, B zero) in `lora_dtype`, so a
+    seed fixes it whatever the base dtype (bf16, fp8-storage Linear subclasses); A is drawn from `generator` (a CPU
+    generator: the same numbers whatever device the base is on), or from the global torch RNG when None.
     `dora`: peft's DoRA, whose magnitude vector (one per output row) starts at the base weight's row norms, so the
     adapter starts as a no-op like a LoRA.
     """
@@ -157,6 +160,10 @@ def add_lora(
         layer.lora_A[ADAPTER].to(lora_dtype)
         layer.lora_B[ADAPTER].to(lora_dtype)
         layer.reset_lora_parameters(ADAPTER, True)
+        if generator is not None:
+            a = layer.lora_A[ADAPTER].weight
+            a.data.copy_(nn.init.kaiming_uniform_(torch.empty(a.shape, dtype=a.dtype), a=math.sqrt(5),
+                                                  generator=generator))
         if dora:  # peft measured the norms with the uninitialised B; B is zero now
             magnitude = layer.lora_magnitude_vector[ADAPTER]
             magnitude.weight = nn.Parameter(_row_norms(layer).to(lora_dtype))

@@ -67,8 +67,14 @@ def planned_bytes(lora_params: int, optimizer: str, saves: int, save_state: bool
                   image_pixels: int, steps: int) -> int:
     """What `saves` saves write at most: a bf16 LoRA, an fp32 LoRA with its optimizer state, uncompressed images."""
     header = (1 << 16) + 32 * steps  # settings, names, and a state's loss and LR history
-    state = (4 + _OPTIMIZER_BYTES.get(optimizer, 16)) * lora_params + header if save_state else 0
+    state = state_bytes(lora_params, optimizer) + header if save_state else 0
     return saves * (2 * lora_params + header + state + images_per_save * 3 * image_pixels) + (1 << 20)  # + loss plot
+
+
+def state_bytes(lora_params: int, optimizer: str) -> int:
+    """What a training state of `lora_params` LoRA parameters takes on disk, header aside: the float32 LoRA and the
+    optimizer's state (the run store's budget and this folder's free-space check both count with it)."""
+    return (4 + _OPTIMIZER_BYTES.get(optimizer, 16)) * lora_params
 
 
 def free_bytes(folder: Path) -> int:

@@ -73,7 +73,7 @@ def execute(trainer: Trainer, plan: RunPlan, should_stop: Callable[[], bool] | N
     no file. A trainer restored to a state of this very run starts from the fresh run and loads its stretches, so
     the plot and grid show the whole run. `should_stop()` (a Ctrl-C) ends it after the current step, with a LoRA and a
     state saved at that step so that no step done is lost. Of several data-parallel processes only the main one
-    writes files and samples (each keeps the run store's entries, identical, so that all skip the same stretches)."""
+    writes files, samples and the run store's entries (the others read them, and all skip the same stretches)."""
     trainer.config = cfg = planned_config(trainer.config, plan)
     main = trainer.processes.is_main
     out = Path(cfg.output_dir)

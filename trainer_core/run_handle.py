@@ -31,11 +31,13 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from . import lora
-from .checkpoints import (STATE_SUFFIX, TrainingState, checkpoint_stem, file_fingerprint, free_path, link_or_copy,
-                          read_state_header, save_training_state)
+from .checkpoints import (STATE_SUFFIX, TrainingState, checkpoint_stem, free_path, link_or_copy, read_state_header,
+                          save_training_state)
 from .config import TrainConfig
-from .data import ImageRecord, dataset_fingerprint
-from .run_store import RunStore, chain_key, dataset_changes, dataset_files, image_key, run_identity, state_bytes
+from .content_hash import content_identity
+from .data import ImageRecord
+from .identity import check_resume, dataset_identity, image_key, run_identity
+from .run_store import RunStore, chain_key, loop_bytes
 from .trainer import NonFiniteLossError, StepInfo, Trainer, lora_metadata, preflight, strength_grid
 
 log = logging.getLogger(__name__)
@@ -113,29 +115,26 @@ def _return_freed_memory() -> None:
         trim(0)
 
 
-def store_folder(config: TrainConfig) -> Path:
-    return Path(config.store_dir or Path(config.output_dir) / "run_store")
-
-
 class TrainingRun:
     def __init__(self, config: TrainConfig, records: Sequence[ImageRecord], resume: TrainingState | None = None,
                  on_progress: Callable[[str, int, int], None] | None = None,
                  before_load: Callable[[], None] | None = None, prompts: Sequence[str] = (),
                  on_loaded: Callable[[int, float, bool], None] | None = None):
-        """The run of `config` on `records` from `resume` (None: fresh). Raises if `resume` was trained on another
-        version of the dataset. A resumed state of this very run continues its chain (and its stored loops)."""
+        """The run of `config` on `records` from `resume` (None: fresh). Raises if `resume` cannot continue under
+        `config` (`identity.check_resume`). A resumed state of this very run continues its chain (and its stored
+        loops)."""
         self.config = config
         self.records = list(records)
         self.prompts = tuple(prompts)  # validation prompts to encode with the captions when the models load
-        self.store = RunStore(store_folder(config), config.keep_runs)
-        self._dataset, self._dataset_files = dataset_fingerprint(records), dataset_files(records)
-        if resume is not None and resume.dataset and resume.dataset != self._dataset:
-            raise ValueError(
-                f"resume_state: the dataset changed since this state was saved ({dataset_changes(resume.dataset_files, self._dataset_files)}); "
-                f"put those files in {config.dataset_dir} back as they were to continue it, or start a fresh run")
-        self.load_key = run_identity(config, records)  # what the loaded models and cached data depend on
+        self.store = RunStore.of(config)
+        self.writes = True  # False in a data-parallel run's other processes: only the main one writes the store
+        self.dataset = dataset_identity(config.dataset_entries())
+        if resume is not None:
+            check_resume(resume, config, self.dataset, "resume_state")
+        self.load_key = run_identity(config, self.dataset, self.store.hashes)  # what the models and data depend on
         own = resume is not None and resume.run == self.load_key
-        self.identity = self.load_key if resume is None or own else run_identity(config, records, resume)
+        self.identity = self.load_key if resume is None or own else \
+            run_identity(config, self.dataset, self.store.hashes, start=resume.id)
         self.start_handle = TrainingHandle(self, resume, resume.chain if own else ())
         self._start = None if resume is None or own else resume  # where chain () stands, when not the fresh init
         self._trainer: Trainer | None = None  # loaded when first needed (`trainer`)
@@ -147,7 +146,6 @@ class TrainingRun:
         self._on_progress, self._before_load = on_progress, before_load
         self._on_loaded = on_loaded  # (bytes, seconds, again): after the models loaded; again: after release_models
         self._unloaded = False  # the models were loaded once and released by `unload`
-        self._base_fingerprint: str | None = None
 
     @classmethod
     def start(
@@ -187,6 +185,7 @@ class TrainingRun:
                 trainer.snapshot(), id=r.id, run=r.run, chain=r.chain, dataset=r.dataset, dataset_files=r.dataset_files)
         run = cls(trainer.config, trainer.dataset.records, resume)
         run._trainer = trainer
+        run.writes = trainer.processes.is_main
         if resume is None:
             run._fresh = trainer.snapshot()
         run._at = (resume or run._fresh).id
@@ -256,7 +255,8 @@ class TrainingRun:
 
     def _stamp(self, state: TrainingState, chain: tuple[int, ...]) -> TrainingState:
         """`state` labelled with its place in this run, as stored and saved."""
-        return replace(state, run=self.identity, chain=chain, dataset=self._dataset, dataset_files=self._dataset_files)
+        return replace(state, run=self.identity, chain=chain, dataset=self.dataset.key,
+                       dataset_files=self.dataset.listing)
 
     def _full(self, handle: TrainingHandle) -> TrainingState:
         """The handle's state with its optimizer moments: from RAM, the run store, or (deleted there) trained again."""
@@ -317,6 +317,8 @@ class TrainingRun:
             self._live()  # raises, naming what to do
         chain = handle.chain + (steps,)
         stored = self.store.load(self.identity, chain)
+        if self._trainer is not None and self._trainer.processes.any(stored is None):
+            stored = None  # data-parallel processes train or load together (another machine may not see the store)
         if stored is not None:
             log.info("loops %s (step %d): loaded from the run store", chain_key(chain), stored.step)
             if on_known is not None:
@@ -332,7 +334,8 @@ class TrainingRun:
             trainer = self._bring_to(TrainingHandle(self, start, chain))
         else:
             trainer = self._bring_to(handle)
-        self.store.check_space(state_bytes(start.lora))
+        if self.writes:
+            self.store.check_space(loop_bytes(start.lora, self.config.optimizer))
         try:
             trainer.train(target - trainer.step, on_step=on_step, should_stop=should_stop)
         except NonFiniteLossError as e:
@@ -348,6 +351,8 @@ class TrainingRun:
             self._interrupted = None  # continued to the end: used up
         state = self._stamp(trainer.snapshot(), chain)
         self._at = state.id
+        if not self.writes:  # the main process stores the same state; this one keeps its own in RAM
+            return replace(handle, saved=state, chain=chain)
         try:
             self.store.save(state, self.config.to_dict())
         except OSError as e:  # the steps are done: keep them whole in RAM rather than lose them
@@ -367,6 +372,8 @@ class TrainingRun:
     def _save_last_good(self, handle: TrainingHandle, diverged: int) -> str:
         """After the weights of step `diverged` gave a NaN loss: save the loop's input as SaveCheckpoint would, if it
         came before (a state of that step would only give the NaN again); -> what the user should do next."""
+        if not self.writes:
+            return "The main process saves this loop's input."
         if handle.step >= diverged:
             return (f"This loop's input (step {handle.step}) gave the NaN itself: lower learning_rate in InitTrainer "
                     f"and resume from a state saved before step {handle.step} (resume_state).")
@@ -397,9 +404,8 @@ class TrainingRun:
         if path.exists():
             log.info("LoRA at step %d is already saved as %s", handle.step, path)
         else:
-            if self._base_fingerprint is None:
-                self._base_fingerprint = file_fingerprint(cfg.transformer_path)
-            metadata = {**lora_metadata(cfg, handle.step, self.records, self._base_fingerprint), RUN_KEY: tag}
+            base = content_identity(cfg.transformer_path, self.store.hashes)
+            metadata = {**lora_metadata(cfg, handle.step, self.records, base), RUN_KEY: tag}
             if cfg.lora_format == "kohya" and not cfg.dora:
                 lora.save_kohya_state(path, state.lora, cfg.rank, cfg.alpha, metadata)
             else:  # written from the adapter: DoRA's scales are measured on the base weights
@@ -432,7 +438,7 @@ class TrainingRun:
         """Images from the run store if rendered before with the same state(s) and settings, else `render()`d
         and stored. The sampling settings in `parts` are JSON-able; progress callbacks are left out of the key."""
         base = self._base_path(validation_base)
-        key = image_key(what, file_fingerprint(base) if base else "", *parts)
+        key = image_key(what, content_identity(base, self.store.hashes) if base else "", *parts)
         images = self.store.images(self.identity, key, count)
         if images is None:
             images = render()

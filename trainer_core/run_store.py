@@ -1,21 +1,21 @@
 """The run store: every loop's result on disk, keyed by what decides it, so the same steps are never trained twice.
 
-A run's identity is a hash of everything that decides its weights: the training settings (not where files go, nor
-memory options that change no number), the model files' fingerprints, the dataset's (names, sizes, mtimes,
-captions) and the state it started from. Each loop result is one state file (LoRA, optimizer, RNG, data position,
-losses) named by the chain of loop lengths that led to it:
+Each loop result is one state file (LoRA, optimizer, RNG, data position, losses) under the run's identity
+(`identity.run_identity`) and the chain of loop lengths that led to it:
 
     <store>/runs/<identity>/<chain>.state.safetensors     e.g. runs/3f09c1d2a4b5e6f7/750-750.state.safetensors
 
-Its header repeats identity and chain, so a truncated or foreign file is detected, named in the log and trained
-again, never loaded. Validation samples and XY grids rendered from those states are kept beside them
-(`images/<key>_<i>.png`), so a graph queued again renders nothing either. Only the newest `keep_runs` runs are kept; states a user saved by name beside `runs/` and
-LoRA files elsewhere are never deleted.
+Its header repeats identity and chain. A file proven bad (truncated, not a state, another run's) is moved to
+`<store>/damaged/` and its loop trained again; a file that merely could not be read (an I/O error) is left alone.
+Validation samples and XY grids rendered from those states are kept beside them (`images/<key>_<i>.png`).
+
+Several processes may share a store (two ComfyUI servers, a CLI run): writes and evictions take the store's file
+lock, and every file is written atomically. The store stays within `store_max_gb`: after each save the least
+recently used loops of other runs are deleted; states a user saved by name beside `runs/` and LoRA files elsewhere
+are never touched.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 import shutil
@@ -25,33 +25,24 @@ from pathlib import Path
 
 from PIL import Image
 
-from .checkpoints import (STATE_SUFFIX, TrainingState, file_fingerprint, load_training_state, save_png,
-                          save_training_state)
+from .checkpoints import STATE_SUFFIX, TrainingState, folder_lock, load_training_state, save_png, save_training_state
 from .config import TrainConfig
-from .data import ImageRecord, dataset_fingerprint
+from .content_hash import ContentIndex
+from .output_guard import state_bytes
 
 log = logging.getLogger(__name__)
 
 RUNS = "runs"  # the store's own subfolder; named states saved by users sit beside it
-# settings that change no weight: where things go, and memory options whose numbers are the same
-_NOT_WEIGHTS = {"output_dir", "output_name", "store_dir", "keep_runs", "cache_dir", "device", "compile_blocks",
-                "gradient_checkpointing", "blocks_to_swap", "validation_transformer_path", "dataset_dir"}
-# path settings whose files count, not their paths (the same file in another folder is the same run)
-_FILES = ("transformer_path", "vae_path", "clip_path", "t5_path", "tokenizer_dir", "clip_tokenizer_dir",
-          "t5_tokenizer_dir")
+DAMAGED = "damaged"  # entries proven bad are moved here (never deleted: the user may want to look)
+_HEADER_BYTES = 1 << 20  # a state's settings, loss history and RNG states, generously
 
 
 class NotEnoughSpaceError(OSError):
     """The store's disk cannot hold the states a loop will write."""
 
 
-def run_identity(config: TrainConfig, records: Sequence[ImageRecord], start: TrainingState | None = None) -> str:
-    """The hash naming a run: settings that decide weights, model files, dataset, and the state it started from."""
-    settings = {k: v for k, v in config.to_dict().items() if k not in _NOT_WEIGHTS and k not in _FILES}
-    files = {k: file_fingerprint(getattr(config, k)) for k in _FILES if getattr(config, k)}
-    key = {"settings": settings, "files": files, "dataset": dataset_fingerprint(records),
-           "start": start.id if start is not None else ""}
-    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+def store_folder(config: TrainConfig) -> Path:
+    return Path(config.store_dir or Path(config.output_dir) / "run_store")
 
 
 def chain_key(chain: Sequence[int]) -> str:
@@ -59,55 +50,35 @@ def chain_key(chain: Sequence[int]) -> str:
     return "-".join(map(str, chain)) or "start"
 
 
-def dataset_files(records: Sequence[ImageRecord]) -> dict[str, str]:
-    """Each image file (relative to the dataset folder) -> "size mtime caption-hash": to name what changed."""
-    root = Path(os.path.commonpath([r.path.parent for r in records])) if records else Path()
-    files = {}
-    for r in records:
-        st = r.path.stat()
-        caption = hashlib.sha256(r.caption.encode()).hexdigest()[:8]
-        files[r.path.relative_to(root).as_posix()] = f"{st.st_size} {st.st_mtime_ns} {caption}"
-    return files
+def loop_bytes(lora: dict, optimizer: str) -> int:
+    """What one stored loop of this LoRA takes on disk with `optimizer`."""
+    return state_bytes(sum(t.numel() for t in lora.values()), optimizer) + _HEADER_BYTES
 
 
-def dataset_changes(saved: dict[str, str], now: dict[str, str]) -> str:
-    """What differs between two `dataset_files` listings, in words: "added a.png; edited b.png (image or caption)"."""
-    def names(items: list[str]) -> str:
-        return ", ".join(items[:5]) + (f" and {len(items) - 5} more" if len(items) > 5 else "")
-
-    added = sorted(now.keys() - saved.keys())
-    removed = sorted(saved.keys() - now.keys())
-    edited = sorted(k for k in now.keys() & saved.keys() if now[k] != saved[k])
-    parts = [f"{what} {names(items)}" for what, items in
-             (("added", added), ("removed", removed), ("edited (image or caption)", edited)) if items]
-    return "; ".join(parts) or "the images' buckets or order"
-
-
-def folder_listing(folder: str | Path) -> str:
-    """A cheap identity of a dataset folder: names, sizes and mtimes of its files and its direct subfolders' files
-    (images and captions alike), hashed; nothing is decoded. Changes whenever an image or caption is edited,
-    added or removed."""
-    folder = Path(folder)
-    h = hashlib.sha256()
-    for p in sorted([*folder.iterdir(), *folder.glob("*/*")]):
-        rel = p.relative_to(folder)
-        if p.is_file() and not any(part.startswith(".") for part in rel.parts):
-            st = p.stat()
-            h.update(f"{rel.as_posix()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-    return h.hexdigest()[:16]
+def _gb(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.0f} MB"
 
 
 @dataclass(frozen=True)
 class RunStore:
     folder: Path
-    keep_runs: int = 3  # runs whose states are kept; older ones are deleted when a new run stores its first loop
+    max_bytes: int = 10 * 10**9  # the budget: `store_max_gb`
+
+    @classmethod
+    def of(cls, config: TrainConfig) -> "RunStore":
+        return cls(store_folder(config), int(config.store_max_gb * 1e9))
+
+    @property
+    def hashes(self) -> ContentIndex:
+        """The index of model-file hashes kept in this store."""
+        return ContentIndex(self.folder)
 
     def path(self, identity: str, chain: Sequence[int]) -> Path:
         return Path(self.folder) / RUNS / identity / f"{chain_key(chain)}{STATE_SUFFIX}"
 
     def load(self, identity: str, chain: Sequence[int], optimizer: bool = False) -> TrainingState | None:
-        """The stored state after `chain`, or None. `optimizer=False` reads a light state (LoRA, RNG, losses).
-        A damaged or foreign file is named in the log and removed, so the loop is trained again."""
+        """The stored state after `chain`, or None (the loop is trained again). `optimizer=False` reads a light state
+        (LoRA, RNG, losses). An unreadable file is logged and left in place; a file proven bad moves to damaged/."""
         path = self.path(identity, chain)
         if not path.is_file():
             return None
@@ -115,34 +86,56 @@ class RunStore:
             state, _ = load_training_state(path, optimizer=optimizer)
             if (state.run, state.chain) != (identity, tuple(chain)):
                 raise ValueError(f"{path} belongs to run {state.run} after loops {chain_key(state.chain)}")
-        except (ValueError, KeyError, OSError) as e:
-            log.warning("run store: %s cannot be used (%s); training those steps again", path, e)
-            path.unlink(missing_ok=True)
+        except OSError as e:  # a passing I/O error proves nothing about the file
+            log.warning("run store: could not read %s (%s); training those steps again, the file is kept", path, e)
             return None
-        os.utime(path.parent)  # recently used runs are the last pruned
+        except (ValueError, KeyError) as e:
+            log.warning("run store: %s cannot be used (%s); training those steps again", path, e)
+            self._set_aside(path, identity)
+            return None
+        try:
+            os.utime(path)  # recently used loops are the last evicted
+        except OSError:
+            pass
         return state
 
+    def _set_aside(self, path: Path, identity: str) -> None:
+        target = Path(self.folder) / DAMAGED / f"{identity}_{path.name}"
+        try:
+            with folder_lock(self.folder):
+                target.parent.mkdir(exist_ok=True)
+                os.replace(path, target)
+            log.warning("run store: moved it to %s (delete it when you like)", target)
+        except OSError as e:
+            log.warning("run store: could not move %s to %s (%s)", path, target.parent, e)
+
     def save(self, state: TrainingState, config: dict) -> Path:
-        """Store a full state under its own `run` and `chain`, then prune old runs."""
-        path = save_training_state(self.path(state.run, state.chain), state, config)
-        self.prune(keep=state.run)
+        """Store a full state under its own `run` and `chain`, then evict other runs' loops beyond the budget."""
+        with folder_lock(self.folder):
+            path = save_training_state(self.path(state.run, state.chain), state, config)
+            self.evict(current=state.run)
         return path
 
     def images(self, identity: str, key: str, count: int) -> list[Image.Image] | None:
-        """The `count` images rendered before under `key` (see `image_key`) in this run, or None."""
+        """The `count` images rendered before under `key` (see `identity.image_key`) in this run, or None."""
         paths = [Path(self.folder) / RUNS / identity / "images" / f"{key}_{i}.png" for i in range(count)]
         if not all(p.is_file() for p in paths):
             return None
         images = []
-        for p in paths:
-            with Image.open(p) as im:
-                images.append(im.convert("RGB"))
+        try:
+            for p in paths:
+                with Image.open(p) as im:
+                    images.append(im.convert("RGB"))
+        except OSError as e:  # evicted meanwhile, or damaged: render again
+            log.warning("run store: could not read %s (%s); rendering again", paths[len(images)], e)
+            return None
         log.info("run store: %d image(s) rendered before, loaded", count)
         return images
 
     def save_images(self, identity: str, key: str, images: Sequence[Image.Image]) -> None:
-        for i, image in enumerate(images):
-            save_png(image, Path(self.folder) / RUNS / identity / "images" / f"{key}_{i}.png")
+        with folder_lock(self.folder):
+            for i, image in enumerate(images):
+                save_png(image, Path(self.folder) / RUNS / identity / "images" / f"{key}_{i}.png")
 
     def check_space(self, nbytes: int) -> None:
         """Raise before any step if the store's disk cannot take `nbytes` more."""
@@ -152,23 +145,36 @@ class RunStore:
         if free < nbytes:
             raise NotEnoughSpaceError(
                 f"run store {folder}: {free / 2**20:.0f} MiB free, but this loop's training state needs "
-                f"{nbytes / 2**20:.0f} MiB; free disk space there, lower keep_runs, or delete old runs in "
+                f"{nbytes / 2**20:.0f} MiB; free disk space there, lower store_max_gb, or delete old runs in "
                 f"{folder / RUNS}")
 
-    def prune(self, keep: str) -> None:
-        """Delete all but the `keep_runs` most recently used runs (`keep` always stays)."""
-        runs = [p for p in (Path(self.folder) / RUNS).iterdir() if p.is_dir() and p.name != keep]
-        runs.sort(key=lambda p: p.stat().st_mtime, reverse=True)
-        for old in runs[max(0, self.keep_runs - 1):]:
-            log.info("run store: deleting the states of an old run, %s (keep_runs %d)", old, self.keep_runs)
-            shutil.rmtree(old, ignore_errors=True)
-
-
-def image_key(*parts) -> str:
-    """The name of rendered images from what decides them (JSON-able values: chains, prompts, sampling settings)."""
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def state_bytes(lora: dict) -> int:
-    """What a stored state of this LoRA takes on disk with AdamW: the LoRA and its two moments, all float32."""
-    return 3 * sum(t.numel() * 4 for t in lora.values())
+    def evict(self, current: str) -> None:
+        """Delete the least recently used loops of runs other than `current` until the store's runs/ fit in the
+        budget; a run left without loops goes with its images. Logs each loop deleted and what it freed."""
+        runs = Path(self.folder) / RUNS
+        files = [(p, p.stat()) for p in runs.rglob("*") if p.is_file()]
+        total = sum(st.st_size for _, st in files)
+        if total <= self.max_bytes:
+            return
+        loops = sorted(((st.st_mtime, p, st) for p, st in files
+                        if p.name.endswith(STATE_SUFFIX) and p.parent.parent == runs and p.parent.name != current),
+                       key=lambda item: item[0])
+        freed = 0
+        for _, path, st in loops:
+            if total <= self.max_bytes:
+                break
+            path.unlink(missing_ok=True)
+            total -= st.st_size
+            freed += st.st_size if st.st_nlink == 1 else 0  # a loop also saved by name stays on disk there
+            log.info("run store: evicted loops %s of run %s (%s, least recently used)%s", path.name.removesuffix(
+                STATE_SUFFIX), path.parent.name, _gb(st.st_size), "" if st.st_nlink == 1 else
+                "; its disk space stays in use by the state saved under a name")
+            if not any(path.parent.glob(f"*{STATE_SUFFIX}")):
+                rest = sum(p.stat().st_size for p in path.parent.rglob("*") if p.is_file())
+                shutil.rmtree(path.parent, ignore_errors=True)
+                total, freed = total - rest, freed + rest
+        log.info("run store: evicting freed %s; the store's runs take %s of store_max_gb %s", _gb(freed), _gb(total),
+                 _gb(self.max_bytes))
+        if total > self.max_bytes:
+            log.warning("run store: this run's own loops take %s, over store_max_gb %s; none of them is evicted "
+                        "while it runs (raise store_max_gb to keep other runs)", _gb(total), _gb(self.max_bytes))

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, FluxTransformer2DModel
-from safetensors.torch import save_file
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from tokenizers import pre_tokenizers
 from torch import Tensor
 from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel, T5TokenizerFast
@@ -121,6 +122,18 @@ def write_transformer_files(transformer: FluxTransformer2DModel, bf16_path: Path
     bfl = {k: v.contiguous() for k, v in diffusers_to_bfl(transformer.state_dict()).items()}
     save_file({f"model.diffusion_model.{k}": v.bfloat16() for k, v in bfl.items()}, bf16_path)
     save_file({k: v.to(torch.float8_e4m3fn) if v.ndim == 2 else v.bfloat16() for k, v in bfl.items()}, fp8_path)
+
+
+def write_same_layout_copy(source: str | Path, path: str | Path, noise: float = 0.05) -> Path:
+    """`source`'s tensors each scaled by 1 + `noise` x a seeded normal draw, saved with its metadata: the same
+    header (names, dtypes, shapes, offsets) and size, other weights, as two bases converted by one tool."""
+    g = torch.Generator().manual_seed(0)
+    tensors = {k: (v.float() * (1 + noise * torch.randn(v.shape, generator=g))).to(v.dtype)
+               for k, v in load_file(source).items()}
+    with safe_open(str(source), framework="pt") as f:
+        metadata = f.metadata()
+    save_file(tensors, path, metadata=metadata)
+    return Path(path)
 
 
 def write_vae_file(vae: AutoencoderKL, path: Path) -> None:

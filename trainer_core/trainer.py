@@ -20,17 +20,17 @@ import torch.nn.functional as F
 
 from . import caching, data, dataset_report, lora, models, plots, sampling
 from .block_swap import BlockSwap, checkpoint_blocks, model_blocks
-from .checkpoints import TrainingState, file_fingerprint, save_training_state
+from .checkpoints import TrainingState, save_training_state
 from .config import TrainConfig
+from .content_hash import content_identity
 from .distributed import SINGLE, Processes, process_device
 from .flow_matching import image_ids, noisy_input_and_target, pack_latents, sample_sigmas, text_ids
+from .identity import RESUME_FIELDS, DatasetIdentity, dataset_identity, settings_mismatches
 from .optim import learning_rate, make_optimizer, set_learning_rate
+from .run_store import RunStore
 from .tensorboard_log import TensorBoardLog
 
 log = logging.getLogger(__name__)
-
-# the fields a saved state must agree on with the run it is restored into
-_FINGERPRINT_FIELDS = ("rank", "alpha", "blocks", "optimizer", "batch_size", "gradient_accumulation", "seed")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -44,12 +44,6 @@ class StepInfo:
     loss: float
     lr: float
     seconds: float  # wall time of this step
-
-
-def settings_mismatches(fingerprint: dict[str, str], config: TrainConfig) -> list[str]:
-    """The settings a saved state was trained with that `config` does not share, as '<field> <ours> (state: <its>)'."""
-    return [f"{k} {getattr(config, k)} (state: {fingerprint.get(k)})" for k in _FINGERPRINT_FIELDS
-            if str(getattr(config, k)) != fingerprint.get(k)]
 
 
 def lora_metadata(config: TrainConfig, step: int, records: Sequence[data.ImageRecord], base_fingerprint: str
@@ -129,9 +123,9 @@ def resolve_device(name: str) -> torch.device:
 
 class Trainer:
     def __init__(self, config: TrainConfig, transformer, vae, text_encoders, dataset: caching.CachedDataset, device=None,
-                 dataset_identity: str = "", processes: Processes = SINGLE):
+                 dataset_identity: DatasetIdentity | None = None, processes: Processes = SINGLE):
         self.config = config
-        self.dataset_identity = dataset_identity  # data.dataset_fingerprint of the records, saved with each state
+        self.dataset_identity = dataset_identity  # identity.dataset_identity of the data, saved with each state
         self.processes = processes  # several when data-parallel: each trains on its share of every batch
         self.device = torch.device(device) if device is not None else resolve_device(config.device)
         self.dtype = compute_dtype(config)
@@ -139,14 +133,14 @@ class Trainer:
         self.text_encoders = text_encoders
         self.dataset = dataset
         self._prompt_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._base_fingerprint: str | None = None  # of config.transformer_path, hashed at the first save
         self._warned_past_schedule = False
         self.tensorboard = TensorBoardLog(config.output_dir, config.output_name,
                                           enabled=config.tensorboard and processes.is_main)  # one writer per run
 
-        torch.manual_seed(config.seed)  # LoRA init
+        torch.manual_seed(config.seed)  # LoRA dropout draws on the device's own generator
+        # the LoRA's init from a CPU generator of the run's seed: the same numbers on any device, swapped or not
         lora.add_lora(transformer, config.rank, config.alpha, dropout=config.lora_dropout, blocks=config.blocks,
-                      dora=config.dora)
+                      dora=config.dora, generator=torch.Generator().manual_seed(config.seed))
         if config.init_lora:
             lora.load_lora_file(config.init_lora, transformer)
             log.info("LoRA initialised from %s", config.init_lora)
@@ -188,9 +182,9 @@ class Trainer:
             t5_tokenizer_dir=config.t5_tokenizer_dir or None, t5_fp8=config.fp8_base, t5_on_cpu=config.t5_on_cpu,
             batch_size=config.batch_size,
         )
-        identity = "|".join([file_fingerprint(config.vae_path), file_fingerprint(config.clip_path),
-                             file_fingerprint(config.t5_path), str(dtype), str(config.max_sequence_length)]
-                            + (["t5 fp8"] if config.fp8_base else []))  # fmt: skip
+        hashes = RunStore.of(config).hashes
+        identity = "|".join([*(content_identity(p, hashes) for p in (config.vae_path, config.clip_path, config.t5_path)),
+                             str(dtype), str(config.max_sequence_length)] + (["t5 fp8"] if config.fp8_base else []))
 
         def progress(stage: str):
             return (lambda done, total: on_progress(stage, done, total)) if on_progress else None
@@ -210,7 +204,7 @@ class Trainer:
         transformer = models.load_transformer(config.transformer_path, dtype=dtype, device=_load_device(config, device),
                                               fp8_base=config.fp8_base)
         trainer = cls(config, transformer, vae, dataclasses.replace(encoders, device="cpu"), dataset, device,
-                      dataset_identity=data.dataset_fingerprint(records), processes=processes)
+                      dataset_identity=dataset_identity(config.dataset_entries()), processes=processes)
         trainer._prompt_cache.update({p: (text[p]["prompt_embeds"], text[p]["pooled"]) for p in prompts})
         return trainer
 
@@ -352,7 +346,7 @@ class Trainer:
         torch.set_rng_state(cpu_state)
 
     def fingerprint(self) -> dict[str, str]:
-        fp = {name: str(getattr(self.config, name)) for name in _FINGERPRINT_FIELDS}
+        fp = {name: str(getattr(self.config, name)) for name in RESUME_FIELDS}
         tc = self.transformer.config
         fp["architecture"] = f"{tc.num_layers}x{tc.num_single_layers}x{tc.num_attention_heads * tc.attention_head_dim}"
         return fp
@@ -370,7 +364,8 @@ class Trainer:
         return TrainingState(
             step=self.step, epoch=self.epoch, cursor=self.cursor, lora=lora.lora_state(self.transformer),
             optimizer=opt, rng=rng, losses=list(self.losses), lrs=list(self.lrs), fingerprint=self.fingerprint(),
-            dataset=self.dataset_identity,
+            dataset=self.dataset_identity.key if self.dataset_identity else "",
+            dataset_files=self.dataset_identity.listing if self.dataset_identity else [],
         )
 
     def restore(self, state: TrainingState) -> None:
@@ -395,9 +390,8 @@ class Trainer:
 
     # ------------------------------------------------------------------ outputs
     def lora_metadata(self) -> dict[str, str]:
-        if self._base_fingerprint is None:  # the base never changes during a run: hash its header once, not per save
-            self._base_fingerprint = file_fingerprint(self.config.transformer_path)
-        return lora_metadata(self.config, self.step, self.dataset.records, self._base_fingerprint)
+        base = content_identity(self.config.transformer_path, RunStore.of(self.config).hashes)
+        return lora_metadata(self.config, self.step, self.dataset.records, base)
 
     def save_lora(self, path: str | Path) -> Path:
         path = Path(path)

@@ -3,7 +3,8 @@ runs, and everything when the server restarts; the graph queued again must then 
 and take a fraction of the first run's time. Changing loop 2's steps trains loops 2-4 only.
 
 One user's session, in order, on a server of its own (it is restarted half way): first run -> an unrelated prompt
--> the graph again -> restart -> the graph again -> loop 2 changed.
+-> the graph again -> restart -> the graph again -> loop 2 changed -> the training base switched to another file of
+the same layout (same header and size, other weights), which must train again.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from test_workflow_in_comfyui import PACK_DIR, STEPS, WORKFLOW, node_ids, shrunk
 from workflow_api import with_inputs, workflow_to_prompt
 
 from trainer_core.comfy_install import install_tiny
+from trainer_core.tiny import write_same_layout_copy
 
 OUTPUT_NAME = "flux_store"
 LOOP2_CHANGED = 5
@@ -78,6 +80,10 @@ def runs(session, prompt) -> dict[str, Queued]:
     runs["after a restart"] = queue(session, prompt)
     loop2 = node_ids(prompt, "FluxLoRA_TrainLoop")[1]
     runs["loop 2 changed"] = queue(session, with_inputs(prompt, {loop2: {"steps": LOOP2_CHANGED}}))
+    init = node_ids(prompt, "FluxLoRA_InitTrainer")[0]
+    bases = session["client"].models_dir("diffusion_models")
+    other = write_same_layout_copy(bases / prompt[init]["inputs"]["transformer"], bases / "flux-other-base.safetensors")
+    runs["other base"] = queue(session, with_inputs(prompt, {init: {"transformer": other.name}}))
     return runs
 
 
@@ -108,6 +114,12 @@ def test_changing_loop_2_trains_loops_2_to_4_only(runs):
     new = {f"{OUTPUT_NAME}_{STEPS + LOOP2_CHANGED + STEPS * k:06d}.safetensors" for k in (0, 1, 2)}
     assert set(changed.loras) == set(runs["first"].loras) | new
     assert all(changed.loras[name] == digest for name, digest in runs["first"].loras.items())
+
+
+def test_another_base_of_the_same_layout_trains_again(runs):
+    switched = runs["other base"]
+    assert len(TRAINED_STEP.findall(switched.log)) >= 4 and "loaded from the run store" not in switched.log
+    assert MODEL_LOADED in switched.log and not ComfyUIClient.pack_tracebacks(switched.log), switched.log[-6000:]
 
 
 def test_states_live_in_their_own_folder_not_among_the_loras(session, runs):
