@@ -286,7 +286,7 @@ def test_resuming_after_the_dataset_changed_is_refused_naming_the_change(config,
     os.utime(image, ns=(stamp.st_atime_ns, stamp.st_mtime_ns + 10**9))
     try:
         with pytest.raises(ValueError, match=r"resume_state belongs to a run with other settings: the dataset changed "
-                                             rf"since it was saved \(in {dataset}: edited glyph_01.png\)"):
+                                             rf"since it was saved \(in {dataset}: edited glyph_01.png; put those files back as they were\)"):
             start(config, resume=state)
     finally:
         os.utime(image, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))
