@@ -30,10 +30,16 @@ def _train(args) -> int:
 
     from .checkpoints import latest_state_file
     from .distributed import launched_processes
+    from .optim import PastScheduleError, check_schedule_covers
     from .plan import RunPlan, planned_config
 
     plan = RunPlan.from_dict(plan_values)
     config = planned_config(config, plan)  # before the run's identity is taken from it
+    try:
+        check_schedule_covers(plan.steps, config)
+    except PastScheduleError as e:
+        raise ValueError(f"{path}: [plan] steps = {plan.steps}: {e}. Set total_steps = {plan.steps} (or 0: the plan's "
+                         f"steps), or [plan] steps = {e.total}") from e
     processes = launched_processes(config.device)
     if not processes.is_main:  # one voice: the main process logs, prints, locks and moves files for the run
         logging.getLogger().setLevel(logging.WARNING)
@@ -41,7 +47,8 @@ def _train(args) -> int:
         resume = Path(args.resume) if args.resume else None if args.fresh else \
             latest_state_file(out, config.output_name)  # after a crash or Ctrl-C: the newest complete state
         check_earlier = resume is None and processes.is_main
-        return _run(path, config, plan, resume, (args.fresh, args.overwrite) if check_earlier else None, processes)
+        return _run(path, config, plan, resume, (args.fresh, args.overwrite) if check_earlier else None, processes,
+                    resume_given=bool(args.resume))
 
 
 def _earlier_run(out: Path, name: str, identity: str, fresh: bool, overwrite: bool) -> list[Path]:
@@ -62,10 +69,11 @@ def _earlier_run(out: Path, name: str, identity: str, fresh: bool, overwrite: bo
     return files
 
 
-def _run(path: Path, config, plan, resume: Path | None, start_over: tuple[bool, bool] | None, processes) -> int:
+def _run(path: Path, config, plan, resume: Path | None, start_over: tuple[bool, bool] | None, processes,
+         resume_given: bool = False) -> int:
     """`start_over`: (--fresh, --overwrite) when the run starts at step 0 over whatever `output_dir` holds: an earlier
     run's files there are refused, or with --overwrite moved aside once every check passed (so that a later resume
-    never picks up the earlier run's newer states)."""
+    never picks up the earlier run's newer states). `resume_given`: `resume` came from --resume (its errors say so)."""
     from . import data, lora, models
     from .checkpoints import latest_state_file, load_training_state
     from .plan import execute
@@ -74,7 +82,10 @@ def _run(path: Path, config, plan, resume: Path | None, start_over: tuple[bool, 
 
     state = None
     if resume is not None:  # a wrong file fails here, before anything loads
-        state, saved_config = load_training_state(resume)
+        try:
+            state, saved_config = load_training_state(resume)
+        except (ValueError, FileNotFoundError) as e:
+            raise type(e)(f"--resume: {e}" if resume_given else str(e)) from e
         differ = settings_mismatches(state.fingerprint, config)
     records = preflight(config)
     earlier = [] if start_over is None else \

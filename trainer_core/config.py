@@ -238,14 +238,14 @@ class TrainConfig:
         if missing:
             raise ValueError(f"{source}: missing setting(s) {', '.join(missing)}; give the path of each")
         if base_dir is not None:
-            def resolve(k, v):
-                return str(Path(base_dir) / v) if k in _PATH_FIELDS and isinstance(v, str) and v \
-                    and not Path(v).is_absolute() else v
+            def resolve(k, v, where=source):
+                return resolve_config_path(k, v, base_dir, where) if k in _PATH_FIELDS else v
 
             values = {k: resolve(k, v) for k, v in values.items()}
             if isinstance(values.get("datasets"), (list, tuple)):
-                values["datasets"] = [{k: resolve(k, v) for k, v in e.items()} if isinstance(e, dict) else e
-                                      for e in values["datasets"]]
+                values["datasets"] = [
+                    {k: resolve(k, v, f"{source} [[datasets]] #{n}") for k, v in e.items()} if isinstance(e, dict)
+                    else e for n, e in enumerate(values["datasets"], 1)]
         return cls(**values)
 
     def replace(self, **changes) -> "TrainConfig":
@@ -257,6 +257,30 @@ class TrainConfig:
 
 _PATH_FIELDS = {"transformer_path", "vae_path", "clip_path", "t5_path", "dataset_dir", "tokenizer_dir", "clip_tokenizer_dir",
                 "t5_tokenizer_dir", "validation_transformer_path", "cache_dir", "output_dir", "init_lora", "store_dir"}
+_MADE_PATH_FIELDS = {"cache_dir", "output_dir", "store_dir"}  # folders a run creates: the others must exist
+_CONTROL_NAMES = {"\n": "newline", "\t": "tab", "\r": "carriage return", "\b": "backspace", "\f": "form feed"}
+
+
+def resolve_config_path(key: str, value, base_dir: str | Path, source: str):
+    """A path setting of a config file: relative paths are taken from `base_dir` (the file's folder). A path with a
+    control character in it (a TOML escape in "double quotes": "C:\\new" holds a newline) and a relative input path
+    that does not exist there are refused, naming the key, the path tried and the folder it was taken from."""
+    if not isinstance(value, str) or not value:
+        return value
+    control = next((c for c in value if ord(c) < 32 or ord(c) == 127), None)
+    if control is not None:
+        name = _CONTROL_NAMES.get(control, f"control character {control!r}")
+        raise ValueError(f"{source}: {key} = {value!r} holds a {name}: in \"double quotes\" TOML reads \\n as a "
+                         "newline and \\t as a tab; write Windows paths in 'single quotes' or with /")
+    if Path(value).expanduser().is_absolute():
+        return value
+    folder = Path(base_dir).absolute()
+    path = folder / value
+    if key not in _MADE_PATH_FIELDS and not path.exists():
+        raise FileNotFoundError(f"{source}: {key} = {value!r}: {path} does not exist (a relative path is taken from "
+                                f"the config file's folder {folder}, not the working folder); fix the path, or give "
+                                "an absolute one")
+    return str(path)
 
 
 def read_toml(path: str | Path) -> dict:
