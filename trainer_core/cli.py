@@ -17,7 +17,7 @@ log = logging.getLogger("trainer_core")
 
 
 def _train(args) -> int:
-    from .config import TrainConfig, read_toml
+    from .config import TrainConfig, check_relative_paths, read_toml
 
     path = Path(args.config)
     values = read_toml(path)
@@ -26,6 +26,7 @@ def _train(args) -> int:
         raise ValueError(f"{path}: plan = {plan_values!r} is not a table; put the run's steps under a [plan] heading")
     # every setting is checked (and named when wrong) before anything heavy is imported or loaded
     config = TrainConfig.from_dict(values, source=str(path), base_dir=path.parent)
+    check_relative_paths(values, path.parent, str(path))
     out = output_guard.check_output_dir(config.output_dir)
 
     from .checkpoints import latest_state_file

@@ -11,6 +11,7 @@ import functools
 import inspect
 import io
 import math
+import os
 import tokenize
 import typing
 from dataclasses import dataclass
@@ -238,14 +239,9 @@ class TrainConfig:
         if missing:
             raise ValueError(f"{source}: missing setting(s) {', '.join(missing)}; give the path of each")
         if base_dir is not None:
-            def resolve(k, v, where=source):
-                return resolve_config_path(k, v, base_dir, where) if k in _PATH_FIELDS else v
-
-            values = {k: resolve(k, v) for k, v in values.items()}
-            if isinstance(values.get("datasets"), (list, tuple)):
-                values["datasets"] = [
-                    {k: resolve(k, v, f"{source} [[datasets]] #{n}") for k, v in e.items()} if isinstance(e, dict)
-                    else e for n, e in enumerate(values["datasets"], 1)]
+            values = dict(values)
+            for entry, key, value, where in _config_paths(values, source):
+                entry[key] = resolve_config_path(key, value, base_dir, where)
         return cls(**values)
 
     def replace(self, **changes) -> "TrainConfig":
@@ -261,10 +257,21 @@ _MADE_PATH_FIELDS = {"cache_dir", "output_dir", "store_dir"}  # folders a run cr
 _CONTROL_NAMES = {"\n": "newline", "\t": "tab", "\r": "carriage return", "\b": "backspace", "\f": "form feed"}
 
 
+def _config_paths(values: dict, source: str):
+    """(the dict holding it, key, value, where) for each path setting of a config file's values, the
+    `[[datasets]]` tables' included (those are copied, so that the caller may set them)."""
+    for key in sorted(_PATH_FIELDS & set(values)):
+        yield values, key, values[key], source
+    if isinstance(values.get("datasets"), (list, tuple)):
+        values["datasets"] = [dict(e) if isinstance(e, dict) else e for e in values["datasets"]]
+        for n, entry in enumerate(values["datasets"], 1):
+            if isinstance(entry, dict) and "dataset_dir" in entry:
+                yield entry, "dataset_dir", entry["dataset_dir"], f"{source} [[datasets]] #{n}"
+
+
 def resolve_config_path(key: str, value, base_dir: str | Path, source: str):
-    """A path setting of a config file: relative paths are taken from `base_dir` (the file's folder). A path with a
-    control character in it (a TOML escape in "double quotes": "C:\\new" holds a newline) and a relative input path
-    that does not exist there are refused, naming the key, the path tried and the folder it was taken from."""
+    """A path setting of a config file, relative paths taken from `base_dir` (the file's folder). A path with a
+    control character in it (a TOML escape in "double quotes": "C:\\new" holds a newline) is refused."""
     if not isinstance(value, str) or not value:
         return value
     control = next((c for c in value if ord(c) < 32 or ord(c) == 127), None)
@@ -272,15 +279,21 @@ def resolve_config_path(key: str, value, base_dir: str | Path, source: str):
         name = _CONTROL_NAMES.get(control, f"control character {control!r}")
         raise ValueError(f"{source}: {key} = {value!r} holds a {name}: in \"double quotes\" TOML reads \\n as a "
                          "newline and \\t as a tab; write Windows paths in 'single quotes' or with /")
-    if Path(value).expanduser().is_absolute():
-        return value
-    folder = Path(base_dir).absolute()
-    path = folder / value
-    if key not in _MADE_PATH_FIELDS and not path.exists():
-        raise FileNotFoundError(f"{source}: {key} = {value!r}: {path} does not exist (a relative path is taken from "
-                                f"the config file's folder {folder}, not the working folder); fix the path, or give "
-                                "an absolute one")
-    return str(path)
+    return value if Path(value).expanduser().is_absolute() else str(Path(os.path.abspath(base_dir)) / value)
+
+
+def check_relative_paths(values: dict, base_dir: str | Path, source: str) -> None:
+    """Each relative input path of a config file's `values` (the files and folders a run reads) exists where it was
+    taken from; else FileNotFoundError naming the key, the path tried and the folder it was taken from, the config
+    file's (a user who runs from another folder expects the working folder)."""
+    folder = Path(os.path.abspath(base_dir))
+    for _, key, value, where in _config_paths(dict(values), source):
+        if key in _MADE_PATH_FIELDS or not isinstance(value, str) or not value or Path(value).expanduser().is_absolute():
+            continue
+        if not (folder / value).exists():
+            raise FileNotFoundError(f"{where}: {key} = {value!r}: {folder / value} does not exist (a relative path is "
+                                    f"taken from the config file's folder {folder}, not the working folder); fix the "
+                                    "path, or give an absolute one")
 
 
 def read_toml(path: str | Path) -> dict:
