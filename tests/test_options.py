@@ -1,5 +1,4 @@
 """Training options: continuing a LoRA file, DoRA, the file formats, auto total_steps, TensorBoard event files."""
-import logging
 
 import numpy as np
 import pytest

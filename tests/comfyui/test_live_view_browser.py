@@ -50,6 +50,7 @@ SCREENSHOT_MAX_BYTES = 300_000
 ROUTE = "/flux_lora_trainer/progress"
 
 LONG_LOOP, SHORT_LOOP = 60, 2
+SLOW_STEP_S = 12  # seconds a step may take on a crowded 2-core machine (0.2 on an idle one): the waits' unit
 LOOPS = {3: LONG_LOOP, 8: SHORT_LOOP, 13: SHORT_LOOP, 18: 100}  # TrainLoop node id -> steps
 FIRST, LAST = 3, 18
 FIRST_SAVE = 4  # the SaveCheckpoint under the first loop
@@ -220,7 +221,7 @@ def watched(comfyui, browser) -> Seen:
                                                    driver.execute_script(CHART_PIXELS_JS, FIRST))
         return step == LONG_LOOP
 
-    poll(first_loop_done, 150, f"the first loop at step {LONG_LOOP}", client)
+    poll(first_loop_done, LONG_LOOP * SLOW_STEP_S, f"the first loop at step {LONG_LOOP}", client)
 
     # 2. reload mid-run: the finished loops send nothing more, so their views can only come from the route
     seen.graph_id = driver.execute_script(GRAPH_ID_JS)
@@ -253,7 +254,8 @@ def watched(comfyui, browser) -> Seen:
     driver.execute_script(COUNT_EVENTS_JS)
     driver.execute_script(FRAME_JS, [LAST], 1.0)
     seen.second_tab_view = poll(lambda: driver.execute_script(VIEW_JS, LAST) if step_of(
-        driver.execute_script(VIEW_JS, LAST)) else None, 120, "the last loop's view in a second tab", client)
+        driver.execute_script(VIEW_JS, LAST)) else None, 10 * SLOW_STEP_S, "the last loop's view in a second tab",
+        client)
     time.sleep(2)  # a few live messages
     seen.second_tab_events = driver.execute_script("return window.fluxEvents")
     driver.close()
@@ -275,7 +277,7 @@ def watched(comfyui, browser) -> Seen:
     driver.switch_to.window(first_tab)
 
     # 4. the end: final views, previews, what the route tells
-    seen.history = client.wait(prompt_id, timeout=240)
+    seen.history = client.wait(prompt_id, timeout=sum(LOOPS.values()) * SLOW_STEP_S)
     for node_id in LOOPS:
         seen.final_views[node_id] = driver.execute_script(VIEW_JS, node_id) or ""
     box = driver.execute_script(FRAME_JS, [LAST, LAST_SAMPLE, GRID], 0.8)
