@@ -193,18 +193,13 @@ def running_prompt_id() -> str | None:
     return getattr(_prompt_server(), "last_prompt_id", None)
 
 
-def node_states() -> tuple[str | None, bool, dict[str, str]]:
-    """(the prompt ComfyUI is running or ran last, whether it still runs, {node id: "pending" | "running" |
-    "finished" | "error"} for every node of it) from ComfyUI's progress registry, where a node served from the cache
-    is "finished" without having run; (None, False, {}) outside ComfyUI or before its first prompt."""
-    registry = getattr(_comfy("comfy_execution.progress"), "global_progress_registry", None)
-    if registry is None or not registry.prompt_id:
-        return None, False, {}
-    states = dict.fromkeys(map(str, registry.dynprompt.original_prompt), "pending")
-    states.update({str(n): entry["state"].value for n, entry in list(registry.nodes.items())})
+def cached_nodes(prompt_id: str) -> set[str] | None:
+    """The nodes ComfyUI served from its cache (ran nothing for) in prompt `prompt_id`, from its history once the
+    prompt has run; None while it is queued or running, once the history forgot it, and outside ComfyUI."""
     queue = getattr(_prompt_server(), "prompt_queue", None)
-    running = any(item[1] == registry.prompt_id for item in list(getattr(queue, "currently_running", {}).values()))
-    return registry.prompt_id, running, states
+    entry = queue.get_history(prompt_id=prompt_id).get(prompt_id) if queue is not None else None
+    messages = ((entry or {}).get("status") or {}).get("messages") or []
+    return next((set(map(str, data["nodes"])) for kind, data in messages if kind == "execution_cached"), None)
 
 
 def add_prompt_handler(handler: Callable[[dict], dict]) -> bool:

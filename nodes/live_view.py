@@ -3,7 +3,8 @@
 Two workflows can hold the same node ids, so a message names its node, its prompt and the workflow that prompt was
 queued from (the frontend's graph id, in the prompt's `extra_pnginfo`, noted when the prompt is POSTed): a graph
 shows only its own runs. Per workflow, the latest message of each TrainLoop is kept across its prompts, because a
-loop that ComfyUI serves from its cache sends nothing: its last known state is what the view shows, marked cached.
+loop that ComfyUI serves from its cache sends nothing: its last known state is what the view shows, marked cached
+(from ComfyUI's history of the prompt, once it has run; the tab that queued it is told at once, by ComfyUI).
 Numbers only: no path or name leaves through the route.
 """
 from __future__ import annotations
@@ -61,21 +62,16 @@ def send_progress(node_id: str | None, snapshot: dict) -> None:
 
 def view_state(workflow: str | None) -> dict:
     """What a view of `workflow` is given: {"prompts": the ids of the prompts queued from it, oldest first,
-    "loops": the latest message of each of its TrainLoops}. When the prompt ComfyUI runs (or ran last) came from
-    `workflow`, a loop's earlier message is marked "cached" if that prompt served the loop from ComfyUI's cache
-    (finished it without running it), or "waiting" if the prompt is still to run it."""
-    prompt, running, states = comfy_bridge.node_states()
+    "loops": the latest message of each of its TrainLoops, each with "cached": whether the last of those prompts
+    that has run took the loop from ComfyUI's cache (ran nothing for it) after this message}."""
     with _lock:
         prompts = [p for p, w in _workflow_of.items() if w is not None and w == workflow]
         loops = list(_loops.get(workflow, {}).values()) if workflow is not None else []
-    ours = prompt in prompts
-
-    def earlier(message: dict, *node_states: str) -> bool:
-        return ours and message["prompt_id"] != prompt and states.get(message["node"]) in node_states
-
+    order = {p: i for i, p in enumerate(prompts)}
+    last, cached = next(((i, nodes) for i, p in reversed(list(enumerate(prompts)))
+                         if (nodes := comfy_bridge.cached_nodes(p)) is not None), (-1, set()))
     return {"prompts": prompts, "loops": [
-        {**m, "cached": earlier(m, "finished"), "waiting": running and earlier(m, "pending", "running")}
-        for m in loops]}
+        {**m, "cached": m["node"] in cached and order.get(m["prompt_id"], -1) < last} for m in loops]}
 
 
 def register() -> None:

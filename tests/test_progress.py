@@ -153,7 +153,7 @@ def sent(monkeypatch):
     monkeypatch.setattr(live, "_loops", live.OrderedDict())
     server = SimpleNamespace(last_prompt_id=queue("tiny"))  # a prompt of workflow "tiny", being run
     monkeypatch.setattr(bridge, "running_prompt_id", lambda: server.last_prompt_id)
-    monkeypatch.setattr(bridge, "node_states", lambda: (None, False, {}))
+    monkeypatch.setattr(bridge, "cached_nodes", lambda prompt_id: None)  # no prompt has run to its end
     cancel_at = []
 
     class Bar:
@@ -196,7 +196,7 @@ def test_train_loop_sends_throttled_progress_of_its_node(sent):
     assert messages[0]["step"] == 1 and messages[-1]["step"] == 100 and messages[-1]["run_step"] == 140
     assert all(m["node"] == "7" and m["total"] == 100 and m["workflow"] == "tiny" for m in messages)
     assert messages[-1]["running"] is False
-    assert shown("tiny") == [{**messages[-1], "cached": False, "waiting": False}]  # what a reloaded view is given
+    assert shown("tiny") == [{**messages[-1], "cached": False}]  # what a reloaded view is given
 
 
 def test_a_cancelled_loop_is_shown_stopped(sent):
@@ -206,7 +206,7 @@ def test_a_cancelled_loop_is_shown_stopped(sent):
         TrainLoop().train(handle, 20, unique_id="3")
     last = sent.events[-1][1]
     assert (last["step"], last["running"]) == (5, False)
-    assert shown("tiny") == [{**last, "cached": False, "waiting": False}]
+    assert shown("tiny") == [{**last, "cached": False}]
 
 
 class StoredRun:
@@ -251,24 +251,26 @@ def test_each_workflow_sees_only_its_own_runs_though_node_ids_are_shared(sent):
 
 
 def test_a_later_prompt_replaces_a_loops_view_and_a_loop_served_from_the_cache_keeps_its_last_state(sent, monkeypatch):
+    history = {}  # prompt id -> the nodes ComfyUI's history says it took from its cache, once it has run
+    monkeypatch.setattr(bridge, "cached_nodes", history.get)
     first = sent.server.last_prompt_id
     for node in ("3", "8"):
         TrainLoop().train(SimpleNamespace(run=FakeRun(), step=0), 3, unique_id=node)
+    history[first] = set()
     second = sent.server.last_prompt_id = queue("tiny")  # re-queued with loop 8 longer: loop 3 comes from the cache
-    states = {"3": "finished", "8": "pending"}
-    monkeypatch.setattr(bridge, "node_states", lambda: (second, True, states))
-    loop3, loop8 = shown("tiny")
-    assert (loop3["prompt_id"], loop3["cached"], loop3["waiting"]) == (first, True, False)
-    assert (loop8["prompt_id"], loop8["cached"], loop8["waiting"]) == (first, False, True)  # to be run again
-    states["8"] = "running"
     TrainLoop().train(SimpleNamespace(run=FakeRun(), step=0), 5, unique_id="8")
-    states["8"] = "finished"
+    assert not any(m["cached"] for m in shown("tiny"))  # still running: ComfyUI tells only the tab that queued it
+    history[second] = {"1", "2", "3"}
     loop3, loop8 = shown("tiny")
-    assert loop3["cached"] and loop3["history"] and (loop8["prompt_id"], loop8["total"]) == (second, 5)
-    assert not loop8["cached"] and not loop8["waiting"]
-    assert live.view_state("tiny")["prompts"] == [first, second]
-    monkeypatch.setattr(bridge, "node_states", lambda: (queue("dev2pro"), False, {"3": "finished"}))
-    assert not any(m["cached"] for m in shown("tiny"))  # another workflow's prompt says nothing of this one's loops
+    assert (loop3["prompt_id"], loop3["cached"], loop3["step"]) == (first, True, 3) and loop3["history"]
+    assert (loop8["prompt_id"], loop8["cached"], loop8["total"]) == (second, False, 5)
+    third = sent.server.last_prompt_id = queue("tiny")  # queued, not run yet: the second is still the last run
+    assert [m["cached"] for m in shown("tiny")] == [True, False]
+    history[third] = {"8"}  # a prompt of this graph that held loop 8 only, from the cache
+    assert [m["cached"] for m in shown("tiny")] == [False, True]
+    assert live.view_state("tiny")["prompts"] == [first, second, third]
+    history[queue("dev2pro")] = {"3", "8"}  # another workflow's prompt says nothing of this one's loops
+    assert [m["cached"] for m in shown("tiny")] == [False, True]
 
 
 def test_progress_messages_are_numbers_only(sent):
@@ -293,7 +295,7 @@ def test_outside_comfyui_nothing_is_sent_and_nothing_is_hooked(monkeypatch):
     assert events == [] and live._loops == {}
     assert bridge.register_route(live.ROUTE, live.view_state) is False
     assert bridge.add_prompt_handler(live.on_prompt) is False
-    assert bridge.node_states() == (None, False, {})
+    assert bridge.cached_nodes("any prompt") is None
 
 
 # ---------------------------------------------------------------------------------------------------------------

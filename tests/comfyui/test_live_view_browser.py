@@ -49,9 +49,9 @@ SCREENSHOT = ROOT / "docs" / "screenshot.png"
 SCREENSHOT_MAX_BYTES = 300_000
 ROUTE = "/flux_lora_trainer/progress"
 
-LONG_LOOP, SHORT_LOOP = 60, 2
+LONG_LOOP, SHORT_LOOP = 30, 2
 SLOW_STEP_S = 12  # seconds a step may take on a crowded 2-core machine (0.2 on an idle one): the waits' unit
-LOOPS = {3: LONG_LOOP, 8: SHORT_LOOP, 13: SHORT_LOOP, 18: 100}  # TrainLoop node id -> steps
+LOOPS = {3: LONG_LOOP, 8: SHORT_LOOP, 13: SHORT_LOOP, 18: 60}  # TrainLoop node id -> steps
 FIRST, LAST = 3, 18
 FIRST_SAVE = 4  # the SaveCheckpoint under the first loop
 GRID, LAST_SAMPLE = 23, 20  # the XY grid and the sample after the last loop

@@ -18,6 +18,9 @@ const SMOOTH_COLOR = "rgb(110, 168, 254)";
 // Messages of other workflows are never shown: two graphs may hold the same node ids.
 let latest = new Map();
 let prompts = new Set();
+// the TrainLoops the latest prompt of this graph took from ComfyUI's cache (it tells only the tab that queued it;
+// the others learn it from the route once the prompt has run)
+let cachedRun = { prompt: null, nodes: new Set() };
 
 function formatDuration(seconds) {
   const s = Math.round(seconds);
@@ -51,20 +54,13 @@ class ProgressView {
     this.canvas.style.cssText = `width:100%;height:${CHART_HEIGHT}px;border-radius:4px;`
       + "background:var(--comfy-input-bg, #222)";
     this.element.append(this.status, this.loss, this.canvas);
-    this.clear();
+    this.status.textContent = "waiting for the first step";
     this.widget = node.addDOMWidget("live_progress", "flux_lora_progress", this.element, {
       serialize: false, // a view, not an input: kept out of the prompt and the saved workflow
       getMinHeight: () => CHART_HEIGHT + 40,
     });
     this.widget.serialize = false;
     new ResizeObserver(() => this.drawChart()).observe(this.canvas);
-  }
-
-  clear() {
-    this.message = null;
-    this.status.textContent = "waiting for the first step";
-    this.loss.textContent = "";
-    this.drawChart();
   }
 
   show(msg) {
@@ -135,8 +131,8 @@ function show(msg) {
   if (!msg.workflow || msg.workflow !== graphId()) return; // another workflow's run, or a prompt without a workflow
   latest.set(String(msg.node), msg);
   prompts.add(msg.prompt_id);
-  if (msg.waiting) viewOf(msg.node)?.clear(); // its prompt has yet to run it again
-  else viewOf(msg.node)?.show(msg);
+  const cached = msg.cached || (cachedRun.nodes.has(String(msg.node)) && msg.prompt_id !== cachedRun.prompt);
+  viewOf(msg.node)?.show(cached ? { ...msg, cached } : msg);
 }
 
 // what the server knows of this graph's runs: every loop's last state, within a request of a (re)load
@@ -159,10 +155,8 @@ async function catchUp() {
 async function markCached({ detail }) {
   await catchUp(); // learns whether this graph queued the prompt
   if (!prompts.has(detail.prompt_id)) return;
-  for (const node of detail.nodes) {
-    const msg = latest.get(String(node));
-    if (msg && msg.prompt_id !== detail.prompt_id) show({ ...msg, cached: true, waiting: false });
-  }
+  cachedRun = { prompt: detail.prompt_id, nodes: new Set(detail.nodes.map(String)) };
+  for (const node of cachedRun.nodes) if (latest.has(node)) show(latest.get(node));
 }
 
 app.registerExtension({
@@ -183,6 +177,7 @@ app.registerExtension({
   beforeConfigureGraph() {
     latest = new Map(); // another graph, or the same one restored: what it shows comes from the server
     prompts = new Set();
+    cachedRun = { prompt: null, nodes: new Set() };
   },
 
   afterConfigureGraph() {
