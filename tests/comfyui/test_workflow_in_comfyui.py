@@ -394,7 +394,7 @@ def test_a_loop_lengthened_past_a_fixed_total_steps_stops_before_training_and_wr
     loop4 = node_ids(longer.prompt, "FluxLoRA_TrainLoop")[3]
     assert status["status_str"] == "error" and errors and errors[0]["node_id"] == loop4
     end = 4 * STEPS + 2
-    assert errors[0]["exception_message"] == (
+    assert errors[0]["exception_message"].rstrip("\n") == (
         f"steps: training to step {end} runs past total_steps {4 * STEPS}, where the cosine schedule ends: steps "
         f"{4 * STEPS + 1}-{end} would train at learning rate 0. Set InitTrainer's total_steps to {end} or more (0: "
         f"auto, the queued loops' steps), or this loop's steps to {STEPS} at most")
