@@ -2,10 +2,11 @@
 
 Node ids carry the pack's prefix so they never collide with core's or other packs' training nodes.
 """
-from . import comfy_bridge, model_sharing
+from . import comfy_bridge, live_view, model_sharing
 from .dataset import AutoCaption, DatasetReport
 from .images import LossPlot, ValidationSample, XYLoraStrengthGrid
 from .init_trainer import InitTrainer
+from .queued_graph import plan_on_prompt
 from .training import SaveCheckpoint, TrainLoop
 
 _NODES = {
@@ -21,5 +22,7 @@ _NODES = {
 NODE_CLASS_MAPPINGS = {f"FluxLoRA_{name}": model_sharing.shares_memory(cls) for name, (cls, _) in _NODES.items()}
 NODE_DISPLAY_NAME_MAPPINGS = {f"FluxLoRA_{name}": f"{title} (Flux LoRA)" for name, (_, title) in _NODES.items()}
 
-comfy_bridge.register_progress_route()  # the live view's catch-up after a browser reload; nothing outside ComfyUI
+# nothing outside ComfyUI: the live view's prompts and catch-up route, and the queued loops' plan (total_steps auto)
+live_view.register()
+comfy_bridge.add_prompt_handler(plan_on_prompt)
 model_sharing.install()  # a prompt without the pack's nodes frees the trainer's models; nothing outside ComfyUI

@@ -11,15 +11,13 @@ import importlib
 import logging
 import os
 import sys
-import threading
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 log = logging.getLogger(__name__)
 
 BASE_DIR_ENV = "FLUX_LORA_TRAINER_BASE_DIR"
-PROGRESS_EVENT = "flux_lora_trainer.progress"  # web/js/live_progress.js listens for it
-PROGRESS_ROUTE = "/flux_lora_trainer/progress"  # ComfyUI serves it under /api too
 MODEL_EXTENSIONS = (".safetensors", ".sft")
 STATES = "flux_lora_states"  # the run store and the training states users save: our own folder, not models/loras
 # ComfyUI's folder names and, outside ComfyUI, where they live under the base folder (its legacy names included)
@@ -242,12 +240,6 @@ def save_previews(images) -> list[dict]:
     return entries
 
 
-# node id -> the latest progress message of that TrainLoop in the latest prompt, so a view that (re)connects
-# mid-run can catch up. Written by ComfyUI's execution thread, read by its server's event loop.
-_latest_progress: dict[str, dict] = {}
-_latest_lock = threading.Lock()
-
-
 def _prompt_server():
     """ComfyUI's running server (`server.PromptServer.instance`), or None outside ComfyUI.
 
@@ -263,40 +255,43 @@ def send_event(event: str, data: dict) -> None:
         instance.send_sync(event, data)
 
 
-def send_progress(node_id: str | None, snapshot: dict) -> None:
-    """A TrainLoop's progress (`ProgressTracker.snapshot()`) to the live view, kept for `progress_messages`.
-
-    `node_id` is ComfyUI's UNIQUE_ID of the node; None (a call from outside a ComfyUI prompt) sends nothing."""
-    if node_id is None:
-        return
-    message = {"node": str(node_id), "prompt_id": getattr(_prompt_server(), "last_prompt_id", None), **snapshot}
-    with _latest_lock:
-        if any(m["prompt_id"] != message["prompt_id"] for m in _latest_progress.values()):
-            _latest_progress.clear()  # another prompt's numbers: a view must not show them as this run's
-        _latest_progress[message["node"]] = message
-    send_event(PROGRESS_EVENT, message)
+def running_prompt_id() -> str | None:
+    """The id of the prompt ComfyUI is running (or ran last); None outside ComfyUI."""
+    return getattr(_prompt_server(), "last_prompt_id", None)
 
 
-def progress_messages() -> list[dict]:
-    """The latest progress message of every TrainLoop that has reported: what the progress route answers."""
-    with _latest_lock:
-        return list(_latest_progress.values())
+def cached_nodes(prompt_id: str) -> set[str] | None:
+    """The nodes ComfyUI served from its cache (ran nothing for) in prompt `prompt_id`, from its history once the
+    prompt has run; None while it is queued or running, once the history forgot it, and outside ComfyUI."""
+    queue = getattr(_prompt_server(), "prompt_queue", None)
+    entry = queue.get_history(prompt_id=prompt_id).get(prompt_id) if queue is not None else None
+    messages = ((entry or {}).get("status") or {}).get("messages") or []
+    return next((set(map(str, data["nodes"])) for kind, data in messages if kind == "execution_cached"), None)
 
 
-def register_progress_route() -> bool:
-    """Serve `progress_messages()` as JSON at GET PROGRESS_ROUTE on ComfyUI's server; False outside ComfyUI.
+def add_prompt_handler(handler: Callable[[dict], dict]) -> bool:
+    """Call `handler(json_data)` on every prompt POSTed to ComfyUI, before it is validated and queued (it may change
+    the prompt and give it its "prompt_id"); False outside ComfyUI."""
+    instance = _prompt_server()
+    if instance is None:
+        return False
+    if handler not in instance.on_prompt_handlers:  # the pack imported twice
+        instance.add_on_prompt_handler(handler)
+    return True
 
-    Numbers only: no file paths and no files leave through it."""
+
+def register_route(path: str, answer: Callable[[dict[str, str]], object]) -> bool:
+    """Serve `answer(query parameters)` as JSON at GET `path` on ComfyUI's server; False outside ComfyUI."""
     instance = _prompt_server()
     if instance is None:
         return False
     from aiohttp import web  # ComfyUI's server is aiohttp
 
-    if any(getattr(route, "path", None) == PROGRESS_ROUTE for route in instance.routes):
+    if any(getattr(route, "path", None) == path for route in instance.routes):
         return True  # the pack was imported twice: aiohttp refuses a second handler for the same route
 
-    @instance.routes.get(PROGRESS_ROUTE)
-    async def progress(request: web.Request) -> web.Response:
-        return web.json_response(progress_messages())
+    @instance.routes.get(path)
+    async def route(request: web.Request) -> web.Response:
+        return web.json_response(answer(dict(request.query)))
 
     return True

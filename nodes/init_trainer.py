@@ -12,12 +12,12 @@ from trainer_core.flow_matching import TIMESTEP_SAMPLINGS
 from trainer_core.identity import check_resume, dataset_identity
 from trainer_core.models import KIND_DESCRIPTIONS, MODEL_ROLES, detect_file_kind
 from trainer_core.presets import PRESETS
-from trainer_core.run_handle import TrainingRun
+from trainer_core.run_handle import TrainingRun, active_config
 from trainer_core.run_store import DAMAGED, RUNS
 
 from . import comfy_bridge, model_sharing
 from .common import CATEGORY, HANDLE
-from .queued_graph import planned_train_steps, validation_prompts
+from .queued_graph import loop_chains, planned_train_steps, validation_prompts
 
 log = logging.getLogger(__name__)
 
@@ -283,10 +283,30 @@ class InitTrainer:
 
     def init(self, prompt=None, unique_id=None, **widgets):
         config, resume = build_config(prompt=prompt, unique_id=unique_id, **widgets)
+        previous = active_config()
         # models load only when a loop must really train or a sample render: the run store may hold every loop;
         # the queued graph's validation prompts are encoded then, while T5 is loaded for the captions
         handle = TrainingRun.start(
             config, resume, before_load=comfy_bridge.free_comfy_models,
             on_progress=lambda stage, done, total: comfy_bridge.progress_bar(total).update_absolute(done, total),
             prompts=validation_prompts(prompt, unique_id), on_loaded=model_sharing.trainer_loaded)
+        log_loops_to_train(handle, loop_chains(prompt, unique_id) or {}, previous)
         return (handle,)
+
+
+def log_loops_to_train(handle, chains: dict[str, tuple[int, ...]], previous: TrainConfig | None) -> None:
+    """Before any loop runs: which queued TrainLoops will train (the others load from the run store), and why."""
+    run = handle.run
+    todo = sorted(((chain, node) for node, chain in chains.items()
+                   if not run.store.path(run.identity, handle.chain + chain).is_file()), key=lambda c: sum(c[0]))
+    if not todo:
+        return
+    loops = ", ".join(f"TrainLoop {node} (steps {handle.step + sum(chain) - chain[-1] + 1}-{handle.step + sum(chain)})"
+                      for chain, node in todo)
+    total = run.config.total_steps
+    if previous is not None and previous.replace(total_steps=total) == run.config and previous.total_steps != total:
+        log.info("the queued loops add up to %d steps, not %d: the learning-rate schedule (total_steps auto) now "
+                 "spans %d, which changes the learning rate of every step, so these loops train again: %s",
+                 total, previous.total_steps, total, loops)
+    else:
+        log.info("these loops will train (the run store does not hold them for these settings): %s", loops)

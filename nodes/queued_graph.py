@@ -14,6 +14,8 @@ from collections.abc import Mapping
 
 PREFIX = "FluxLoRA_"  # node ids of this pack (nodes/__init__.py)
 TRAIN_LOOP = PREFIX + "TrainLoop"
+INIT_TRAINER = PREFIX + "InitTrainer"
+PLAN_INPUT = "flux_lora_planned_steps"  # see `plan_on_prompt`
 PROMPT_INPUTS = {PREFIX + "ValidationSample": "prompts", PREFIX + "XYLoraStrengthGrid": "prompt"}
 
 
@@ -41,27 +43,31 @@ def _downstream(prompt: Mapping, start: str) -> list[str]:
     return [str(n) for n in prompt if str(n) in seen]
 
 
-def planned_train_steps(prompt: Mapping | None, init_id: str | None) -> int | None:
-    """The most steps any chain of TrainLoops after InitTrainer `init_id` adds up to; None when unknown (no graph,
-    no loop, or a loop whose steps come from another node)."""
+def loop_chains(prompt: Mapping | None, init_id: str | None) -> dict[str, tuple[int, ...]] | None:
+    """Each TrainLoop after InitTrainer `init_id` -> the steps of the loops from the run's start to it, itself last
+    (the run store's chain); None when unknown (no graph, or a loop whose steps come from another node)."""
     if not prompt or init_id is None:
         return None
     loops = [n for n in _downstream(prompt, init_id) if prompt[n].get("class_type") == TRAIN_LOOP]
-    totals: dict[str, int] = {}
+    chains: dict[str, tuple[int, ...] | None] = {}
 
-    def total(node_id: str) -> int | None:  # this loop's steps plus those of the loops before it
-        if node_id not in totals:
+    def chain(node_id: str) -> tuple[int, ...] | None:
+        if node_id not in chains:
             steps = prompt[node_id]["inputs"].get("steps")
-            if not isinstance(steps, int) or isinstance(steps, bool):
-                return None
-            before = [total(s) for s in _upstream_loops(prompt, node_id)]
-            if any(b is None for b in before):
-                return None
-            totals[node_id] = steps + max(before, default=0)
-        return totals[node_id]
+            before = [chain(s) for s in _upstream_loops(prompt, node_id)]
+            known = isinstance(steps, int) and not isinstance(steps, bool) and None not in before
+            chains[node_id] = max(before, key=sum, default=()) + (steps,) if known else None
+        return chains[node_id]
 
-    results = [total(n) for n in loops]
-    return None if not results or any(r is None for r in results) else max(results)
+    found = {n: chain(n) for n in loops}
+    return None if any(c is None for c in found.values()) else found
+
+
+def planned_train_steps(prompt: Mapping | None, init_id: str | None) -> int | None:
+    """The most steps any chain of TrainLoops after InitTrainer `init_id` adds up to; None when unknown (no graph,
+    no loop, or a loop whose steps come from another node)."""
+    chains = loop_chains(prompt, init_id)
+    return max(map(sum, chains.values())) if chains else None
 
 
 def _upstream_loops(prompt: Mapping, node_id: str) -> list[str]:
@@ -121,3 +127,17 @@ def pack_nodes_to_run(prompt: Mapping, outputs, done) -> list[str]:
     needed = _upstream(prompt, outputs)
     after = {n for d in done for n in _downstream(prompt, d)}
     return [n for n in prompt if n in needed and n in after and n not in done and _is_pack_node(prompt[n])]
+
+
+def plan_on_prompt(json_data: dict) -> dict:
+    """ComfyUI's hook on every POSTed prompt: each InitTrainer with total_steps 0 (auto) gets the steps its queued
+    loops add up to as an extra input, `PLAN_INPUT`. ComfyUI keys a node's cached output on every input the prompt
+    gives it (declared or not, and only declared ones reach the node), so lengthening a loop runs InitTrainer again:
+    its schedule follows the queued graph instead of ending before the loop does."""
+    prompt = json_data.get("prompt")
+    if isinstance(prompt, dict):
+        for node_id, node in prompt.items():
+            inputs = node.get("inputs") if isinstance(node, dict) else None
+            if isinstance(inputs, dict) and node.get("class_type") == INIT_TRAINER and inputs.get("total_steps") == 0:
+                inputs[PLAN_INPUT] = planned_train_steps(prompt, str(node_id))
+    return json_data

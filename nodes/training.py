@@ -5,10 +5,11 @@ import logging
 import time
 
 from trainer_core.checkpoints import TrainingState
+from trainer_core.optim import PastScheduleError
 from trainer_core.progress import ProgressTracker
-from trainer_core.trainer import StepInfo
+from trainer_core.trainer import NonFiniteLossError, StepInfo
 
-from . import comfy_bridge
+from . import comfy_bridge, live_view
 from .common import CATEGORY, HANDLE, HANDLE_INPUT
 
 log = logging.getLogger(__name__)
@@ -31,7 +32,7 @@ class _LoopView:
         tracker.update(info)
         now = time.monotonic()
         if tracker.due(now):
-            comfy_bridge.send_progress(self.node_id, tracker.snapshot())
+            live_view.send_progress(self.node_id, tracker.snapshot())
         self.bar.update_absolute(tracker.done, self.steps)
         if now - self.last_log >= LOG_EVERY_S or tracker.done == self.steps:
             log.info("step %d/%d  loss %.4f  lr %.2e  %.2f s/it  ETA %.0f s", tracker.done, self.steps, info.loss,
@@ -41,13 +42,13 @@ class _LoopView:
     def on_known(self, state: TrainingState) -> None:
         self.tracker.replay(state.losses[self.tracker.first_step:])
         loaded = not self.tracker.running
-        comfy_bridge.send_progress(self.node_id, {**self.tracker.snapshot(), "loaded": loaded})
+        live_view.send_progress(self.node_id, {**self.tracker.snapshot(), "loaded": loaded})
         self.bar.update_absolute(self.tracker.done, self.steps)
 
     def close(self) -> None:
         if self.tracker.running:
             self.tracker.stop()
-            comfy_bridge.send_progress(self.node_id, self.tracker.snapshot())
+            live_view.send_progress(self.node_id, self.tracker.snapshot())
 
 
 class TrainLoop:
@@ -72,9 +73,27 @@ class TrainLoop:
         try:
             after = handle.run.train(handle, steps, on_step=view.on_step, should_stop=comfy_bridge.raise_if_cancelled,
                                      on_known=view.on_known)
+        except NonFiniteLossError as e:
+            raise NonFiniteLossError(f"{e} {nan_advice(e)}", e.step) from e
+        except PastScheduleError as e:  # refused before its first step: nothing trained, nothing written
+            shorter = f", or this loop's steps to {e.total - handle.step} at most" if e.total > handle.step else ""
+            raise ValueError(f"steps: {e}. Set InitTrainer's total_steps to {e.end} or more (0: auto, the queued "
+                             f"loops' steps){shorter}") from e
         finally:
             view.close()
         return (after, after.step, after.state.losses[-1])
+
+
+def nan_advice(e: NonFiniteLossError) -> str:
+    """What a graph's user does after a NaN loss in a TrainLoop, in the nodes' terms."""
+    if e.saved is not None:
+        return (f"This loop's input (step {e.start}) is unchanged and saved as {e.saved}: lower learning_rate in "
+                "InitTrainer, set its resume_state to latest and queue again.")
+    if e.start is not None and e.start >= e.step - 1:  # the input's own weights gave the NaN
+        return (f"This loop's input (step {e.start}) gave the NaN itself: lower learning_rate in InitTrainer and "
+                f"resume from a state saved before step {e.start} (resume_state).")
+    return (f"This loop's input (step {e.start}) is unchanged; connect a SaveCheckpoint to it to keep it, lower "
+            "learning_rate in InitTrainer and queue again.")
 
 
 class SaveCheckpoint:

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Everything the gated tests in tests/comfyui need, around a ComfyUI checkout you already have:
 #   bash scripts/comfyui_test_env.sh /path/to/ComfyUI
-# builds /path/to/ComfyUI/.venv (ComfyUI's requirements, this pack's, selenium), installs Chromium and its driver
-# from the system's packages for the live-view browser test, and prints the command that runs the gated tests.
-# A no-op for whatever is already there.
+# builds /path/to/ComfyUI/.venv (ComfyUI's requirements and this pack's), this pack's own .venv (which runs the
+# tests, selenium included: scripts/setup.sh), installs Chromium and its driver from the system's packages for the
+# live-view browser test, and prints the command that runs the gated tests. A no-op for whatever is already there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 COMFYUI_DIR=$(cd "${1:?usage: bash scripts/comfyui_test_env.sh /path/to/ComfyUI}" && pwd)
@@ -27,7 +27,9 @@ if ! "$VENV/bin/python" -c "import torch, torchvision" 2>/dev/null; then
 fi
 grep -v -E '^(torch|torchvision|torchaudio)\b' "$COMFYUI_DIR/requirements.txt" \
   | "$VENV/bin/pip" install -q -c "$CONSTRAINTS" -r /dev/stdin
-"$VENV/bin/pip" install -q -c "$CONSTRAINTS" -r requirements.txt selenium
+"$VENV/bin/pip" install -q -c "$CONSTRAINTS" -r requirements.txt
+bash scripts/setup.sh  # the pack's .venv, which drives the tests (and the browser, through selenium)
+.venv/bin/pip install -q -r requirements-dev.txt  # a .venv made before selenium was a test requirement
 
 # The browser test drives ComfyUI's own frontend in headless Chromium.
 if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then

@@ -481,6 +481,7 @@ def test_cli_reports_the_field_or_file_and_exits_2(cli_config, cli_files, tiny_f
 
     values = {k: v for k, v in {**cli_config, **changes}.items() if v is not None}
     lines = [f"{k} = {toml_value(resolve(v))}" for k, v in values.items()]
+    plan = {"steps": cli_config["total_steps"], **plan}  # the schedule's length
     lines += ["[plan]", "prompts = []", *(f"{k} = {toml_value(v)}" for k, v in plan.items())]
     (tmp_path / "run.toml").write_text("\n".join(lines), encoding="utf-8")
 

@@ -96,6 +96,12 @@ def newest_state_truncated(case: Path, shared: dict) -> None:
     newest.write_bytes(newest.read_bytes()[:-100])
 
 
+def every_state_truncated(case: Path, shared: dict) -> None:
+    earlier_run(case, shared)
+    for state in (case / "out").glob("*.state.safetensors"):
+        state.write_bytes(state.read_bytes()[:-100])
+
+
 def a_dataset_copy(case: Path, shared: dict) -> None:
     shutil.copytree(shared["folder"] / "data", case / "data")
 
@@ -137,6 +143,29 @@ def mounted(options: str):
     return setup
 
 
+def config_line(line: bytes):
+    """A line put at the top of the case's config as written, escapes and all."""
+    def setup(case: Path, shared: dict) -> None:
+        (case / "run.toml").write_bytes(line + b"\n" + (case / "run.toml").read_bytes())
+    return setup
+
+
+def init_lora_file(write: Callable[[Path], None], name: str = "start.safetensors"):
+    def setup(case: Path, shared: dict) -> None:
+        write(case / name)
+    return setup
+
+
+def truncated_lora(shared: dict) -> Callable[[Path], None]:
+    return lambda path: path.write_bytes((shared["earlier"] / f"{RUN}_000003.safetensors").read_bytes()[:-500])
+
+
+def pickled(path: Path) -> None:
+    import torch
+
+    torch.save({"lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight": torch.zeros(4, 8)}, path)
+
+
 def config_text(text: bytes):
     def setup(case: Path, shared: dict) -> None:
         (case / "run.toml").write_bytes(text)
@@ -150,8 +179,9 @@ class Case:
     plan: dict | None = field(default_factory=dict)  # changes to PLAN; None: no [plan] table
     args: list[str] = field(default_factory=list)
     setup: Callable | None = None  # (case folder, shared) -> None or a cleanup function
-    match: list[str] | str = ""  # regexes that stderr must contain
+    match: list[str] | str = ""  # regexes that stderr must contain; CASE stands for the case's folder
     code: int = 2
+    cwd: str = ""  # a folder of the case's to run from (the config given by its path from there)
 
 
 CASES = [
@@ -246,7 +276,8 @@ CASES = [
     Case("resume from a LoRA file", args=["--resume", "out/flux_tiny_demo_000003.safetensors"], setup=earlier_run,
          match=r"flux_tiny_demo_000003\.safetensors is not a training state of this trainer \(a LoRA file\?\)"),
     Case("resume from a missing file", args=["--resume", "gone.state.safetensors"],
-         match=r"training state gone\.state\.safetensors does not exist"),
+         match=r"error: --resume: training state gone\.state\.safetensors \(relative to the working folder CASE\) "
+               r"does not exist; give a \*\.state\.safetensors file this trainer saved"),
     Case("resume from a truncated state", args=["--resume", f"out/{RUN}_000006.state.safetensors"],
          setup=newest_state_truncated, match=rf"{RUN}_000006\.state\.safetensors is damaged or incomplete"),
     Case("resume with another rank", {"rank": 8, "alpha": 8.0}, setup=earlier_run,
@@ -257,10 +288,39 @@ CASES = [
     Case("resume with a new seed and dataset", {"dataset_dir": "CASE/data", "seed": 1}, setup=dataset_grown,
          match=r"other settings: seed 1 \(state: 7\), the dataset"),
     Case("the newest state truncated", {"batch_size": 2}, setup=newest_state_truncated,
-         match=[rf"skipped .*{RUN}_000006\.state\.safetensors: damaged or incomplete .*an older state is used instead",
+         match=[rf"skipped .*{RUN}_000006\.state\.safetensors: damaged or incomplete .*; the newest complete one, "
+                rf"{RUN}_000003\.state\.safetensors, is used",
                 rf"{RUN}_000003\.state\.safetensors belongs to a run with other settings: batch_size 2 \(state: 1\)"]),
+    Case("the only states truncated", {"seed": 43}, setup=every_state_truncated,
+         match=[rf"skipped .*{RUN}_00000[36]\.state\.safetensors: damaged or incomplete .*; there is no complete "
+                r"state to use", r"there is no training state to resume from, so the run starts at step 0"]),
     # --- the inputs themselves
-    Case("dataset missing", {"dataset_dir": "CASE/no_such_folder"}, match=r"no_such_folder does not exist: check"),
+    Case("dataset missing", {"dataset_dir": "CASE/no_such_folder"},
+         match=r"error: dataset folder CASE/no_such_folder does not exist: check the path$"),
+    Case("dataset missing, relative, run from another folder", {"dataset_dir": "no_such_folder"}, cwd="elsewhere",
+         match=r"error: \.\./run\.toml: dataset_dir = 'no_such_folder': CASE/no_such_folder does not exist \(a "
+               r"relative path is taken from the config file's folder CASE, not the working folder\)"),
+    Case("dataset relative, run from another folder", {"dataset_dir": "data"}, cwd="elsewhere", setup=a_dataset_copy,
+         code=0),
+    Case("[[datasets]] folder missing, relative", {"dataset_dir": None, "datasets": [{"dataset_dir": "gone"}]},
+         match=r"run\.toml \[\[datasets\]\] #1: dataset_dir = 'gone': CASE/gone does not exist \(a relative path"),
+    Case("Windows path that TOML escapes turned into a newline and a tab", {"transformer_path": None},
+         setup=config_line(b'transformer_path = "C:\\new\\top.safetensors"'),
+         match=r"transformer_path = 'C:\\new\\top\.safetensors' holds a newline: in \"double quotes\" TOML reads "
+               r"\\n as a newline and \\t as a tab; write Windows paths in 'single quotes' or with /"),
+    Case("init_lora an empty file", {"init_lora": "CASE/start.safetensors"}, setup=init_lora_file(Path.touch),
+         match=r"error: init_lora: CASE/start\.safetensors is truncated or corrupt \(.*\): download it again"),
+    Case("init_lora truncated", {"init_lora": "CASE/start.safetensors"},
+         setup=lambda case, shared: init_lora_file(truncated_lora(shared))(case, shared),
+         match=r"error: init_lora: CASE/start\.safetensors is truncated or corrupt"),
+    Case("init_lora a pickle", {"init_lora": "CASE/start.pt"}, setup=init_lora_file(pickled, "start.pt"),
+         match=r"error: init_lora: CASE/start\.pt is a pickle checkpoint \(\.pt\)\. Unpickling can run arbitrary code"),
+    Case("init_lora a pickle named .safetensors", {"init_lora": "CASE/start.safetensors"},
+         setup=init_lora_file(pickled), match=r"error: init_lora: CASE/start\.safetensors is truncated or corrupt"),
+    Case("fixed total_steps shorter than the plan", {"total_steps": 4, "lr_schedule": "cosine"},
+         match=r"error: run\.toml: \[plan\] steps = 6: training to step 6 runs past total_steps 4, where the cosine "
+               r"schedule ends: steps 5-6 would train at learning rate .*\. Set total_steps = 6 \(or 0: the plan's "
+               r"steps\), or \[plan\] steps = 4$"),
     Case("dataset empty", {"dataset_dir": "CASE/empty"}, setup=lambda case, shared: (case / "empty").mkdir(),
          match=r"dataset folder .*empty has no images: put the images"),
     Case("transformer missing", {"transformer_path": "CASE/flux1-dev.safetensors"},
@@ -287,7 +347,9 @@ def test_cli_case(case: Case, shared, processes, tiny_flux, tmp_path):
     try:
         watched = (tmp_path, shared["folder"], tiny_flux.clip_l.parent)
         before = snapshot(*watched)
-        result = run_cli(processes, tmp_path, "train", "run.toml", *case.args)
+        cwd = tmp_path / case.cwd
+        cwd.mkdir(exist_ok=True)
+        result = run_cli(processes, cwd, "train", os.path.relpath(tmp_path / "run.toml", cwd), *case.args)
         after = snapshot(*watched)
     finally:
         if callable(cleanup):
@@ -295,7 +357,7 @@ def test_cli_case(case: Case, shared, processes, tiny_flux, tmp_path):
     assert result.code == case.code, result.err
     assert "Traceback" not in result.err, result.err
     for pattern in [case.match] if isinstance(case.match, str) else case.match:
-        assert re.search(pattern, result.err), result.err
+        assert re.search(pattern.replace("CASE", re.escape(str(tmp_path))), result.err, flags=re.M), result.err
     changed = [p for p in before if after.get(p) != before[p] and not p.endswith(("stdout.txt", "stderr.txt"))]
     assert not changed, f"files changed or removed: {changed}"
     assert not (tmp_path / "out" / LOCK_NAME).exists() or case.id.startswith("folder in use"), "the lock was left"

@@ -447,3 +447,22 @@ def test_xy_grid_rows_are_checkpoints_columns_strengths_without_reading_files(h0
     assert not torch.equal(cells[0][2], cells[1][2])  # at strength 1 the checkpoints differ
     with pytest.raises(ValueError, match="no checkpoint was saved"):
         nodes["XYLoraStrengthGrid"].grid(loop(h0, 1), "0,1", "fltglyph", **SAMPLE)
+
+
+def test_a_loop_past_a_fixed_total_steps_stops_before_its_first_step_saying_what_to_set(base_dir):
+    start = init(lr_schedule="cosine", total_steps=4, output_name="past_schedule")
+    after = loop(start, 3)
+    store = base_dir / "models" / bridge.STATES
+    before = sorted(p for p in store.rglob("*") if p.is_file())
+    bar = []
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(bridge, "progress_bar", lambda total: type("Bar", (), {
+            "update_absolute": lambda self, value, total=None: bar.append(value)})())
+        with pytest.raises(ValueError, match=r"^steps: training to step 6 runs past total_steps 4, where the cosine "
+                                             r"schedule ends: steps 5-6 would train at learning rate 0\. Set "
+                                             r"InitTrainer's total_steps to 6 or more \(0: auto, the queued loops' "
+                                             r"steps\), or this loop's steps to 1 at most$"):
+            loop(after, 3)
+    assert bar == [] and after.run.trainer.step == 3  # not one step
+    assert sorted(p for p in store.rglob("*") if p.is_file()) == before  # nothing written
+    assert loop(after, 1).step == 4  # the loop that fits the schedule trains

@@ -1,5 +1,4 @@
 """Training options: continuing a LoRA file, DoRA, the file formats, auto total_steps, TensorBoard event files."""
-import logging
 
 import numpy as np
 import pytest
@@ -11,6 +10,7 @@ from trainer_core import lora
 from trainer_core.config import TrainConfig
 from trainer_core.demo import demo_config, write_demo_dataset
 from trainer_core.flow_matching import image_ids, text_ids
+from trainer_core.optim import PastScheduleError
 from trainer_core.plan import RunPlan, execute
 from trainer_core.trainer import Trainer, preflight, strength_grid
 
@@ -108,16 +108,22 @@ def test_dora_with_fp8_base_or_block_swap_fails_early_naming_dora(tiny_flux, dat
 
 
 # --------------------------------------------------------------------------------------------- total_steps
-def test_auto_total_steps_is_the_plan_and_a_loop_past_the_schedule_warns_once(tiny_flux, dataset, tmp_path, caplog):
+def test_auto_total_steps_is_the_plan_and_a_loop_past_the_schedule_refuses_before_its_first_step(
+        tiny_flux, dataset, tmp_path):
     trainer = Trainer.from_config(config(tiny_flux, dataset, tmp_path, total_steps=0, tensorboard=False))
     with pytest.raises(ValueError, match=r"^total_steps: 0 \(auto\)"):
         trainer.train(1)
     execute(trainer, RunPlan(steps=2, save_every=2, save_state=False))
     assert trainer.config.total_steps == 2
-    with caplog.at_level(logging.WARNING, logger="trainer_core.trainer"):
+    lora_before = {k: v.clone() for k, v in lora.lora_state(trainer.transformer).items()}
+    with pytest.raises(PastScheduleError, match=r"^training to step 5 runs past total_steps 2, where the cosine "
+                                                r"schedule ends: steps 3-5 would train at learning rate 0"):
         trainer.train(3)
-    past = [r for r in caplog.records if "past total_steps" in r.getMessage()]
-    assert len(past) == 1 and "step 3 is past total_steps 2" in past[0].getMessage()
+    assert trainer.step == 2 and len(trainer.losses) == 2
+    assert all(torch.equal(v, lora_before[k]) for k, v in lora.lora_state(trainer.transformer).items())
+    constant = Trainer.from_config(config(tiny_flux, dataset, tmp_path, total_steps=1, lr_schedule="constant",
+                                          tensorboard=False))
+    assert constant.train(2) == 2  # a constant rate has no end to run past
 
 
 # --------------------------------------------------------------------------------------------- TensorBoard

@@ -19,6 +19,7 @@ from trainer_core.trainer import StepInfo
 ROOT = Path(__file__).resolve().parents[1]
 pack = load_pack()
 bridge = sys.modules[f"{pack.__name__}.nodes.comfy_bridge"]
+live = sys.modules[f"{pack.__name__}.nodes.live_view"]
 TrainLoop = pack.NODE_CLASS_MAPPINGS["FluxLoRA_TrainLoop"]
 
 
@@ -148,7 +149,11 @@ def sent(monkeypatch):
     """The events the bridge sends, and progress bars that record their updates (and cancel at step 5 if asked)."""
     events, updates = [], []
     monkeypatch.setattr(bridge, "send_event", lambda event, data: events.append((event, data)))
-    monkeypatch.setattr(bridge, "_latest_progress", {})
+    monkeypatch.setattr(live, "_workflow_of", live.OrderedDict())
+    monkeypatch.setattr(live, "_loops", live.OrderedDict())
+    server = SimpleNamespace(last_prompt_id=queue("tiny"))  # a prompt of workflow "tiny", being run
+    monkeypatch.setattr(bridge, "running_prompt_id", lambda: server.last_prompt_id)
+    monkeypatch.setattr(bridge, "cached_nodes", lambda prompt_id: None)  # no prompt has run to its end
     cancel_at = []
 
     class Bar:
@@ -161,7 +166,19 @@ def sent(monkeypatch):
                 raise Cancel
 
     monkeypatch.setattr(bridge, "progress_bar", Bar)
-    return SimpleNamespace(events=events, updates=updates, cancel_at=cancel_at)
+    return SimpleNamespace(events=events, updates=updates, cancel_at=cancel_at, server=server)
+
+
+def queue(workflow: str | None, prompt: dict | None = None) -> str:
+    """What ComfyUI's on-prompt hook sees when the frontend queues a prompt of `workflow` (its graph id); -> the id the
+    hook gives the prompt."""
+    extra = {"extra_pnginfo": {"workflow": {"id": workflow}}} if workflow else {}
+    return live.on_prompt({"prompt": prompt or {}, "extra_data": extra})["prompt_id"]
+
+
+def shown(workflow: str) -> list[dict]:
+    """What a view of `workflow` is given by the route."""
+    return live.view_state(workflow)["loops"]
 
 
 def test_train_loop_declares_its_node_id():
@@ -173,13 +190,13 @@ def test_train_loop_sends_throttled_progress_of_its_node(sent):
     after, step, loss = TrainLoop().train(handle, 100, unique_id="7")
     assert (step, loss) == (140, 1.0 / 100)
     assert sent.updates == list(range(1, 101))  # the progress bar (and Cancel) still see every step
-    assert {event for event, _ in sent.events} == {bridge.PROGRESS_EVENT}
+    assert {event for event, _ in sent.events} == {live.EVENT}
     messages = [data for _, data in sent.events]
     assert 2 <= len(messages) <= 10  # instant steps: the first, the last, few between
     assert messages[0]["step"] == 1 and messages[-1]["step"] == 100 and messages[-1]["run_step"] == 140
-    assert all(m["node"] == "7" and m["total"] == 100 for m in messages)
+    assert all(m["node"] == "7" and m["total"] == 100 and m["workflow"] == "tiny" for m in messages)
     assert messages[-1]["running"] is False
-    assert bridge.progress_messages() == [messages[-1]]  # what a reloaded view is given
+    assert shown("tiny") == [{**messages[-1], "cached": False}]  # what a reloaded view is given
 
 
 def test_a_cancelled_loop_is_shown_stopped(sent):
@@ -189,7 +206,7 @@ def test_a_cancelled_loop_is_shown_stopped(sent):
         TrainLoop().train(handle, 20, unique_id="3")
     last = sent.events[-1][1]
     assert (last["step"], last["running"]) == (5, False)
-    assert bridge.progress_messages() == [last]
+    assert shown("tiny") == [{**last, "cached": False}]
 
 
 class StoredRun:
@@ -219,28 +236,66 @@ def test_replay_charts_steps_done_before_and_times_only_new_ones():
     assert snap["step"] == 3 and snap["s_per_it"] == 2.0 and [p[0] for p in snap["history"]] == [6, 7, 8]
 
 
-def test_the_route_serves_only_the_latest_prompts_messages(sent, monkeypatch):
-    server = SimpleNamespace(last_prompt_id="first")
-    monkeypatch.setattr(bridge, "_prompt_server", lambda: server)
+def test_each_workflow_sees_only_its_own_runs_though_node_ids_are_shared(sent):
     TrainLoop().train(SimpleNamespace(run=FakeRun(), step=0), 3, unique_id="5")
     TrainLoop().train(SimpleNamespace(run=FakeRun(), step=0), 3, unique_id="6")
-    server.last_prompt_id = "second"  # another workflow queued: the first one's numbers must not show as its
-    TrainLoop().train(SimpleNamespace(run=FakeRun(), step=0), 3, unique_id="5")
-    assert [(m["node"], m["prompt_id"]) for m in bridge.progress_messages()] == [("5", "second")]
+    sent.server.last_prompt_id = queue("dev2pro")  # another workflow, whose loops have the same ids
+    TrainLoop().train(SimpleNamespace(run=FakeRun(), step=0), 4, unique_id="5")
+    assert [(m["node"], m["total"]) for m in shown("tiny")] == [("5", 3), ("6", 3)]
+    assert [(m["node"], m["total"]) for m in shown("dev2pro")] == [("5", 4)]
+    assert shown("a workflow never queued") == [] and shown(None) == []
+    sent.server.last_prompt_id = queue(None)  # queued over the HTTP API, without its workflow: no graph is its
+    TrainLoop().train(SimpleNamespace(run=FakeRun(), step=0), 7, unique_id="5")
+    assert sent.events[-1][1]["workflow"] is None
+    assert [m["total"] for m in shown("tiny") + shown("dev2pro")] == [3, 3, 4]
+
+
+def test_a_later_prompt_replaces_a_loops_view_and_a_loop_served_from_the_cache_keeps_its_last_state(sent, monkeypatch):
+    history = {}  # prompt id -> the nodes ComfyUI's history says it took from its cache, once it has run
+    monkeypatch.setattr(bridge, "cached_nodes", history.get)
+    first = sent.server.last_prompt_id
+    for node in ("3", "8"):
+        TrainLoop().train(SimpleNamespace(run=FakeRun(), step=0), 3, unique_id=node)
+    history[first] = set()
+    second = sent.server.last_prompt_id = queue("tiny")  # re-queued with loop 8 longer: loop 3 comes from the cache
+    TrainLoop().train(SimpleNamespace(run=FakeRun(), step=0), 5, unique_id="8")
+    assert not any(m["cached"] for m in shown("tiny"))  # still running: ComfyUI tells only the tab that queued it
+    history[second] = {"1", "2", "3"}
+    loop3, loop8 = shown("tiny")
+    assert (loop3["prompt_id"], loop3["cached"], loop3["step"]) == (first, True, 3) and loop3["history"]
+    assert (loop8["prompt_id"], loop8["cached"], loop8["total"]) == (second, False, 5)
+    third = sent.server.last_prompt_id = queue("tiny")  # queued, not run yet: the second is still the last run
+    assert [m["cached"] for m in shown("tiny")] == [True, False]
+    history[third] = {"8"}  # a prompt of this graph that held loop 8 only, from the cache
+    assert [m["cached"] for m in shown("tiny")] == [False, True]
+    assert live.view_state("tiny")["prompts"] == [first, second, third]
+    history[queue("dev2pro")] = {"3", "8"}  # another workflow's prompt says nothing of this one's loops
+    assert [m["cached"] for m in shown("tiny")] == [False, True]
 
 
 def test_progress_messages_are_numbers_only(sent):
     TrainLoop().train(SimpleNamespace(run=FakeRun(), step=0), 30, unique_id="12")
-    (message,) = bridge.progress_messages()
-    leaves = [v for k, v in message.items() if k not in ("node", "prompt_id", "history")] + sum(message["history"], [])
+    (message,) = shown("tiny")
+    ids = ("node", "prompt_id", "workflow", "history")
+    leaves = [v for k, v in message.items() if k not in ids] + sum(message["history"], [])
     assert all(isinstance(v, (int, float, bool)) or v is None for v in leaves)
 
 
-def test_outside_comfyui_nothing_is_sent_and_no_route_is_registered(monkeypatch):
-    monkeypatch.setattr(bridge, "_latest_progress", {})
+def test_a_queued_prompt_gets_its_id_and_the_client_may_give_it(sent):
+    assert re.fullmatch(r"[0-9a-f-]{36}", queue("tiny"))
+    assert live.on_prompt({"prompt": {}, "prompt_id": "mine"})["prompt_id"] == "mine"
+    assert live.on_prompt({"no prompt": 1}) == {"no prompt": 1}  # ComfyUI answers that one with its own error
+
+
+def test_outside_comfyui_nothing_is_sent_and_nothing_is_hooked(monkeypatch):
+    monkeypatch.setattr(live, "_loops", live.OrderedDict())
+    events = []
+    monkeypatch.setattr(bridge, "send_event", lambda event, data: events.append(data))
     TrainLoop().train(SimpleNamespace(run=FakeRun(), step=0), 3)  # called without a node id, as scripts do
-    assert bridge.progress_messages() == []
-    assert bridge.register_progress_route() is False
+    assert events == [] and live._loops == {}
+    assert bridge.register_route(live.ROUTE, live.view_state) is False
+    assert bridge.add_prompt_handler(live.on_prompt) is False
+    assert bridge.cached_nodes("any prompt") is None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -263,5 +318,5 @@ def test_the_extension_loads_only_comfyuis_own_scripts_and_nothing_from_outside(
 
 def test_the_extension_speaks_the_bridges_event_and_route():
     text = (ROOT / pack.WEB_DIRECTORY / "js" / "live_progress.js").read_text(encoding="utf-8")
-    assert f'"{bridge.PROGRESS_EVENT}"' in text and f'"{bridge.PROGRESS_ROUTE}"' in text
+    assert f'"{live.EVENT}"' in text and f'"{live.ROUTE}"' in text
     assert '"FluxLoRA_TrainLoop"' in text and "FluxLoRA_TrainLoop" in pack.NODE_CLASS_MAPPINGS

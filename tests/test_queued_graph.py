@@ -56,3 +56,25 @@ def test_validation_prompts_are_each_prompt_once_in_graph_order():
     prompt["30"]["inputs"]["prompts"] = ["77", 0]  # fed by a text node: not known before it runs
     assert validation_prompts(prompt, "1") == ["ohwx, a grid"]
     assert validation_prompts(None, "1") == []
+
+
+def test_loop_chains_are_each_loops_run_store_key():
+    prompt = chain(100, 200)
+    prompt["50"] = node("TrainLoop", handle=["10", 0], steps=500)
+    assert queued_graph.loop_chains(prompt, "1") == {"10": (100,), "11": (100, 200), "50": (100, 500)}
+    prompt["11"]["inputs"]["steps"] = ["99", 0]
+    assert queued_graph.loop_chains(prompt, "1") is None
+
+
+def test_a_queued_prompt_tells_an_auto_scheduled_init_trainer_its_loops_plan():
+    """ComfyUI keys InitTrainer's cached output on this extra input: a lengthened loop runs InitTrainer again."""
+    prompt = chain(50, 50)
+    prompt["1"]["inputs"]["total_steps"] = 0
+    prompt["2"] = node("InitTrainer", total_steps=300)  # a fixed schedule: its cache is left alone
+    prompt["60"] = node("TrainLoop", handle=["2", 0], steps=10)
+    body = queued_graph.plan_on_prompt({"prompt": prompt, "client_id": "x"})
+    assert body["prompt"]["1"]["inputs"][queued_graph.PLAN_INPUT] == 100
+    assert queued_graph.PLAN_INPUT not in body["prompt"]["2"]["inputs"]
+    prompt["11"]["inputs"]["steps"] = 80
+    assert queued_graph.plan_on_prompt({"prompt": prompt})["prompt"]["1"]["inputs"][queued_graph.PLAN_INPUT] == 130
+    assert queued_graph.plan_on_prompt({"prompt": "not a graph"}) == {"prompt": "not a graph"}

@@ -184,7 +184,8 @@ def load_training_state(path: str | Path, optimizer: bool = True) -> tuple[Train
     Raises ValueError naming the file if it is not a complete state file."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"training state {path} does not exist; pick a *{STATE_SUFFIX} file written by SaveCheckpoint")
+        tried = path if path.is_absolute() else f"{path} (relative to the working folder {Path.cwd()})"
+        raise FileNotFoundError(f"training state {tried} does not exist; give a *{STATE_SUFFIX} file this trainer saved")
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
@@ -233,7 +234,7 @@ def latest_state_file(folder: str | Path, stem: str, max_step: int | None = None
     Only that exact pattern matches: neither temporary files nor another run's `<stem>_v2_<step>` states.
     """
     pattern = re.compile(re.escape(stem) + r"_\d+" + re.escape(STATE_SUFFIX))
-    best, best_step = None, -1
+    best, best_step, damaged = None, -1, []
     for p in Path(folder).glob(f"{glob.escape(stem)}_*{STATE_SUFFIX}"):
         if not pattern.fullmatch(p.name):
             continue
@@ -242,10 +243,13 @@ def latest_state_file(folder: str | Path, stem: str, max_step: int | None = None
                 meta = f.metadata() or {}
             step = json.loads(meta["state"])["step"] if meta.get("format") == STATE_FORMAT else -1
         except (SafetensorError, KeyError, ValueError, OSError) as e:
-            log.warning("skipped %s: damaged or incomplete (%s); an older state is used instead", p, e)
+            damaged.append((p, e))
             continue
         if step > best_step and (max_step is None or step <= max_step):
             best, best_step = p, step
+    for p, e in damaged:  # said once the scan knows whether an older state is there to use
+        log.warning("skipped %s: damaged or incomplete (%s); %s", p, e,
+                    f"the newest complete one, {best.name}, is used" if best else "there is no complete state to use")
     return best
 
 

@@ -18,7 +18,7 @@ log = logging.getLogger("trainer_core")
 
 
 def _train(args) -> int:
-    from .config import TrainConfig, read_toml
+    from .config import TrainConfig, check_relative_paths, read_toml
 
     path = Path(args.config)
     values = read_toml(path)
@@ -27,14 +27,21 @@ def _train(args) -> int:
         raise ValueError(f"{path}: plan = {plan_values!r} is not a table; put the run's steps under a [plan] heading")
     # every setting is checked (and named when wrong) before anything heavy is imported or loaded
     config = TrainConfig.from_dict(values, source=str(path), base_dir=path.parent)
+    check_relative_paths(values, path.parent, str(path))
     out = output_guard.check_output_dir(config.output_dir)
 
     from .checkpoints import latest_state_file
     from .distributed import launched_processes
+    from .optim import PastScheduleError, check_schedule_covers
     from .plan import RunPlan, planned_config
 
     plan = RunPlan.from_dict(plan_values)
     config = planned_config(config, plan)  # before the run's identity is taken from it
+    try:
+        check_schedule_covers(plan.steps, config)
+    except PastScheduleError as e:
+        raise ValueError(f"{path}: [plan] steps = {plan.steps}: {e}. Set total_steps = {plan.steps} (or 0: the plan's "
+                         f"steps), or [plan] steps = {e.total}") from e
     processes = launched_processes(config.device)
     if not processes.is_main:  # one voice: the main process logs, prints, locks and moves files for the run
         logging.getLogger().setLevel(logging.WARNING)
@@ -42,7 +49,8 @@ def _train(args) -> int:
         resume = Path(args.resume) if args.resume else None if args.fresh else \
             latest_state_file(out, config.output_name)  # after a crash or Ctrl-C: the newest complete state
         check_earlier = resume is None and processes.is_main
-        return _run(path, config, plan, resume, (args.fresh, args.overwrite) if check_earlier else None, processes)
+        return _run(path, config, plan, resume, (args.fresh, args.overwrite) if check_earlier else None, processes,
+                    resume_given=bool(args.resume))
 
 
 def _earlier_run(out: Path, name: str, identity: Callable[[], str], fresh: bool, overwrite: bool) -> list[Path]:
@@ -65,10 +73,11 @@ def _earlier_run(out: Path, name: str, identity: Callable[[], str], fresh: bool,
     return files
 
 
-def _run(path: Path, config, plan, resume: Path | None, start_over: tuple[bool, bool] | None, processes) -> int:
+def _run(path: Path, config, plan, resume: Path | None, start_over: tuple[bool, bool] | None, processes,
+         resume_given: bool = False) -> int:
     """`start_over`: (--fresh, --overwrite) when the run starts at step 0 over whatever `output_dir` holds: an earlier
     run's files there are refused, or with --overwrite moved aside once every check passed (so that a later resume
-    never picks up the earlier run's newer states)."""
+    never picks up the earlier run's newer states). `resume_given`: `resume` came from --resume (its errors say so)."""
     from . import lora, models
     from .checkpoints import latest_state_file, load_training_state
     from .identity import check_resume, dataset_identity, run_identity
@@ -79,7 +88,10 @@ def _run(path: Path, config, plan, resume: Path | None, start_over: tuple[bool, 
     state = None
     dataset = dataset_identity(config.dataset_entries())
     if resume is not None:  # a wrong file fails here, before anything loads
-        state, saved_config = load_training_state(resume)
+        try:
+            state, saved_config = load_training_state(resume)
+        except (ValueError, FileNotFoundError) as e:
+            raise type(e)(f"--resume: {e}" if resume_given else str(e)) from e
         check_resume(state, config, dataset, str(resume), "start another run with --fresh and another output_name")
     records = preflight(config)
     earlier = [] if start_over is None else _earlier_run(

@@ -11,6 +11,7 @@ import functools
 import inspect
 import io
 import math
+import os
 import tokenize
 import typing
 from dataclasses import dataclass
@@ -242,14 +243,9 @@ class TrainConfig:
         if missing:
             raise ValueError(f"{source}: missing setting(s) {', '.join(missing)}; give the path of each")
         if base_dir is not None:
-            def resolve(k, v):
-                return str(Path(base_dir) / v) if k in _PATH_FIELDS and isinstance(v, str) and v \
-                    and not Path(v).is_absolute() else v
-
-            values = {k: resolve(k, v) for k, v in values.items()}
-            if isinstance(values.get("datasets"), (list, tuple)):
-                values["datasets"] = [{k: resolve(k, v) for k, v in e.items()} if isinstance(e, dict) else e
-                                      for e in values["datasets"]]
+            values = dict(values)
+            for entry, key, value, where in _config_paths(values, source):
+                entry[key] = resolve_config_path(key, value, base_dir, where)
         return cls(**values)
 
     def replace(self, **changes) -> "TrainConfig":
@@ -265,6 +261,47 @@ _REPLACED = {"keep_runs": "the run store is bounded by size now: remove keep_run
 
 _PATH_FIELDS = {"transformer_path", "vae_path", "clip_path", "t5_path", "dataset_dir", "tokenizer_dir", "clip_tokenizer_dir",
                 "t5_tokenizer_dir", "validation_transformer_path", "cache_dir", "output_dir", "init_lora", "store_dir"}
+_MADE_PATH_FIELDS = {"cache_dir", "output_dir", "store_dir"}  # folders a run creates: the others must exist
+_CONTROL_NAMES = {"\n": "newline", "\t": "tab", "\r": "carriage return", "\b": "backspace", "\f": "form feed"}
+
+
+def _config_paths(values: dict, source: str):
+    """(the dict holding it, key, value, where) for each path setting of a config file's values, the
+    `[[datasets]]` tables' included (those are copied, so that the caller may set them)."""
+    for key in sorted(_PATH_FIELDS & set(values)):
+        yield values, key, values[key], source
+    if isinstance(values.get("datasets"), (list, tuple)):
+        values["datasets"] = [dict(e) if isinstance(e, dict) else e for e in values["datasets"]]
+        for n, entry in enumerate(values["datasets"], 1):
+            if isinstance(entry, dict) and "dataset_dir" in entry:
+                yield entry, "dataset_dir", entry["dataset_dir"], f"{source} [[datasets]] #{n}"
+
+
+def resolve_config_path(key: str, value, base_dir: str | Path, source: str):
+    """A path setting of a config file, relative paths taken from `base_dir` (the file's folder). A path with a
+    control character in it (a TOML escape in "double quotes": "C:\\new" holds a newline) is refused."""
+    if not isinstance(value, str) or not value:
+        return value
+    control = next((c for c in value if ord(c) < 32 or ord(c) == 127), None)
+    if control is not None:
+        name = _CONTROL_NAMES.get(control, f"control character {control!r}")
+        raise ValueError(f"{source}: {key} = {value!r} holds a {name}: in \"double quotes\" TOML reads \\n as a "
+                         "newline and \\t as a tab; write Windows paths in 'single quotes' or with /")
+    return value if Path(value).expanduser().is_absolute() else str(Path(os.path.abspath(base_dir)) / value)
+
+
+def check_relative_paths(values: dict, base_dir: str | Path, source: str) -> None:
+    """Each relative input path of a config file's `values` (the files and folders a run reads) exists where it was
+    taken from; else FileNotFoundError naming the key, the path tried and the folder it was taken from, the config
+    file's (a user who runs from another folder expects the working folder)."""
+    folder = Path(os.path.abspath(base_dir))
+    for _, key, value, where in _config_paths(dict(values), source):
+        if key in _MADE_PATH_FIELDS or not isinstance(value, str) or not value or Path(value).expanduser().is_absolute():
+            continue
+        if not (folder / value).exists():
+            raise FileNotFoundError(f"{where}: {key} = {value!r}: {folder / value} does not exist (a relative path is "
+                                    f"taken from the config file's folder {folder}, not the working folder); fix the "
+                                    "path, or give an absolute one")
 
 
 def read_toml(path: str | Path) -> dict:

@@ -161,9 +161,8 @@ def _scan_folder(entry: DatasetEntry, index: int, caption_extension: str, look=N
     if repeats < 1:
         raise ValueError(f"repeats: {repeats} must be at least 1")
     if not folder.exists():
-        raise FileNotFoundError(
-            f"dataset folder {folder} does not exist: check the path (absolute, or relative to {Path.cwd()})"
-        )
+        tried = folder if folder.is_absolute() else f"{folder} (relative to the working folder {Path.cwd()})"
+        raise FileNotFoundError(f"dataset folder {tried} does not exist: check the path")
     if not folder.is_dir():
         raise ValueError(f"dataset folder {folder} is a file, not a folder: give the folder that holds the images")
 

@@ -24,7 +24,7 @@ from torch import nn
 
 from .checkpoints import save_safetensors
 from .config import LORA_FORMATS
-from .models import DOUBLE_BLOCK_LINEARS, SINGLE_BLOCK_LINEARS
+from .models import DOUBLE_BLOCK_LINEARS, SINGLE_BLOCK_LINEARS, read_safetensors_header
 
 logger = logging.getLogger(__name__)
 
@@ -517,11 +517,10 @@ def lora_file_rank(path: str | os.PathLike) -> int:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"LoRA file {path} does not exist; check the path")
-    with safe_open(path, framework="pt") as f:
-        keys = list(f.keys())
-        lora_format = lora_file_format(path, keys)
-        downs = [k for k in keys if k.endswith(".lora_down.weight" if lora_format == "kohya" else ".lora_A.weight")]
-        return min(f.get_slice(k).get_shape()[0] for k in downs)
+    shapes = read_safetensors_header(path).shapes  # a pickle, empty, truncated or corrupt file is named and refused
+    lora_format = lora_file_format(path, list(shapes))
+    downs = [k for k in shapes if k.endswith(".lora_down.weight" if lora_format == "kohya" else ".lora_A.weight")]
+    return min(shapes[k][0] for k in downs)
 
 
 def load_diffusers_lora(path: Path, state: dict[str, torch.Tensor], transformer: nn.Module) -> None:

@@ -16,7 +16,7 @@ from .config import TrainConfig
 def learning_rate(step: int, config: TrainConfig) -> float:
     """LR for optimizer step `step` (0-based): linear warmup, then the chosen schedule over `total_steps`.
 
-    Past `total_steps` the schedule holds its final value, so training on beyond the plan never errors.
+    Past `total_steps` the schedule holds its final value (`check_schedule_covers` keeps runs from going there).
     """
     peak = config.learning_rate
     if step < config.warmup_steps:
@@ -33,6 +33,24 @@ def learning_rate(step: int, config: TrainConfig) -> float:
     else:  # cyclic: a whole cosine period per cycle, down to the floor and back up
         phase = 2.0 * ((progress * config.lr_cycles) % 1.0)
     return floor + (peak - floor) * 0.5 * (1.0 + math.cos(math.pi * phase))
+
+
+class PastScheduleError(ValueError):
+    """Training up to step `end` would run past `total`, where a schedule that moves the LR has ended (it would hold
+    its final value, 0 for a cosine without a floor). Raised before the first step; the caller says what to set."""
+
+    def __init__(self, end: int, config: TrainConfig):
+        self.end, self.total = end, config.total_steps
+        super().__init__(f"training to step {end} runs past total_steps {config.total_steps}, where the "
+                         f"{config.lr_schedule} schedule ends: steps {config.total_steps + 1}-{end} would train at "
+                         f"learning rate {learning_rate(config.total_steps, config):.3g}")
+
+
+def check_schedule_covers(end: int, config: TrainConfig) -> None:
+    """Raise PastScheduleError if steps up to `end` (run steps, 1-based) pass the end of a schedule that moves the LR
+    (a constant one never ends)."""
+    if end > config.total_steps > 0 and config.lr_schedule != "constant":
+        raise PastScheduleError(end, config)
 
 
 def make_optimizer(params: Iterable[torch.nn.Parameter], config: TrainConfig, device: torch.device) -> torch.optim.Optimizer:

@@ -38,6 +38,7 @@ from .content_hash import content_identity
 from .data import ImageRecord
 from .identity import check_resume, dataset_identity, image_key, run_identity
 from .run_store import RunStore, chain_key, loop_bytes
+from .optim import check_schedule_covers
 from .trainer import NonFiniteLossError, StepInfo, Trainer, lora_metadata, preflight, strength_grid
 
 log = logging.getLogger(__name__)
@@ -113,6 +114,11 @@ def _return_freed_memory() -> None:
     trim = getattr(ctypes.CDLL(None), "malloc_trim", None) if sys.platform.startswith("linux") else None
     if trim is not None:  # glibc (musl has none)
         trim(0)
+
+
+def active_config() -> TrainConfig | None:
+    """The config of the run that holds models now (the one a new run replaces), if any."""
+    return None if _active is None else _active.config
 
 
 class TrainingRun:
@@ -325,6 +331,7 @@ class TrainingRun:
                 on_known(stored)
             return replace(handle, saved=stored, chain=chain)
         target = handle.step + steps
+        check_schedule_covers(target, self.config)  # before any model loads or step runs
         start = handle.state
         if self._interrupted is not None and self._interrupted[0] == start.id and self._interrupted[1].step <= target:
             start = self._interrupted[1]
@@ -340,7 +347,9 @@ class TrainingRun:
             trainer.train(target - trainer.step, on_step=on_step, should_stop=should_stop)
         except NonFiniteLossError as e:
             self._at = None  # the trainer stands at weights that diverged; the next call restores a handle's state
-            raise NonFiniteLossError(f"{e} {self._save_last_good(handle, trainer.step)}") from e
+            # a state of the step that diverged would only give the NaN again: keep the loop's input if it came before
+            e.start, e.saved = handle.step, self._save_last_good(handle) if handle.step < trainer.step else None
+            raise
         except BaseException:
             self._keep_interrupted(handle)
             raise
@@ -369,22 +378,16 @@ class TrainingRun:
         self._at = state.id
         log.info("loop interrupted at step %d; its steps are kept", state.step)
 
-    def _save_last_good(self, handle: TrainingHandle, diverged: int) -> str:
-        """After the weights of step `diverged` gave a NaN loss: save the loop's input as SaveCheckpoint would, if it
-        came before (a state of that step would only give the NaN again); -> what the user should do next."""
-        if not self.writes:
-            return "The main process saves this loop's input."
-        if handle.step >= diverged:
-            return (f"This loop's input (step {handle.step}) gave the NaN itself: lower learning_rate in InitTrainer "
-                    f"and resume from a state saved before step {handle.step} (resume_state).")
+    def _save_last_good(self, handle: TrainingHandle) -> Path | None:
+        """The loop's input saved as SaveCheckpoint would (after a NaN) -> the file; None if saving failed."""
+        if not self.writes:  # a data-parallel run's other processes: the main one saves it
+            return None
         path = self.store.folder / f"{checkpoint_stem(self.config.output_name, handle.step)}{STATE_SUFFIX}"
         try:
-            save_training_state(path, self._stamp(self._full(handle), handle.chain), self.config.to_dict())
+            return save_training_state(path, self._stamp(self._full(handle), handle.chain), self.config.to_dict())
         except OSError as e:
             log.error("could not save the state of step %d: %s", handle.step, e)
-            return f"This loop's input (step {handle.step}) is unchanged; connect a SaveCheckpoint to it to keep it."
-        return (f"This loop's input (step {handle.step}) is unchanged and saved as {path}: lower learning_rate in "
-                "InitTrainer, set its resume_state to latest and queue again.")
+            return None
 
     @_grad_enabled
     def save_checkpoint(self, handle: TrainingHandle, save_state: bool = False, folder: str | Path | None = None,

@@ -26,7 +26,7 @@ from .content_hash import content_identity
 from .distributed import SINGLE, Processes, process_device
 from .flow_matching import image_ids, noisy_input_and_target, pack_latents, sample_sigmas, text_ids
 from .identity import RESUME_FIELDS, DatasetIdentity, dataset_identity, settings_mismatches
-from .optim import learning_rate, make_optimizer, set_learning_rate
+from .optim import check_schedule_covers, learning_rate, make_optimizer, set_learning_rate
 from .run_store import RunStore
 from .tensorboard_log import TensorBoardLog
 
@@ -35,7 +35,15 @@ log = logging.getLogger(__name__)
 
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN or infinite; the LoRA weights are those of the last completed step (which may be the one
-    that diverged: resume from a state saved earlier)."""
+    that diverged: resume from a state saved earlier). The caller (the CLI, a node) says in its own terms what to do
+    next, from `step` (the step whose loss diverged) and, set by a `TrainingRun`, `start` (the step the loop started
+    from) and `saved` (the loop's input state file, if it came before the divergence and was saved)."""
+
+    def __init__(self, message: str, step: int):
+        super().__init__(message)
+        self.step = step
+        self.start: int | None = None
+        self.saved: Path | None = None
 
 
 @dataclass
@@ -133,7 +141,6 @@ class Trainer:
         self.text_encoders = text_encoders
         self.dataset = dataset
         self._prompt_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._warned_past_schedule = False
         self.tensorboard = TensorBoardLog(config.output_dir, config.output_name,
                                           enabled=config.tensorboard and processes.is_main)  # one writer per run
 
@@ -223,6 +230,7 @@ class Trainer:
         cfg = self.config
         if cfg.total_steps == 0:
             raise ValueError("total_steps: 0 (auto) was not resolved to the planned steps; set total_steps")
+        check_schedule_covers(self.step + num_steps, cfg)
         self.transformer.train()
         done = 0
         with torch.inference_mode(False), torch.enable_grad():
@@ -231,7 +239,6 @@ class Trainer:
                     break
                 t0 = time.perf_counter()
                 position = self._position()
-                self._warn_past_schedule()
                 try:
                     lr = learning_rate(self.step, cfg)
                     set_learning_rate(self.optimizer, lr)
@@ -252,8 +259,7 @@ class Trainer:
                         raise NonFiniteLossError(
                             f"the loss became {loss_value} at step {self.step + 1}; the LoRA was kept as it was after "
                             f"step {self.step}. Likely cause: too high a learning rate (learning_rate "
-                            f"{cfg.learning_rate:g}); lower it and resume from a state saved before the loss went up."
-                        )
+                            f"{cfg.learning_rate:g}).", self.step + 1)
                     self.optimizer.step()
                 except BaseException:
                     self.optimizer.zero_grad(set_to_none=True)
@@ -269,15 +275,6 @@ class Trainer:
                     on_step(StepInfo(self.step, loss_value, lr, time.perf_counter() - t0))
         self.tensorboard.flush()
         return done
-
-    def _warn_past_schedule(self) -> None:
-        """Once per run: a step past total_steps trains at the schedule's final LR (0 for cosine without a floor)."""
-        cfg = self.config
-        if self.step >= cfg.total_steps and cfg.lr_schedule != "constant" and not self._warned_past_schedule:
-            self._warned_past_schedule = True
-            log.warning("step %d is past total_steps %d, where the %s schedule ends: the learning rate stays at %.3g. "
-                        "Set total_steps to the steps of all loops (0 = auto) and start the run again.",
-                        self.step + 1, cfg.total_steps, cfg.lr_schedule, learning_rate(self.step, cfg))
 
     def _next_batch(self) -> list[int]:
         if self.cursor >= len(self._order):

@@ -363,3 +363,70 @@ def test_cancel_mid_loop_then_queue_again_continues_the_loop(cancelled_and_conti
     assert executed_nodes(c.continued) & set(node_ids(c.continued.prompt, "FluxLoRA_TrainLoop")) == {loop4}
     state, _ = load_training_state(comfyui.models_dir(STATES) / lora_name(start + LONG, state=True))
     assert state.step == len(state.losses) == start + LONG  # no step lost or done twice
+
+
+# ---------------------------------------------------------------------------------------------- the schedule's end
+def files_of(comfyui, output_name: str) -> dict[str, bytes]:
+    """Every file the runs of `output_name` wrote: LoRAs, saved states and the run store's entries."""
+    roots = [comfyui.models_dir("loras"), comfyui.models_dir(STATES)]
+    return {str(p): p.read_bytes() for root in roots for p in root.rglob("*")
+            if p.is_file() and (output_name in p.name or "runs" in p.relative_to(root).parts)}
+
+
+@pytest.fixture(scope="module")
+def lengthened_past_a_fixed_schedule(comfyui, shipped) -> tuple[Run, Run, dict, dict]:
+    """The shrunk workflow with a fixed total_steps of its four loops, run; then loop 4 made 2 steps longer."""
+    prompt = shrunk(shipped["prompt"], "flux_tiny_fixed")
+    init, loop4 = node_ids(prompt, "FluxLoRA_InitTrainer")[0], node_ids(prompt, "FluxLoRA_TrainLoop")[3]
+    prompt = with_inputs(prompt, {init: {"total_steps": 4 * STEPS, "lr_schedule": "cosine"}})
+    first = run(comfyui, prompt)
+    assert_success(first, comfyui)
+    before = files_of(comfyui, "flux_tiny_fixed")
+    longer = run(comfyui, with_inputs(prompt, {loop4: {"steps": STEPS + 2}}))
+    return first, longer, before, files_of(comfyui, "flux_tiny_fixed")
+
+
+def test_a_loop_lengthened_past_a_fixed_total_steps_stops_before_training_and_writes_nothing(
+        lengthened_past_a_fixed_schedule, comfyui):
+    first, longer, before, after = lengthened_past_a_fixed_schedule
+    status = longer.history["status"]
+    errors = [m for kind, m in status["messages"] if kind == "execution_error"]
+    loop4 = node_ids(longer.prompt, "FluxLoRA_TrainLoop")[3]
+    assert status["status_str"] == "error" and errors and errors[0]["node_id"] == loop4
+    end = 4 * STEPS + 2
+    assert errors[0]["exception_message"].rstrip("\n") == (
+        f"steps: training to step {end} runs past total_steps {4 * STEPS}, where the cosine schedule ends: steps "
+        f"{4 * STEPS + 1}-{end} would train at learning rate 0. Set InitTrainer's total_steps to {end} or more (0: "
+        f"auto, the queued loops' steps), or this loop's steps to {STEPS} at most")
+    assert after == before  # nothing trained, nothing written
+
+
+@pytest.fixture(scope="module")
+def lengthened_with_auto_total_steps(comfyui, shipped) -> tuple[Run, Run, str]:
+    """The shrunk workflow (total_steps 0: auto), run; then loop 4 made 2 steps longer; and the log of the second."""
+    prompt = shrunk(shipped["prompt"], "flux_tiny_auto")
+    prompt = with_inputs(prompt, {node_ids(prompt, "FluxLoRA_InitTrainer")[0]: {"lr_schedule": "cosine"}})
+    first = run(comfyui, prompt)
+    assert_success(first, comfyui)
+    start = len(comfyui.log())
+    loop4 = node_ids(prompt, "FluxLoRA_TrainLoop")[3]
+    longer = run(comfyui, with_inputs(prompt, {loop4: {"steps": STEPS + 2}}))
+    return first, longer, comfyui.log()[start:]
+
+
+def test_a_lengthened_loop_re_plans_an_auto_schedule_and_the_log_says_which_loops_train_again(
+        lengthened_with_auto_total_steps, comfyui):
+    first, longer, log = lengthened_with_auto_total_steps
+    assert_success(longer, comfyui)
+    init = node_ids(longer.prompt, "FluxLoRA_InitTrainer")[0]
+    assert init in executed_nodes(longer)  # InitTrainer ran again: its schedule follows the queued graph
+    loops = node_ids(longer.prompt, "FluxLoRA_TrainLoop")
+    total = 4 * STEPS + 2
+    ranges = [(1, 3), (4, 6), (7, 9), (10, total)]
+    expected = ", ".join(f"TrainLoop {n} (steps {a}-{b})" for n, (a, b) in zip(loops, ranges))
+    said = f"the queued loops add up to {total} steps, not {4 * STEPS}"
+    assert said in log and expected in log, log[-4000:]
+    assert log.index(said) < log.index(f"step {STEPS}/{STEPS}"), "the loops trained before the log said why"
+    state, _ = load_training_state(comfyui.models_dir(STATES) / f"flux_tiny_auto_{total:06d}{STATE_SUFFIX}")
+    assert state.lrs[-1] > 0 and len(state.lrs) == total  # the lengthened loop's last step still learns (cosine)
+    assert "past total_steps" not in log

@@ -1,7 +1,9 @@
 // Live view of a running TrainLoop: step / total, s/it, ETA, loss (current and smoothed) and a loss chart that grows
 // as training runs. The server broadcasts "flux_lora_trainer.progress" messages (throttled, numbers only) to every
-// open tab; a tab that (re)connects mid-run asks /flux_lora_trainer/progress for the latest one of each node (of the
-// latest prompt only). A loop loaded from the run store says so. Nothing is loaded from outside ComfyUI.
+// open tab, each naming its node, prompt and the workflow (graph id) it was queued from; a graph shows only its own.
+// A tab that (re)loads a graph asks /flux_lora_trainer/progress?workflow=<id> for the last state of each of its loops
+// (nodes/live_view.py); a loop loaded from the run store, or served from ComfyUI's cache, says so. Nothing is loaded
+// from outside ComfyUI.
 import { app } from "../../../scripts/app.js";
 import { api } from "../../../scripts/api.js";
 
@@ -12,8 +14,13 @@ const CHART_HEIGHT = 110; // CSS pixels
 const RAW_COLOR = "rgba(110, 168, 254, 0.45)";
 const SMOOTH_COLOR = "rgb(110, 168, 254)";
 
-// node id -> latest message: a message may arrive before its node exists (a reload restores the graph after setup)
-const latest = new Map();
+// the runs this graph queued: TrainLoop node id -> latest message, and the ids of the prompts queued from this graph.
+// Messages of other workflows are never shown: two graphs may hold the same node ids.
+let latest = new Map();
+let prompts = new Set();
+// the TrainLoops the latest prompt of this graph took from ComfyUI's cache (it tells only the tab that queued it;
+// the others learn it from the route once the prompt has run)
+let cachedRun = { prompt: null, nodes: new Set() };
 
 function formatDuration(seconds) {
   const s = Math.round(seconds);
@@ -30,6 +37,7 @@ function statusLine(msg) {
   if (msg.loaded) parts.push("loaded from the run store");
   else if (msg.running) parts.push(msg.eta_s == null ? "ETA –" : `ETA ${formatDuration(msg.eta_s)}`);
   else parts.push(msg.step < msg.total ? "stopped" : "done");
+  if (msg.cached) parts.push("cached"); // this prompt took the loop from ComfyUI's cache: its state of the last run
   return parts.join(" · ");
 }
 
@@ -116,42 +124,67 @@ class ProgressView {
   }
 }
 
+const graphId = () => (app.rootGraph ?? app.graph)?.id;
+const viewOf = (node) => app.graph?.getNodeById(Number(node))?.fluxLoraProgress; // ids in subgraphs look like "5:3"
+
 function show(msg) {
+  if (!msg.workflow || msg.workflow !== graphId()) return; // another workflow's run, or a prompt without a workflow
   latest.set(String(msg.node), msg);
-  const node = app.graph?.getNodeById(Number(msg.node)); // top-level nodes; ids inside subgraphs look like "5:3"
-  node?.fluxLoraProgress?.show(msg);
+  prompts.add(msg.prompt_id);
+  const cached = msg.cached || (cachedRun.nodes.has(String(msg.node)) && msg.prompt_id !== cachedRun.prompt);
+  viewOf(msg.node)?.show(cached ? { ...msg, cached } : msg);
 }
 
+// what the server knows of this graph's runs: every loop's last state, within a request of a (re)load
 async function catchUp() {
+  const id = graphId();
+  if (!id) return;
   try {
-    const response = await api.fetchApi(ROUTE, { cache: "no-store" });
-    if (response.ok) (await response.json()).forEach(show);
+    const response = await api.fetchApi(`${ROUTE}?workflow=${encodeURIComponent(id)}`, { cache: "no-store" });
+    if (!response.ok || graphId() !== id) return;
+    const state = await response.json();
+    if (graphId() !== id) return; // another workflow was opened meanwhile
+    prompts = new Set(state.prompts);
+    state.loops.forEach(show);
   } catch (error) {
     console.warn("Flux LoRA Trainer: could not fetch the training progress", error);
   }
+}
+
+// sent to the tab that queued the prompt: the nodes ComfyUI serves from its cache, which send nothing of their own
+async function markCached({ detail }) {
+  await catchUp(); // learns whether this graph queued the prompt
+  if (!prompts.has(detail.prompt_id)) return;
+  cachedRun = { prompt: detail.prompt_id, nodes: new Set(detail.nodes.map(String)) };
+  for (const node of cachedRun.nodes) if (latest.has(node)) show(latest.get(node));
 }
 
 app.registerExtension({
   name: "FluxLoraTrainer.LiveProgress",
 
   async setup() {
-    api.addEventListener(EVENT, ({ detail }) => show(detail));
+    api.addEventListener(EVENT, ({ detail }) => {
+      const fresh = !prompts.has(detail.prompt_id);
+      show(detail);
+      if (fresh && detail.workflow === graphId()) catchUp(); // a new run of this graph: how its other loops stand
+    });
+    api.addEventListener("execution_cached", markCached);
+    api.addEventListener("status", catchUp); // the queue moved: a run started or ended, perhaps all from the cache
     api.addEventListener("reconnected", catchUp);
     await catchUp();
   },
 
   beforeConfigureGraph() {
-    // a workflow loaded now starts blank: only a run still going (a reload mid-run) is shown again
-    for (const [node, msg] of latest) if (!msg.running) latest.delete(node);
+    latest = new Map(); // another graph, or the same one restored: what it shows comes from the server
+    prompts = new Set();
+    cachedRun = { prompt: null, nodes: new Set() };
+  },
+
+  afterConfigureGraph() {
+    catchUp();
   },
 
   nodeCreated(node) {
     if (node.comfyClass === NODE_TYPE) node.fluxLoraProgress = new ProgressView(node);
-  },
-
-  loadedGraphNode(node) {
-    // ids are only known once the graph is configured: restore what this node last reported
-    const msg = latest.get(String(node.id));
-    if (msg) node.fluxLoraProgress?.show(msg);
   },
 });
