@@ -216,16 +216,11 @@ def running_graph(prompt_id: str) -> tuple[dict, list[str]] | None:
 def on_prompt_queued(handler) -> bool:
     """Have ComfyUI's server call `handler(graph)` with each prompt posted to it, before queueing it (on the
     server's thread); False outside ComfyUI."""
-    add_handler = getattr(_prompt_server(), "add_on_prompt_handler", None)
-    if add_handler is None:
-        return False
-
     def on_prompt(json_data: dict) -> dict:
         handler(json_data.get("prompt"))
         return json_data
 
-    add_handler(on_prompt)
-    return True
+    return add_prompt_handler(on_prompt)
 
 
 def save_previews(images) -> list[dict]:
@@ -275,7 +270,7 @@ def add_prompt_handler(handler: Callable[[dict], dict]) -> bool:
     instance = _prompt_server()
     if instance is None:
         return False
-    if handler not in instance.on_prompt_handlers:  # the pack imported twice
+    if handler not in getattr(instance, "on_prompt_handlers", ()):  # the pack imported twice
         instance.add_on_prompt_handler(handler)
     return True
 
