@@ -81,6 +81,21 @@ def test_each_weight_setting_changes_the_identity_and_no_other_does(config, data
     assert key(config, index) != base
 
 
+def test_a_setting_added_later_keeps_the_identity_and_resume_of_earlier_runs(config, tmp_path, monkeypatch):
+    index = ContentIndex(tmp_path / "store")
+    to_dict = TrainConfig.to_dict
+    monkeypatch.setattr(TrainConfig, "to_dict", lambda self: {k: v for k, v in to_dict(self).items() if k != "seed"})
+    before = key(config, index)  # the identity the code had before `seed` was a setting
+    monkeypatch.setattr(TrainConfig, "to_dict", to_dict)
+    assert key(config, index) != before
+    monkeypatch.setitem(identity.SETTINGS_ADDED, "seed", config.seed)
+    assert key(config, index) == before
+    assert key(config.replace(seed=config.seed + 1), index) != before
+    fingerprint = {k: str(getattr(config, k)) for k in identity.RESUME_FIELDS if k != "seed"}  # saved before it
+    assert identity.settings_mismatches(fingerprint, config) == []
+    assert identity.settings_mismatches(fingerprint, config.replace(seed=config.seed + 1))
+
+
 def test_model_files_count_by_content_never_by_path(config, tiny_flux, tmp_path):
     index = ContentIndex(tmp_path / "store")
     base = key(config, index)

@@ -51,6 +51,11 @@ SETTING_SIDES = {
     "tensorboard": NO_WEIGHT, "store_dir": NO_WEIGHT, "store_max_gb": NO_WEIGHT,
 }
 
+# Settings added after runs were stored -> the value that reproduces the code before them. At that value a setting is
+# left out of the run identity and a state saved without it counts as having it, so earlier runs keep their identity
+# (the store hands them back) and resume unchanged.
+SETTINGS_ADDED: dict[str, object] = {}
+
 # the settings a saved state must share with the run that continues it (the optimizer state's shapes, the data order)
 RESUME_FIELDS = ("rank", "alpha", "blocks", "optimizer", "batch_size", "gradient_accumulation", "seed")
 
@@ -124,7 +129,8 @@ def model_identities(config: TrainConfig, index: ContentIndex) -> dict[str, str]
 def run_identity(config: TrainConfig, dataset: DatasetIdentity, index: ContentIndex, start: str = "") -> str:
     """The hash naming a run: code numerics, weight settings, model contents, dataset, and the id of the state it
     started from ("" = a fresh LoRA)."""
-    settings = {k: v for k, v in config.to_dict().items() if SETTING_SIDES[k] == WEIGHTS}
+    settings = {k: v for k, v in config.to_dict().items()
+                if SETTING_SIDES[k] == WEIGHTS and not (k in SETTINGS_ADDED and v == SETTINGS_ADDED[k])}
     return _digest({"numerics": NUMERICS_VERSION, "settings": settings, "files": model_identities(config, index),
                     "dataset": dataset.key, "start": start})
 
@@ -138,8 +144,8 @@ def image_key(*parts) -> str:
 # ------------------------------------------------------------------------------------------------ resume
 def settings_mismatches(fingerprint: dict[str, str], config: TrainConfig) -> list[str]:
     """The settings a saved state was trained with that `config` does not share, as '<field> <ours> (state: <its>)'."""
-    return [f"{k} {getattr(config, k)} (state: {fingerprint.get(k)})" for k in RESUME_FIELDS
-            if str(getattr(config, k)) != fingerprint.get(k)]
+    saved = {k: fingerprint.get(k, str(SETTINGS_ADDED[k]) if k in SETTINGS_ADDED else None) for k in RESUME_FIELDS}
+    return [f"{k} {getattr(config, k)} (state: {saved[k]})" for k in RESUME_FIELDS if str(getattr(config, k)) != saved[k]]
 
 
 def check_resume(state, config: TrainConfig, dataset: DatasetIdentity | None, source: str,
