@@ -72,7 +72,8 @@ def prompt(session) -> dict:
     both plans keeps loop 1's numbers, which is what lets the store hand it back."""
     workflow = json.loads((PACK_DIR / "example_workflows" / WORKFLOW).read_text(encoding="utf-8"))
     prompt = shrunk(workflow_to_prompt(workflow, session["client"].object_info()), OUTPUT_NAME)
-    return with_inputs(prompt, {node_ids(prompt, "FluxLoRA_InitTrainer")[0]: {"total_steps": 3 * STEPS + LOOP2_CHANGED}})
+    total = 3 * STEPS + LOOP2_CHANGED
+    return with_inputs(prompt, {node_ids(prompt, "FluxLoRA_InitTrainer")[0]: {"total_steps": total}})
 
 
 @pytest.fixture(scope="module")

@@ -117,7 +117,12 @@ def shrunk(prompt: dict, output_name: str) -> dict:
 
 @pytest.fixture(scope="module")
 def small_prompt(shipped) -> dict:
-    return shrunk(shipped["prompt"], OUTPUT_NAME)
+    """The shrunk workflow with total_steps set, above every plan these tests queue: with auto, changing loop 2
+    changes the schedule, so loop 1 rightly trains again (the auto case is `lengthened_with_auto_total_steps`).
+    The total is the longest plan queued: loop 2 changed, then loop 4 made LONG."""
+    prompt = shrunk(shipped["prompt"], OUTPUT_NAME)
+    total = STEPS + LOOP2_CHANGED + STEPS + LONG
+    return with_inputs(prompt, {node_ids(prompt, "FluxLoRA_InitTrainer")[0]: {"total_steps": total}})
 
 
 @pytest.fixture(scope="module")
@@ -149,7 +154,8 @@ class Cancelled:
 
 @pytest.fixture(scope="module")
 def cancelled_and_continued(comfyui, shipped, loop2_changed) -> Cancelled:
-    """Loop 4 made long; Cancel (POST /interrupt) as soon as ComfyUI reports its first step, then queue it again."""
+    """Loop 4 made long; Cancel (POST /interrupt) as soon as ComfyUI reports its first training step, then queue it
+    again."""
     loop4 = node_ids(loop2_changed.prompt, "FluxLoRA_TrainLoop")[3]
     prompt = with_inputs(loop2_changed.prompt, {loop4: {"steps": LONG}})
     client_id = uuid.uuid4().hex
@@ -159,7 +165,9 @@ def cancelled_and_continued(comfyui, shipped, loop2_changed) -> Cancelled:
         while True:
             event = events.next()
             data = event.get("data", {})
-            if event["type"] == "progress" and data.get("node") == loop4 and data["value"] >= 1:
+            # a step of loop 4's own (max LONG), not the loading before it: the models were released after the
+            # last prompt, and reloading and caching report progress on the same node
+            if event["type"] == "progress" and data.get("node") == loop4 and data["value"] >= 1 and data["max"] == LONG:
                 comfyui.interrupt(prompt_id)
                 break
             if event["type"] in ENDED and data.get("prompt_id") == prompt_id:
