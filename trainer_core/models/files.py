@@ -1,7 +1,8 @@
 """Model files on disk: their kinds told from safetensors headers alone, checks that name the wrong file, and
 reading a file's tensors one at a time.
 
-Nothing is fetched from a hub: the real Flux configs ship in `configs/`. Pickle and GGUF files are refused.
+Nothing is fetched from a hub: the real Flux configs ship in `configs/`. Pickle files are refused; a GGUF
+file is taken as the Flux transformer only (`gguf.py`).
 """
 from __future__ import annotations
 
@@ -76,6 +77,16 @@ class SafetensorsHeader(NamedTuple):
     metadata: dict[str, str]
 
 
+def is_gguf(path: Path) -> bool:
+    """Whether `path` is a GGUF file (by its magic too, so a renamed one is known)."""
+    if path.suffix.lower() == ".gguf":
+        return True
+    if not path.is_file():
+        return False
+    with open(path, "rb") as f:
+        return f.read(4) == b"GGUF"
+
+
 def existing_path(path: str | Path, what: str) -> Path:
     """`path` if it exists; else FileNotFoundError naming it and the closest names in its folder."""
     path = Path(path).expanduser()
@@ -98,9 +109,9 @@ def read_safetensors_header(path: str | Path) -> SafetensorsHeader:
             f"{path} is a pickle checkpoint ({suffix}). Unpickling can run arbitrary code, so it is refused: "
             "convert it to .safetensors (or download the .safetensors release of the model)."
         )
-    if suffix == ".gguf":
-        raise ValueError(f"{path} is a GGUF-quantised model, which cannot be trained on: use the bf16 or fp8 "
-                         ".safetensors release of the model.")
+    if is_gguf(path):
+        raise ValueError(f"{path} is a GGUF file: only the Flux transformer may be one. Give the .safetensors file "
+                         "here.")
     if path.is_dir() or suffix not in SAFETENSORS_SUFFIXES:
         raise ValueError(f"{path} is not a .safetensors file: give the .safetensors model file.")
     try:
@@ -168,7 +179,11 @@ def check_model_file(path: str | Path, role: str) -> Path:
     """
     what, kinds, expected = MODEL_ROLES[role]
     path = existing_path(path, what)
-    if path.is_file():
+    if role == "transformer" and is_gguf(path):
+        from .gguf import check_flux_gguf  # here: gguf.py reads names through convert.py, which imports this module
+
+        check_flux_gguf(path)
+    elif path.is_file():
         _require_kind(path, kinds, expected)
     return path
 
