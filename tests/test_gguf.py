@@ -71,9 +71,9 @@ def test_a_gguf_flux_file_loads_as_the_model_it_quantizes(tiny_flux, q8_file):
     blocks = [m for n, m in quantized.named_modules() if isinstance(m, GGUFLinear)]
     assert len(blocks) == sum(isinstance(m, torch.nn.Linear) for n, m in base.named_modules() if "blocks." in n)
     g = torch.Generator().manual_seed(0)
-    inputs = dict(hidden_states=torch.randn(1, 16, 64, generator=g), encoder_hidden_states=torch.randn(1, 8, 32, generator=g),
-                  pooled_projections=torch.randn(1, 32, generator=g), timestep=torch.tensor([0.5]),
-                  img_ids=torch.zeros(16, 3), txt_ids=torch.zeros(8, 3), guidance=torch.tensor([1.0]))
+    inputs = dict(hidden_states=torch.randn(1, 16, 64, generator=g),
+                  encoder_hidden_states=torch.randn(1, 8, 32, generator=g),
+                  pooled_projections=torch.randn(1, 32, generator=g), timestep=torch.tensor([0.5]), img_ids=torch.zeros(16, 3), txt_ids=torch.zeros(8, 3), guidance=torch.tensor([1.0]))
     with torch.no_grad():
         out, ref = quantized(**inputs).sample, base(**inputs).sample
     assert (out - ref).abs().max() < 0.01 * ref.abs().max()  # Q8_0: 8 bits per weight
@@ -136,19 +136,22 @@ def test_bad_gguf_input_is_named_before_any_weight_is_read(q8_file, tmp_path):
         models.check_model_file(truncated, "transformer")
 
     llm = write_gguf(tmp_path / "llama-3-8b-Q8_0.gguf", {"token_embd.weight": np.zeros((8, 32), np.float32),
-                                                         "blk.0.attn_q.weight": np.zeros((32, 32), np.float32)}, "llama")
-    with pytest.raises(ValueError, match=r"is a GGUF of a 'llama' model \(a language model's weights\?\), not a Flux"):
+                                                         "blk.0.attn_q.weight": np.zeros((32, 32), np.float32)},
+                     "llama")
+    with pytest.raises(ValueError, match=r"appears to be a GGUF file of another model .*, not a Flux transformer"):
         models.check_model_file(llm, "transformer")
 
     iq2 = np.zeros((32, GGML_QUANT_SIZES[Q.IQ2_XXS][1]), np.uint8)  # one 256-wide block per row
     unsupported = write_gguf(tmp_path / "flux1-dev-IQ2_XXS.gguf", {
-        "img_in.weight": np.zeros((32, 64), np.float32), "double_blocks.0.img_attn.qkv.weight": iq2}, raw_dtype=Q.IQ2_XXS)
+        "img_in.weight": np.zeros((32, 64), np.float32), "double_blocks.0.img_attn.qkv.weight": iq2},
+        raw_dtype=Q.IQ2_XXS)
     with pytest.raises(ValueError, match=r"quantized as IQ2_XXS, which this trainer cannot read: use a file in"):
         models.check_model_file(unsupported, "transformer")
 
     renamed = tmp_path / "ae.safetensors"
     renamed.write_bytes(q8_file.read_bytes())  # a GGUF under a .safetensors name, given as the VAE
-    with pytest.raises(ValueError, match=r"ae.safetensors is a GGUF file: only the Flux transformer may be one"):
+    with pytest.raises(ValueError, match=r"ae.safetensors appears to be a Flux transformer \(GGUF\), not the Flux VAE"
+                                         r".* It belongs in the transformer input"):
         models.check_model_file(renamed, "vae")
 
 

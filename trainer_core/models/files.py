@@ -31,6 +31,8 @@ SAFETENSORS_SUFFIXES = (".safetensors", ".sft")  # BFL first released flux1-dev 
 KIND_DESCRIPTIONS = {
     "flux_transformer": "a Flux transformer (original BFL layout)",
     "flux_transformer_diffusers": "a Flux transformer (diffusers layout)",
+    "flux_transformer_gguf": "a Flux transformer (GGUF)",
+    "gguf": "a GGUF file of another model (a language model's or a text encoder's?)",
     "flux_checkpoint": "a Flux all-in-one checkpoint (transformer, VAE and text encoders)",
     "flux_vae": "the Flux VAE (ae.safetensors)",
     "sd_vae": "a Stable Diffusion VAE with 4 latent channels (Flux's VAE has 16)",
@@ -48,6 +50,7 @@ KIND_DESCRIPTIONS = {
 _INPUT_OF_KIND = {
     "flux_transformer": "the transformer input",
     "flux_transformer_diffusers": "the transformer input",
+    "flux_transformer_gguf": "the transformer input",
     "flux_vae": "the VAE input",
     "clip": "the CLIP-L input",
     "t5": "the T5 input",
@@ -63,7 +66,8 @@ class ModelRole(NamedTuple):
 
 
 MODEL_ROLES = {
-    "transformer": ModelRole("Flux transformer", ("flux_transformer", "flux_transformer_diffusers", "flux_checkpoint"),
+    "transformer": ModelRole("Flux transformer", ("flux_transformer", "flux_transformer_diffusers", "flux_checkpoint",
+                                                  "flux_transformer_gguf"),
                              "a Flux transformer (e.g. flux1-dev.safetensors or flux1-dev-fp8.safetensors)"),
     "vae": ModelRole("Flux VAE", ("flux_vae", "flux_checkpoint"), "the Flux VAE (ae.safetensors)"),
     "clip": ModelRole("CLIP-L text encoder", ("clip", "flux_checkpoint"),
@@ -111,7 +115,7 @@ def read_safetensors_header(path: str | Path) -> SafetensorsHeader:
         )
     if is_gguf(path):
         raise ValueError(f"{path} is a GGUF file: only the Flux transformer may be one. Give the .safetensors file "
-                         "here.")
+                         "here.")  # callers that take a GGUF ask `detect_file_kind` first
     if path.is_dir() or suffix not in SAFETENSORS_SUFFIXES:
         raise ValueError(f"{path} is not a .safetensors file: give the .safetensors model file.")
     try:
@@ -122,10 +126,15 @@ def read_safetensors_header(path: str | Path) -> SafetensorsHeader:
 
 
 def detect_file_kind(path: str | Path) -> str:
-    """Classify a .safetensors model file from its header alone: one of `KIND_DESCRIPTIONS`' keys.
+    """Classify a .safetensors or GGUF model file from its header alone: one of `KIND_DESCRIPTIONS`' keys.
 
-    Raises FileNotFoundError for a missing file and ValueError for a pickle, non-safetensors or corrupt file.
+    Raises FileNotFoundError for a missing file and ValueError for a pickle, non-safetensors or corrupt file, or a
+    Flux GGUF in a quantization this trainer cannot read.
     """
+    if is_gguf(Path(path)):
+        from .gguf import gguf_kind  # here: gguf.py reads names through convert.py, which imports this module
+
+        return gguf_kind(Path(path))
     shapes, metadata = read_safetensors_header(path)
 
     def has(fragment: str) -> bool:
@@ -179,11 +188,7 @@ def check_model_file(path: str | Path, role: str) -> Path:
     """
     what, kinds, expected = MODEL_ROLES[role]
     path = existing_path(path, what)
-    if role == "transformer" and is_gguf(path):
-        from .gguf import check_flux_gguf  # here: gguf.py reads names through convert.py, which imports this module
-
-        check_flux_gguf(path)
-    elif path.is_file():
+    if path.is_file():
         _require_kind(path, kinds, expected)
     return path
 

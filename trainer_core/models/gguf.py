@@ -4,6 +4,7 @@ call by diffusers' GGUF kernels (plain torch, so on any device). Everything else
 """
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,9 @@ from diffusers.quantizers.gguf.utils import SUPPORTED_GGUF_QUANT_TYPES, GGUFPara
 from gguf import GGMLQuantizationType, GGUFReader
 from torch import Tensor, nn
 
+from ..presets import BASE_FORMATS
 from .convert import bfl_to_diffusers
+from .files import is_gguf
 from .fp8 import Fp8Linear
 
 _DENSE = (GGMLQuantizationType.F32, GGMLQuantizationType.F16)  # numpy reads these as float arrays
@@ -28,38 +31,41 @@ def _reader(path: Path) -> GGUFReader:
                          "again.") from e
 
 
-def _architecture(reader: GGUFReader) -> str:
-    field = reader.fields.get("general.architecture")
-    return str(field.contents()) if field is not None else ""
-
-
 def _bfl_name(name: str) -> str:
     return name.removeprefix("model.").removeprefix("diffusion_model.")
 
 
-def check_flux_gguf(path: Path) -> GGUFReader:
-    """The reader of `path` if it is a Flux transformer in a quantization this trainer reads; else a ValueError that
-    says what the file is and what to do. Reads the header only."""
+def gguf_kind(path: Path) -> str:
+    """`detect_file_kind` of a GGUF file: "flux_transformer_gguf", or "gguf" for another model's. A ValueError for a
+    truncated file or a Flux file in a quantization this trainer cannot read. Reads the header only."""
     reader = _reader(path)
     names = {_bfl_name(t.name) for t in reader.tensors}
-    arch = _architecture(reader)
     if "img_in.weight" not in names or not any(n.startswith(_BFL_BLOCKS) for n in names):
-        what = f"a GGUF of a '{arch}' model" if arch else "a GGUF file without Flux transformer tensors"
-        hint = " (a language model's weights?)" if arch not in ("", "flux") else ""
-        raise ValueError(f"{path} is {what}{hint}, not a Flux transformer: pick the Flux .gguf (for example "
-                         "flux1-dev-Q8_0.gguf from the unet or diffusion_models folder).")
+        return "gguf"
     readable = set(SUPPORTED_GGUF_QUANT_TYPES) | set(_DENSE)
     unknown = sorted({t.tensor_type.name for t in reader.tensors if t.tensor_type not in readable})
     if unknown:
         raise ValueError(f"{path} holds tensors quantized as {', '.join(unknown)}, which this trainer cannot read: "
                          f"use a file in {', '.join(sorted(t.name for t in readable))} (Q8_0, Q6_K, Q5_K_S or "
                          "Q4_K_S are the common ones).")
-    return reader
+    return "flux_transformer_gguf"
+
+
+def base_format(path: Path) -> str:
+    """How a GGUF base stores its block weights, as `presets.BASE_FORMATS` names it: its most common quantization
+    ("Q4_K" for a Q4_K_S file), "bf16" for an unquantized file, "fp8" (8 bits, what the presets were tuned for) for a
+    quantization the presets do not list; "" for a file that is not a GGUF (fp8 or bf16 by the run's fp8_base)."""
+    if not is_gguf(path):
+        return ""
+    types = Counter(t.tensor_type.name for t in _reader(path).tensors if _bfl_name(t.name).startswith(_BFL_BLOCKS)
+                    and len(t.shape) == 2)
+    kind = types.most_common(1)[0][0] if types else "F16"
+    return "bf16" if kind in ("F16", "BF16", "F32") else kind if kind in BASE_FORMATS else "fp8"
 
 
 def gguf_shapes(path: Path) -> dict[str, tuple[int, ...]]:
     """Each tensor's logical shape (row-major, as torch has it), from the header alone."""
-    return {t.name: tuple(int(d) for d in reversed(t.shape)) for t in check_flux_gguf(path).tensors}
+    return {t.name: tuple(int(d) for d in reversed(t.shape)) for t in _reader(path).tensors}
 
 
 def read_gguf_transformer(path: Path, dtype: torch.dtype, device="cpu", fp8_blocks: bool = False) -> dict[str, Tensor]:
@@ -68,7 +74,7 @@ def read_gguf_transformer(path: Path, dtype: torch.dtype, device="cpu", fp8_bloc
     except unquantized block Linear weights, which are float8_e4m3fn with `fp8_blocks`. One tensor at a time is
     copied out of the memory-mapped file."""
     state_dict = {}
-    for t in check_flux_gguf(path).tensors:
+    for t in _reader(path).tensors:
         name = _bfl_name(t.name)
         data = torch.from_numpy(np.array(t.data)).to(device)
         block_weight = name.startswith(_BFL_BLOCKS) and name.endswith(".weight") and len(t.shape) == 2
