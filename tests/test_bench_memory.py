@@ -206,6 +206,24 @@ def test_every_phase_of_every_preset_fits_the_card_and_a_32_gb_pc(flux_dev, enco
         assert p.host <= memory.HOST_LIMIT, f"{name} {p.name}: {p.host / memory.GIB:.1f} GiB of RAM"
 
 
+@pytest.mark.parametrize("name", ["16GB", "12GB", "8GB"])
+def test_on_a_quantized_base_a_preset_swaps_what_the_projection_picks_and_fits_every_phase(flux_dev, encoders, name):
+    preset = PRESETS[name]
+    for base, count in preset.swap_for_base:
+        variant = preset.for_base(base)
+        assert variant.blocks_to_swap == count == memory.pick_blocks_to_swap(
+            dataclasses.replace(preset, base_format=base), flux_dev, encoders, memory.PICK_HEADROOM), base
+        assert all(p.headroom >= memory.HEADROOM for p in memory.phases(variant, flux_dev, encoders)), base
+    assert dict(preset.swap_for_base)["Q4_K"] < preset.blocks_to_swap  # what a 4-bit base buys
+    assert preset.for_base("Q6_K").blocks_to_swap == preset.blocks_to_swap  # unlisted: the fp8 count, also safe
+
+
+def test_a_q4_base_swaps_fewer_blocks_than_fp8_on_8_gb_at_1024_px(flux_dev):
+    encoders = memory.measure_encoders(memory.flux_dev_config(), (1024,))
+    picks = memory.quantized_bases(flux_dev, encoders, (1024,))[("8GB", 1024)]
+    assert picks["Q4_K"] < picks["fp8"] <= picks["Q8_0"], picks
+
+
 def test_t5_in_bf16_would_not_fit_the_small_cards(flux_dev, encoders):
     """Why caching holds one model at a time with T5 in fp8 (or on the CPU for 8 GB)."""
     for name in ("12GB", "8GB"):
