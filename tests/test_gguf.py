@@ -9,6 +9,7 @@ import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFWriter
 from gguf.quants import dequantize, quantize
 from diffusers.quantizers.gguf.utils import GGUFParameter
+from safetensors.torch import load_file
 
 from trainer_core import lora, models
 from trainer_core.config import TrainConfig
@@ -77,6 +78,22 @@ def test_a_gguf_flux_file_loads_as_the_model_it_quantizes(tiny_flux, q8_file):
     with torch.no_grad():
         out, ref = quantized(**inputs).sample, base(**inputs).sample
     assert (out - ref).abs().max() < 0.01 * ref.abs().max()  # Q8_0: 8 bits per weight
+
+
+@pytest.mark.parametrize("lora_format", ["kohya", "diffusers"])
+def test_the_lora_file_of_a_gguf_base_is_the_one_stock_comfyui_loads(tiny_flux, q8_file, tmp_path, lora_format):
+    """The same LoRA on the GGUF base and on the bf16 base it quantizes writes the same file, which
+    tests/comfyui/test_lora_in_comfyui.py shows stock ComfyUI loads with every key used."""
+    files = {}
+    for name, path in (("gguf", q8_file), ("bf16", tiny_flux.transformer_bf16)):
+        transformer = models.load_transformer(path, torch.float32)
+        lora.add_lora(transformer, 4, 4.0, generator=torch.Generator().manual_seed(0))
+        state = lora.lora_state(transformer)
+        lora.load_lora_state(transformer, {k: torch.full_like(v, 0.01) for k, v in state.items()})  # B non-zero
+        lora.save_lora_file(tmp_path / f"{name}.safetensors", transformer, {}, lora_format)
+        files[name] = load_file(tmp_path / f"{name}.safetensors")
+    assert files["gguf"].keys() == files["bf16"].keys()
+    assert all(torch.equal(files["gguf"][k], files["bf16"][k]) for k in files["bf16"])
 
 
 @pytest.fixture(scope="module")
