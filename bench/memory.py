@@ -66,6 +66,8 @@ log = logging.getLogger("bench.memory")
 GIB, MIB = 2**30, 2**20
 TEXT_TOKENS = 512  # Flux-dev's T5 sequence length
 RESOLUTIONS = (512, 768, 1024)
+QUANTIZED_BASES = ("Q8_0", "Q4_K", "NF4")  # GGUF Q8_0 and Q4_K_S files, bitsandbytes NF4
+QUANTIZED_CARDS = ("16GB", "12GB", "8GB")
 LORA_RANK = 16
 CONFIG_PATH = ROOT / "trainer_core" / "configs" / "flux-dev-transformer.json"
 LORA_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -287,21 +289,23 @@ def count_sizes(full: FluxTransformer2DModel, lora: FluxTransformer2DModel) -> M
 
 
 # ----------------------------------------------------------------------------------------- the projection (pure)
-def weight_bytes(params: int, linear: int, fp8: bool) -> int:
-    """bf16 weights, but one byte per Linear weight with fp8 (biases and norms stay bf16, as models.Fp8Linear does)."""
-    return 2 * params - (linear if fp8 else 0)
+def weight_bytes(params: int, linear: int, linear_bytes: float) -> int:
+    """bf16 weights, but `linear_bytes` per block-Linear weight (1 for fp8, ~0.56 for Q4_K: `presets.BASE_FORMATS`);
+    biases and norms stay bf16, as models.Fp8Linear and GGUFLinear keep them."""
+    return round(2 * params - linear * (2 - linear_bytes))
 
 
-def resident_weight_bytes(sizes: ModelSizes, fp8: bool, blocks_to_swap: int) -> int:
+def resident_weight_bytes(sizes: ModelSizes, linear_bytes: float, blocks_to_swap: int) -> int:
     """Base weights on the GPU: all of them, less the swapped blocks', plus up to two swapped blocks in flight.
 
     Two in flight (the one computing, the next arriving) is what a prefetching swap needs, so swapping one or two
     blocks saves nothing; the largest swapped kind is taken for both.
     """
     n_double, n_single = split_blocks_to_swap(blocks_to_swap, sizes.num_double, sizes.num_single)
-    double, single = weight_bytes(*sizes.double, fp8), weight_bytes(*sizes.single, fp8)
+    double, single = weight_bytes(*sizes.double, linear_bytes), weight_bytes(*sizes.single, linear_bytes)
     in_flight = min(2, n_double + n_single) * (double if n_double else single)
-    return weight_bytes(sizes.params, sizes.block_linear, fp8) - n_double * double - n_single * single + in_flight
+    full = weight_bytes(sizes.params, sizes.block_linear, linear_bytes)
+    return full - n_double * double - n_single * single + in_flight
 
 
 def training_state_bytes(sizes: ModelSizes, optimizer: str, lora_dtype: str) -> int:
@@ -360,7 +364,7 @@ class Projection:
 def project(preset: MemoryPreset, sizes: ModelSizes, act: Activations) -> Projection:
     """Peak VRAM of `preset`'s training step, from `act` measured with its resolution, batch, fp8_base, lora_dtype."""
     assert (act.resolution, act.batch_size) == (preset.resolution, preset.batch_size)
-    weights = resident_weight_bytes(sizes, preset.fp8_base, preset.blocks_to_swap)
+    weights = resident_weight_bytes(sizes, preset.linear_bytes, preset.blocks_to_swap)
     checkpointed = preset.checkpoint_blocks if preset.gradient_checkpointing else 0
     activations = activation_bytes(act, sizes, checkpointed)
     state = training_state_bytes(sizes, preset.optimizer, preset.lora_dtype)
@@ -393,7 +397,9 @@ class Bench:
         return self.measured[key]
 
     def project(self, preset: MemoryPreset) -> Projection:
-        act = self.activations(preset.resolution, preset.batch_size, preset.fp8_base, preset.lora_dtype)
+        # a quantized base's Linears keep what Fp8Linear's do for backward (GGUFLinear is one)
+        low_bit = preset.fp8_base or bool(preset.base_format)
+        act = self.activations(preset.resolution, preset.batch_size, low_bit, preset.lora_dtype)
         return project(preset, self.sizes, act)
 
 
@@ -525,12 +531,12 @@ def phases(preset: MemoryPreset, bench: Bench, enc: EncoderSizes) -> list[Phase]
     fp8 base), the transformer load (read to RAM, then moved), training, validation samples on the training base
     and on another (the training base's frozen weights dropped, the other's read), the XY grid, and a prompt not
     seen while caching (T5 reloaded on the CPU while the base waits on the card)."""
-    s, r, fp8 = bench.sizes, preset.resolution, preset.fp8_base
+    s, r, fp8, linear = bench.sizes, preset.resolution, preset.fp8_base, preset.linear_bytes
     train = bench.project(preset)
-    full = weight_bytes(s.params, s.block_linear, fp8)
-    resident = resident_weight_bytes(s, fp8, preset.blocks_to_swap)
+    full = weight_bytes(s.params, s.block_linear, linear)
+    resident = resident_weight_bytes(s, linear, preset.blocks_to_swap)
     n_double, n_single = split_blocks_to_swap(preset.blocks_to_swap, s.num_double, s.num_single)
-    swapped = n_double * weight_bytes(*s.double, fp8) + n_single * weight_bytes(*s.single, fp8)
+    swapped = n_double * weight_bytes(*s.double, linear) + n_single * weight_bytes(*s.single, linear)
     lora_weights = s.lora * LORA_DTYPES[preset.lora_dtype].itemsize
     t5 = enc.t5_fp8 if fp8 else enc.t5
     sampling = resident + train.training_state + enc.vae + max(enc.flux_forward[r], enc.vae_decode[r])
@@ -561,6 +567,34 @@ def pick_checkpoint_blocks(preset: MemoryPreset, bench: Bench) -> int:
         if projection.headroom >= PICK_HEADROOM:
             return count
     return -1
+
+
+def pick_blocks_to_swap(preset: MemoryPreset, bench: Bench, enc: EncoderSizes,
+                        headroom: float = HEADROOM) -> int | None:
+    """The fewest blocks swapped (every block checkpointed) with which every phase of `preset` keeps `headroom`;
+    None when swapping them all is not enough. The presets' `swap_for_base` are these at `PICK_HEADROOM`."""
+    for count in range(bench.sizes.num_double + bench.sizes.num_single + 1):
+        candidate = dataclasses.replace(preset, gradient_checkpointing=True, blocks_to_swap=count, checkpoint_blocks=-1)
+        if all(phase.headroom >= headroom for phase in phases(candidate, bench, enc)):
+            return count
+    return None
+
+
+def quantized_bases(bench: Bench, enc: EncoderSizes, resolutions: Iterable[int]) -> dict[tuple[str, int], dict]:
+    """(card preset, resolution) -> {base format: fewest blocks swapped}, for the fp8 base and the quantized ones."""
+    return {(card, r): {base: pick_blocks_to_swap(dataclasses.replace(PRESETS[card], resolution=r, base_format=base),
+                                                  bench, enc) for base in ("fp8", *QUANTIZED_BASES)}
+            for card in QUANTIZED_CARDS for r in resolutions}
+
+
+def quantized_report(picks: dict[tuple[str, int], dict]) -> str:
+    bases = ("fp8", *QUANTIZED_BASES)
+    lines = ["", f"blocks_to_swap for {HEADROOM:.0%} headroom in every phase, by base (every block checkpointed; "
+             "'-' = does not fit even with all swapped):", "  card  res  " + "  ".join(f"{b:>5}" for b in bases)]
+    for (card, r), counts in picks.items():
+        cells = ("-" if counts[b] is None else str(counts[b]) for b in bases)
+        lines.append(f"  {card:>4}  {r:>4} " + "  ".join(f"{c:>5}" for c in cells))
+    return "\n".join(lines)
 
 
 def report(bench: Bench, projections: list[Projection], resolutions: Iterable[int]) -> str:
@@ -637,6 +671,12 @@ def main(argv: list[str] | None = None) -> int:
     picks = {(p.name, r): pick_checkpoint_blocks(dataclasses.replace(p, resolution=r), bench)
              for p in presets if p.gradient_checkpointing for r in resolutions}
     print(phase_report(all_phases, picks))
+    quantized = quantized_bases(bench, encoders, [r for r in resolutions if r in (512, 1024)])
+    print(quantized_report(quantized))
+    swaps = {p.name: {b: pick_blocks_to_swap(dataclasses.replace(p, base_format=b), bench, encoders, PICK_HEADROOM)
+                      for b in QUANTIZED_BASES} for p in presets if p.name in QUANTIZED_CARDS}
+    print(f"swap_for_base of the presets ({PICK_HEADROOM:.0%} headroom at their own resolution): "
+          + "; ".join(f"{name} {counts}" for name, counts in swaps.items()))
 
     if args.json:
         numbers = {
@@ -650,6 +690,7 @@ def main(argv: list[str] | None = None) -> int:
                         for p in projections],
             "phases": [{**dataclasses.asdict(p), "peak": p.peak, "headroom": p.headroom} for p in all_phases],
             "checkpoint_blocks": {f"{name}@{r}": n for (name, r), n in picks.items()},
+            "blocks_to_swap_by_base": {f"{name}@{r}": counts for (name, r), counts in quantized.items()},
             "comparison": {r: {k: p.peak for k, p in comparison(bench, r).items()} for r in resolutions},
         }
         args.json.write_text(json.dumps(numbers, indent=2))

@@ -20,6 +20,9 @@ log = logging.getLogger(__name__)
 BASE_DIR_ENV = "FLUX_LORA_TRAINER_BASE_DIR"
 MODEL_EXTENSIONS = (".safetensors", ".sft")
 STATES = "flux_lora_states"  # the run store and the training states users save: our own folder, not models/loras
+# GGUF transformers in the diffusion_models folders: the name and setting ComfyUI-GGUF registers, so with that pack
+# installed both list the same files, and ComfyUI's own loaders never list a .gguf they cannot load
+GGUF_MODELS = "unet_gguf"
 # ComfyUI's folder names and, outside ComfyUI, where they live under the base folder (its legacy names included)
 _FOLDERS = {
     "diffusion_models": ("models/diffusion_models", "models/unet"),
@@ -28,6 +31,11 @@ _FOLDERS = {
     "loras": ("models/loras",),
     STATES: (f"models/{STATES}",),
 }
+_FOLDERS[GGUF_MODELS] = _FOLDERS["diffusion_models"]
+
+
+def _extensions(folder: str) -> tuple[str, ...]:
+    return (".gguf",) if folder == GGUF_MODELS else MODEL_EXTENSIONS
 
 
 def _comfy(module: str):
@@ -59,6 +67,8 @@ def _folder_paths():
         return None
     if STATES not in fp.folder_names_and_paths:
         fp.folder_names_and_paths[STATES] = ([os.path.join(fp.models_dir, STATES)], set(MODEL_EXTENSIONS))
+    if GGUF_MODELS not in fp.folder_names_and_paths:  # the same list object: extra_model_paths.yaml entries apply
+        fp.folder_names_and_paths[GGUF_MODELS] = (fp.folder_names_and_paths["diffusion_models"][0], {".gguf"})
     return fp
 
 
@@ -70,7 +80,7 @@ def filename_list(folder: str) -> list[str]:
     names = {
         p.relative_to(root).as_posix()
         for root in folder_paths(folder) if root.is_dir()
-        for p in root.rglob("*") if p.suffix in MODEL_EXTENSIONS and p.is_file()
+        for p in root.rglob("*") if p.suffix in _extensions(folder) and p.is_file()
     }
     return sorted(names)
 

@@ -10,7 +10,7 @@ from trainer_core.checkpoints import STATE_SUFFIX, TrainingState, latest_state_f
 from trainer_core.config import LORA_FORMATS, LR_SCHEDULES, MIXED_PRECISIONS, OPTIMIZERS, DatasetEntry, TrainConfig
 from trainer_core.flow_matching import TIMESTEP_SAMPLINGS
 from trainer_core.identity import check_resume, dataset_identity
-from trainer_core.models import KIND_DESCRIPTIONS, MODEL_ROLES, detect_file_kind
+from trainer_core.models import KIND_DESCRIPTIONS, MODEL_ROLES, base_format, detect_file_kind
 from trainer_core.presets import PRESETS
 from trainer_core.run_handle import TrainingRun, active_config
 from trainer_core.run_store import DAMAGED, RUNS
@@ -39,6 +39,8 @@ MODEL_WIDGETS = {
 def model_path(widget: str, name: str) -> Path:
     """The file a model widget names, checked (from its header only) to be the kind of model that widget takes."""
     folder, role = MODEL_WIDGETS[widget]
+    if folder == "diffusion_models" and name.lower().endswith(".gguf"):
+        folder = comfy_bridge.GGUF_MODELS
     path = comfy_bridge.full_path(folder, name, widget)
     kind, kinds = detect_file_kind(path), MODEL_ROLES[role].kinds
     if kind not in kinds:
@@ -102,13 +104,15 @@ def tokenizer_settings(clip_path: Path) -> dict[str, str]:
                             f"{clip_path}, or run inside ComfyUI, whose own tokenizer files are used then")
 
 
-def memory_settings(memory_preset: str, explicit: dict) -> dict:
-    """The memory options: a preset's, or the explicit widgets' for "custom"."""
+def memory_settings(memory_preset: str, explicit: dict, transformer: Path) -> dict:
+    """The memory options: a preset's (with fewer blocks swapped on a quantized `transformer`), or the explicit
+    widgets' for "custom"."""
     if memory_preset == CUSTOM:
         return {k: explicit[k] for k in MEMORY_FIELDS}
     if memory_preset not in PRESETS:
         raise ValueError(f"memory_preset: {memory_preset!r}; choose one of {CUSTOM}, {', '.join(PRESETS)}")
-    return {k: v for k, v in PRESETS[memory_preset].train_settings().items() if k in MEMORY_FIELDS}
+    preset = PRESETS[memory_preset].for_base(base_format(transformer))
+    return {k: v for k, v in preset.train_settings().items() if k in MEMORY_FIELDS}
 
 
 def load_resume(name: str, config: TrainConfig) -> TrainingState | None:
@@ -167,7 +171,7 @@ def build_config(transformer: str, validation_transformer: str, vae: str, clip_l
         output_dir=str(comfy_bridge.folder_paths("loras")[0]), device=comfy_bridge.torch_device(),
         store_dir=str(comfy_bridge.folder_paths(comfy_bridge.STATES)[0]),
         **tokenizer_settings(Path(paths["clip_l"])),
-        **{**settings, **memory_settings(memory_preset, settings)},
+        **{**settings, **memory_settings(memory_preset, settings, Path(paths["transformer"]))},
     )
     preset = PRESETS.get(memory_preset)
     largest = max(r for entry in config.dataset_entries() for r in entry.resolutions)
@@ -197,7 +201,8 @@ class InitTrainer:
 
     @classmethod
     def INPUT_TYPES(cls):
-        transformers = comfy_bridge.filename_list("diffusion_models")
+        transformers = [*comfy_bridge.filename_list("diffusion_models"),
+                        *comfy_bridge.filename_list(comfy_bridge.GGUF_MODELS)]
         encoders = comfy_bridge.filename_list("text_encoders")
         loras = comfy_bridge.filename_list("loras")
         states = [n for n in comfy_bridge.filename_list(comfy_bridge.STATES)
@@ -205,7 +210,8 @@ class InitTrainer:
         d = _DEFAULTS
         return {"required": {
             "transformer": (transformers, {"tooltip": "Flux transformer to train on (models/diffusion_models or "
-                                                      "models/unet); Flux-dev2pro trains best at guidance 1.0."}),
+                                                      "models/unet; .safetensors or GGUF); Flux-dev2pro trains best at "
+                                                      "guidance 1.0."}),
             "validation_transformer": ([SAME_AS_TRAINING, *transformers], {
                 "tooltip": "Base the samples and XY grid may use instead (e.g. Flux-dev when training on dev2pro)."}),
             "vae": (comfy_bridge.filename_list("vae"), {"tooltip": "The Flux VAE (ae.safetensors), from models/vae."}),

@@ -173,8 +173,9 @@ INIT_CASES: list[tuple[str, Setup, type, str]] = [
     ("pickle renamed .safetensors", lambda c: {"transformer": c.put(
         "diffusion_models/renamed.safetensors", pickle.dumps(CreatesMarker(c.canary / "renamed")))},
      ValueError, r"renamed.safetensors is truncated or corrupt"),
-    ("GGUF as transformer", lambda c: {"transformer": c.put("diffusion_models/flux1-dev-Q4_K_S.gguf", b"GGUF\x03")},
-     ValueError, r"flux1-dev-Q4_K_S.gguf is a GGUF-quantised model, which cannot be trained on: use the bf16 or fp8"),
+    ("truncated GGUF as transformer", lambda c: {"transformer": c.put("diffusion_models/flux1-dev-Q4_K_S.gguf",
+                                                                      b"GGUF\x03")},
+     ValueError, r"flux1-dev-Q4_K_S.gguf is a truncated or corrupt GGUF file .*: download it again"),
     ("bitsandbytes NF4 as transformer",
      lambda c: {"transformer": c.put("diffusion_models/flux1-dev-bnb-nf4.safetensors", NF4_KEYS)}, ValueError,
      r"transformer: flux1-dev-bnb-nf4.safetensors appears to be a bitsandbytes-quantised \(NF4/FP4\) model, which "

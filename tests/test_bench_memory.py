@@ -15,7 +15,7 @@ from bench import memory
 from trainer_core.block_swap import BlockSwap
 from trainer_core.config import TrainConfig
 from trainer_core.optim import make_optimizer
-from trainer_core.presets import PRESETS, split_blocks_to_swap
+from trainer_core.presets import BASE_FORMATS, PRESETS, split_blocks_to_swap
 
 # the width diffusers' own Flux tests use: 2 heads of 16
 TINY = {"num_layers": 1, "num_single_layers": 1, "attention_head_dim": 16, "num_attention_heads": 2,
@@ -129,18 +129,20 @@ def test_flux_dev_and_its_lora_are_counted(flux_dev):
     assert 85e6 < sizes.lora < 87e6  # rank 16 on every block Linear
 
 
-def test_fp8_nearly_halves_the_weights(flux_dev):
-    bf16, fp8 = (memory.resident_weight_bytes(flux_dev.sizes, fp8, blocks_to_swap=0) for fp8 in (False, True))
+def test_fp8_nearly_halves_the_weights_and_a_q4_base_quarters_them(flux_dev):
+    bf16, fp8, q4 = (memory.resident_weight_bytes(flux_dev.sizes, BASE_FORMATS[base], blocks_to_swap=0)
+                     for base in ("bf16", "fp8", "Q4_K"))
     assert bf16 == 2 * flux_dev.sizes.params
     assert 0.5 < fp8 / bf16 < 0.51  # only biases, norms, embedders and the output layer stay bf16
+    assert 0.28 < q4 / bf16 < 0.29  # 4.5 bits per block weight
 
 
 def test_swapping_blocks_moves_their_weights_off_the_gpu(flux_dev):
     sizes = flux_dev.sizes
-    resident = {n: memory.resident_weight_bytes(sizes, True, n) for n in (0, 2, 3, 20, 38, 46, 57)}
+    resident = {n: memory.resident_weight_bytes(sizes, 1.0, n) for n in (0, 2, 3, 20, 38, 46, 57)}
     assert resident[0] == resident[2]  # both swapped blocks are in flight at once
     assert resident[2] > resident[3] > resident[20] > resident[38] > resident[46] > resident[57]
-    double, single = memory.weight_bytes(*sizes.double, True), memory.weight_bytes(*sizes.single, True)
+    double, single = memory.weight_bytes(*sizes.double, 1.0), memory.weight_bytes(*sizes.single, 1.0)
     assert resident[0] - resident[20] == 18 * single  # 20 single blocks swapped, 2 in flight
     assert resident[0] - resident[46] == 38 * single + 6 * double  # + 8 double, 2 of them in flight
 
@@ -202,6 +204,24 @@ def test_every_phase_of_every_preset_fits_the_card_and_a_32_gb_pc(flux_dev, enco
     for p in projected:
         assert p.headroom >= memory.HEADROOM, f"{name} {p.name}: {p.peak / memory.GIB:.1f} GiB of {p.card_gib:g}"
         assert p.host <= memory.HOST_LIMIT, f"{name} {p.name}: {p.host / memory.GIB:.1f} GiB of RAM"
+
+
+@pytest.mark.parametrize("name", ["16GB", "12GB", "8GB"])
+def test_on_a_quantized_base_a_preset_swaps_what_the_projection_picks_and_fits_every_phase(flux_dev, encoders, name):
+    preset = PRESETS[name]
+    for base, count in preset.swap_for_base:
+        variant = preset.for_base(base)
+        assert variant.blocks_to_swap == count == memory.pick_blocks_to_swap(
+            dataclasses.replace(preset, base_format=base), flux_dev, encoders, memory.PICK_HEADROOM), base
+        assert all(p.headroom >= memory.HEADROOM for p in memory.phases(variant, flux_dev, encoders)), base
+    assert dict(preset.swap_for_base)["Q4_K"] < preset.blocks_to_swap  # what a 4-bit base buys
+    assert preset.for_base("Q6_K").blocks_to_swap == preset.blocks_to_swap  # unlisted: the fp8 count, also safe
+
+
+def test_a_q4_base_swaps_fewer_blocks_than_fp8_on_8_gb_at_1024_px(flux_dev):
+    encoders = memory.measure_encoders(memory.flux_dev_config(), (1024,))
+    picks = memory.quantized_bases(flux_dev, encoders, (1024,))[("8GB", 1024)]
+    assert picks["Q4_K"] < picks["fp8"] <= picks["Q8_0"], picks
 
 
 def test_t5_in_bf16_would_not_fit_the_small_cards(flux_dev, encoders):

@@ -3,6 +3,7 @@
 ComfyUI caches outputs and runs siblings in any order, so a handle must be a value: whatever ran last, a node
 given the handle of loop k sees loop k's state. Every result is compared with a plain `Trainer` trained straight.
 """
+import math
 import shutil
 import subprocess
 import sys
@@ -16,6 +17,8 @@ from safetensors.torch import load_file
 
 from trainer_core import lora, models, plots
 from trainer_core.demo import write_demo_dataset
+from trainer_core.presets import PRESETS
+from trainer_core.tiny import write_gguf_transformer
 from trainer_core.run_handle import TrainingInterrupted
 from trainer_core.trainer import Trainer
 from pack import ROOT, load_pack
@@ -466,3 +469,17 @@ def test_a_loop_past_a_fixed_total_steps_stops_before_its_first_step_saying_what
     assert bar == [] and after.run.trainer.step == 3  # not one step
     assert sorted(p for p in store.rglob("*") if p.is_file()) == before  # nothing written
     assert loop(after, 1).step == 4  # the loop that fits the schedule trains
+
+
+def test_gguf_bases_are_listed_apart_from_stock_loaders_lists_and_train(base_dir, tiny_flux):
+    (base_dir / "models" / "unet").mkdir(exist_ok=True)  # ComfyUI's legacy name of diffusion_models, searched too
+    gguf = write_gguf_transformer(tiny_flux.transformer_bf16, base_dir / "models" / "unet" / "flux-tiny-Q8_0.gguf")
+    listed = nodes["InitTrainer"].INPUT_TYPES()["required"]["transformer"][0]
+    assert "flux-tiny-Q8_0.gguf" in listed and "flux-tiny-bf16.safetensors" in listed
+    assert "flux-tiny-Q8_0.gguf" not in bridge.filename_list("diffusion_models")  # what ComfyUI's UNETLoader lists
+    # a memory preset swaps the blocks tuned for the file's quantization
+    assert init_trainer.memory_settings("8GB", {}, gguf)["blocks_to_swap"] == dict(PRESETS["8GB"].swap_for_base)["Q8_0"]
+    bf16 = base_dir / "models" / "diffusion_models" / "flux-tiny-bf16.safetensors"
+    assert init_trainer.memory_settings("8GB", {}, bf16)["blocks_to_swap"] == PRESETS["8GB"].blocks_to_swap
+    handle = loop(init(transformer="flux-tiny-Q8_0.gguf", output_name="gguf_node"), 2)
+    assert handle.state.step == 2 and all(map(math.isfinite, handle.state.losses))

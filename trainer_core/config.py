@@ -59,7 +59,7 @@ class DatasetEntry:
 @dataclass(frozen=True)
 class TrainConfig:
     # --- model files (paths; resolved by the caller: the CLI takes them as given, the nodes via ComfyUI's folders)
-    transformer_path: str  # Flux transformer: BFL .safetensors (bf16 or fp8) or a diffusers folder; ideally Flux-dev2pro
+    transformer_path: str  # Flux transformer: BFL .safetensors (bf16 or fp8), a GGUF (Q8_0 ... Q4_K) or a diffusers folder; ideally Flux-dev2pro
     vae_path: str  # ae.safetensors or a diffusers VAE folder
     clip_path: str  # clip_l.safetensors or a transformers folder
     t5_path: str  # t5xxl_fp16 / fp8 .safetensors or a transformers folder
@@ -222,6 +222,9 @@ class TrainConfig:
         need(self.lora_format in LORA_FORMATS, f"lora_format: {self.lora_format!r}; choose one of {', '.join(LORA_FORMATS)}")
         need(not (self.dora and self.fp8_base), "dora cannot train on an fp8 base (peft's DoRA adds the LoRA to the "
              "float8 weight to measure its norms); turn fp8_base off (memory_preset custom) or dora off")
+        need(not (self.dora and self.transformer_path.lower().endswith(".gguf")), "dora cannot train on a GGUF base "
+             "(peft's DoRA reads the weight's norms, which stay quantized); give the bf16 or fp8 transformer_path or "
+             "turn dora off")
         need(not (self.dora and self.blocks_to_swap), "dora cannot be combined with blocks_to_swap (DoRA's weight norms "
              "read every swapped weight, untested with block swap); set blocks_to_swap to 0 or dora off")
         need(math.isfinite(self.store_max_gb) and self.store_max_gb > 0, f"store_max_gb: {self.store_max_gb}; use a "

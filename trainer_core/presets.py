@@ -7,6 +7,7 @@ at 512²), though the swap counts differ: see `split_blocks_to_swap`.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from .config import OPTIMIZERS
@@ -15,6 +16,10 @@ FLUX_DOUBLE_BLOCKS = 19
 FLUX_SINGLE_BLOCKS = 38
 FLUX_BLOCKS = FLUX_DOUBLE_BLOCKS + FLUX_SINGLE_BLOCKS
 LORA_DTYPES = ("fp32", "bf16")
+# Bytes per block-Linear weight as a base stores it: bf16 / fp8 files, GGUF quantizations (GGML's bytes per block /
+# weights per block) and bitsandbytes NF4 (4 bits and an fp32 absmax per 64 weights)
+BASE_FORMATS = {"bf16": 2.0, "fp8": 1.0, "Q8_0": 34 / 32, "Q6_K": 210 / 256, "Q5_K": 176 / 256, "Q5_0": 22 / 32,
+                "Q4_K": 144 / 256, "Q4_0": 18 / 32, "NF4": 0.5 + 4 / 64}
 
 
 def split_blocks_to_swap(
@@ -49,8 +54,13 @@ class MemoryPreset:
     lora_dtype: str = "fp32"  # LoRA weights, gradients and optimizer state; the trainer keeps fp32 under bf16 autocast
     checkpoint_blocks: int = -1  # with gradient_checkpointing: the last N blocks recompute, -1 = all (bench picks N)
     t5_on_cpu: bool = False  # T5 encodes the captions on the CPU: where even its fp8 weights (5.5 GB) do not fit
+    base_format: str = ""  # how the base file stores its block weights (BASE_FORMATS); "" = fp8 or bf16, by fp8_base
+    swap_for_base: tuple[tuple[str, int], ...] = ()  # (base format, blocks_to_swap) where a smaller base swaps fewer
 
     def __post_init__(self):
+        if self.base_format and self.base_format not in BASE_FORMATS:
+            raise ValueError(f"preset {self.name}: base_format {self.base_format!r}; choose one of "
+                             f"{', '.join(BASE_FORMATS)}")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"preset {self.name}: optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
         if self.lora_dtype not in LORA_DTYPES:
@@ -63,6 +73,20 @@ class MemoryPreset:
         if self.checkpoint_blocks != -1 and not self.blocks_to_swap <= self.checkpoint_blocks <= FLUX_BLOCKS:
             raise ValueError(f"preset {self.name}: checkpoint_blocks {self.checkpoint_blocks}; use -1 (all) or "
                              f"{self.blocks_to_swap} (blocks_to_swap) to {FLUX_BLOCKS}")
+
+    @property
+    def linear_bytes(self) -> float:
+        """Bytes per block-Linear weight of the base on the card."""
+        return BASE_FORMATS[self.base_format or ("fp8" if self.fp8_base else "bf16")]
+
+    def for_base(self, base_format: str) -> MemoryPreset:
+        """This preset for a base stored as `base_format` (a GGUF file's quantization, `models.base_format`): the
+        blocks swapped that `bench/memory.py` tuned for it, or the preset's own count."""
+        swaps = dict(self.swap_for_base)
+        if base_format not in swaps:  # the fp8-tuned count, which a base smaller than fp8 fits too
+            return dataclasses.replace(self, base_format=base_format)
+        return dataclasses.replace(self, base_format=base_format, blocks_to_swap=swaps[base_format],
+                                   checkpoint_blocks=-1)
 
     def train_settings(self) -> dict:
         """The `TrainConfig` fields this preset sets: `TrainConfig(**paths, **preset.train_settings())`.
@@ -84,7 +108,8 @@ class MemoryPreset:
 
 # Tuned with `bench/memory.py`: each fits its card with >= 10% headroom in its projection, 15-20% where two more
 # swapped blocks buy it, for what a projection leaves out (a desktop on the same card, driver differences), in
-# every phase of a run. checkpoint_blocks is the bench's pick at the preset's resolution (15% headroom in training).
+# every phase of a run. checkpoint_blocks is the bench's pick at the preset's resolution (15% headroom in training);
+# swap_for_base its pick for a quantized base (15% headroom in every phase, every block checkpointed).
 PRESETS: dict[str, MemoryPreset] = {
     p.name: p
     for p in (
@@ -94,10 +119,12 @@ PRESETS: dict[str, MemoryPreset] = {
         MemoryPreset("24GB", 24, fp8_base=True, gradient_checkpointing=True, blocks_to_swap=0, optimizer="adamw",
                      resolution=1024, batch_size=1, checkpoint_blocks=54),
         MemoryPreset("16GB", 16, fp8_base=True, gradient_checkpointing=True, blocks_to_swap=28, optimizer="adamw8bit",
-                     resolution=1024, batch_size=1),
+                     resolution=1024, batch_size=1, swap_for_base=(("Q8_0", 28), ("Q4_K", 0), ("NF4", 0))),
         MemoryPreset("12GB", 12, fp8_base=True, gradient_checkpointing=True, blocks_to_swap=46, optimizer="adamw8bit",
-                     resolution=1024, batch_size=1, checkpoint_blocks=56),
+                     resolution=1024, batch_size=1, checkpoint_blocks=56,
+                     swap_for_base=(("Q8_0", 45), ("Q4_K", 19), ("NF4", 19))),
         MemoryPreset("8GB", 8, fp8_base=True, gradient_checkpointing=True, blocks_to_swap=50, optimizer="adafactor",
-                     resolution=512, batch_size=1, checkpoint_blocks=54, t5_on_cpu=True),
+                     resolution=512, batch_size=1, checkpoint_blocks=54, t5_on_cpu=True,
+                     swap_for_base=(("Q8_0", 49), ("Q4_K", 37), ("NF4", 37))),
     )
 }

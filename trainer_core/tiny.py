@@ -124,6 +124,29 @@ def write_transformer_files(transformer: FluxTransformer2DModel, bf16_path: Path
     save_file({k: v.to(torch.float8_e4m3fn) if v.ndim == 2 else v.bfloat16() for k, v in bfl.items()}, fp8_path)
 
 
+def write_gguf_transformer(source: str | Path, path: str | Path, qtype: str = "Q8_0") -> Path:
+    """A BFL transformer file as a GGUF, the way ComfyUI-GGUF's converter writes them: block Linear weights quantized
+    as `qtype` where their width allows (else F16, as it does), other matrices F16, vectors F32; architecture flux."""
+    import gguf  # only the GGUF tests and benches write these
+    from gguf.quants import quantize
+
+    kind = gguf.GGMLQuantizationType[qtype]
+    block = gguf.GGML_QUANT_SIZES[kind][0]
+    writer = gguf.GGUFWriter(str(path), "flux")
+    for name, tensor in load_file(source).items():
+        name = name.removeprefix("model.diffusion_model.")
+        array = tensor.float().numpy()
+        if name.startswith(("double_blocks.", "single_blocks.")) and array.ndim == 2 and array.shape[1] % block == 0:
+            writer.add_tensor(name, quantize(array, kind), raw_dtype=kind)
+        else:
+            writer.add_tensor(name, array.astype("float16" if array.ndim == 2 else "float32"))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return Path(path)
+
+
 def write_same_layout_copy(source: str | Path, path: str | Path, noise: float = 0.05) -> Path:
     """`source`'s tensors each scaled by 1 + `noise` x a seeded normal draw, saved with its metadata: the same
     header (names, dtypes, shapes, offsets) and size, other weights, as two bases converted by one tool."""

@@ -1,7 +1,8 @@
 """Model files on disk: their kinds told from safetensors headers alone, checks that name the wrong file, and
 reading a file's tensors one at a time.
 
-Nothing is fetched from a hub: the real Flux configs ship in `configs/`. Pickle and GGUF files are refused.
+Nothing is fetched from a hub: the real Flux configs ship in `configs/`. Pickle files are refused; a GGUF
+file is taken as the Flux transformer only (`gguf.py`).
 """
 from __future__ import annotations
 
@@ -30,6 +31,8 @@ SAFETENSORS_SUFFIXES = (".safetensors", ".sft")  # BFL first released flux1-dev 
 KIND_DESCRIPTIONS = {
     "flux_transformer": "a Flux transformer (original BFL layout)",
     "flux_transformer_diffusers": "a Flux transformer (diffusers layout)",
+    "flux_transformer_gguf": "a Flux transformer (GGUF)",
+    "gguf": "a GGUF file of another model (a language model's or a text encoder's?)",
     "flux_checkpoint": "a Flux all-in-one checkpoint (transformer, VAE and text encoders)",
     "flux_vae": "the Flux VAE (ae.safetensors)",
     "sd_vae": "a Stable Diffusion VAE with 4 latent channels (Flux's VAE has 16)",
@@ -47,6 +50,7 @@ KIND_DESCRIPTIONS = {
 _INPUT_OF_KIND = {
     "flux_transformer": "the transformer input",
     "flux_transformer_diffusers": "the transformer input",
+    "flux_transformer_gguf": "the transformer input",
     "flux_vae": "the VAE input",
     "clip": "the CLIP-L input",
     "t5": "the T5 input",
@@ -62,7 +66,8 @@ class ModelRole(NamedTuple):
 
 
 MODEL_ROLES = {
-    "transformer": ModelRole("Flux transformer", ("flux_transformer", "flux_transformer_diffusers", "flux_checkpoint"),
+    "transformer": ModelRole("Flux transformer", ("flux_transformer", "flux_transformer_diffusers", "flux_checkpoint",
+                                                  "flux_transformer_gguf"),
                              "a Flux transformer (e.g. flux1-dev.safetensors or flux1-dev-fp8.safetensors)"),
     "vae": ModelRole("Flux VAE", ("flux_vae", "flux_checkpoint"), "the Flux VAE (ae.safetensors)"),
     "clip": ModelRole("CLIP-L text encoder", ("clip", "flux_checkpoint"),
@@ -74,6 +79,16 @@ MODEL_ROLES = {
 class SafetensorsHeader(NamedTuple):
     shapes: dict[str, list[int]]  # tensor name -> shape
     metadata: dict[str, str]
+
+
+def is_gguf(path: Path) -> bool:
+    """Whether `path` is a GGUF file (by its magic too, so a renamed one is known)."""
+    if path.suffix.lower() == ".gguf":
+        return True
+    if not path.is_file():
+        return False
+    with open(path, "rb") as f:
+        return f.read(4) == b"GGUF"
 
 
 def existing_path(path: str | Path, what: str) -> Path:
@@ -98,9 +113,9 @@ def read_safetensors_header(path: str | Path) -> SafetensorsHeader:
             f"{path} is a pickle checkpoint ({suffix}). Unpickling can run arbitrary code, so it is refused: "
             "convert it to .safetensors (or download the .safetensors release of the model)."
         )
-    if suffix == ".gguf":
-        raise ValueError(f"{path} is a GGUF-quantised model, which cannot be trained on: use the bf16 or fp8 "
-                         ".safetensors release of the model.")
+    if is_gguf(path):
+        raise ValueError(f"{path} is a GGUF file: only the Flux transformer may be one. Give the .safetensors file "
+                         "here.")  # callers that take a GGUF ask `detect_file_kind` first
     if path.is_dir() or suffix not in SAFETENSORS_SUFFIXES:
         raise ValueError(f"{path} is not a .safetensors file: give the .safetensors model file.")
     try:
@@ -111,10 +126,15 @@ def read_safetensors_header(path: str | Path) -> SafetensorsHeader:
 
 
 def detect_file_kind(path: str | Path) -> str:
-    """Classify a .safetensors model file from its header alone: one of `KIND_DESCRIPTIONS`' keys.
+    """Classify a .safetensors or GGUF model file from its header alone: one of `KIND_DESCRIPTIONS`' keys.
 
-    Raises FileNotFoundError for a missing file and ValueError for a pickle, non-safetensors or corrupt file.
+    Raises FileNotFoundError for a missing file and ValueError for a pickle, non-safetensors or corrupt file, or a
+    Flux GGUF in a quantization this trainer cannot read.
     """
+    if is_gguf(Path(path)):
+        from .gguf import gguf_kind  # here: gguf.py reads names through convert.py, which imports this module
+
+        return gguf_kind(Path(path))
     shapes, metadata = read_safetensors_header(path)
 
     def has(fragment: str) -> bool:

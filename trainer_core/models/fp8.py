@@ -26,27 +26,32 @@ class Fp8Linear(nn.Linear):
         autocast = torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
         dtype = torch.get_autocast_dtype(device) if autocast else x.dtype
         bias = None if self.bias is None else self.bias.to(dtype)
-        return _Fp8LinearFunction.apply(x.to(dtype), self.weight, bias)
+        return _UpcastLinearFunction.apply(x.to(dtype), self.weight, bias, self.upcast)
+
+    @staticmethod
+    def upcast(weight: Tensor, dtype: torch.dtype) -> Tensor:
+        """The stored weight in `dtype` (subclasses storing other formats override it)."""
+        return weight.to(dtype)
 
 
-class _Fp8LinearFunction(torch.autograd.Function):
-    """y = x W^T + b with W upcast on the fly, keeping only the float8 W for backward.
+class _UpcastLinearFunction(torch.autograd.Function):
+    """y = x W^T + b with W upcast on the fly, keeping only the stored (float8 or quantized) W for backward.
 
     Plain autograd would save the upcast copy of W for the input gradient: a full-precision copy of every block
-    weight until backward, which is the memory fp8 storage was meant to save. W and b are frozen: no grads.
+    weight until backward, which is the memory low-bit storage was meant to save. W and b are frozen: no grads.
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, upcast) -> Tensor:
         ctx.save_for_backward(weight)
-        ctx.input_dtype = x.dtype
-        return F.linear(x, weight.to(x.dtype), bias)
+        ctx.input_dtype, ctx.upcast = x.dtype, upcast
+        return F.linear(x, upcast(weight, x.dtype), bias)
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         (weight,) = ctx.saved_tensors
         # compute in grad_out's dtype (the weight is upcast once, to the smaller of the two), return x's
-        return (grad_out @ weight.to(grad_out.dtype)).to(ctx.input_dtype), None, None
+        return (grad_out @ ctx.upcast(weight, grad_out.dtype)).to(ctx.input_dtype), None, None, None
 
 
 FLUX_BLOCKS = ("transformer_blocks.", "single_transformer_blocks.")

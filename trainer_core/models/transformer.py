@@ -17,6 +17,7 @@ from .files import (
     check_model_file,
     count_blocks,
     detect_file_kind,
+    is_gguf,
     key_prefix,
     model_folder,
     read_safetensors_header,
@@ -25,6 +26,7 @@ from .files import (
     weight_files,
 )
 from .fp8 import use_fp8_linears
+from .gguf import gguf_shapes, read_gguf_transformer, use_gguf_linears
 
 logger = logging.getLogger(__name__)
 
@@ -77,19 +79,27 @@ def infer_transformer_config(state_dict: dict[str, Tensor]) -> dict:
 def load_transformer(
     path: str | Path, dtype: torch.dtype = torch.bfloat16, device="cpu", fp8_base: bool = False
 ) -> FluxTransformer2DModel:
-    """Flux transformer from a BFL / diffusers-layout .safetensors file or a diffusers folder.
+    """Flux transformer from a BFL / diffusers-layout .safetensors file, a diffusers folder or a GGUF file.
 
     float8 files are upcast to `dtype`. With `fp8_base`, the Linear weights of the transformer blocks are kept
     (or stored) as float8_e4m3fn in `Fp8Linear`s and computed in the compute dtype; all else is in `dtype`. The
     model is built empty from the file's header and each tensor is cast as it is read, so a bf16 file loaded with
-    `fp8_base` peaks at the fp8 model plus one tensor. Returned frozen, in eval mode.
+    `fp8_base` peaks at the fp8 model plus one tensor. A GGUF file's quantized block weights stay quantized in
+    `GGUFLinear`s. Returned frozen, in eval mode.
     """
     path = check_model_file(path, "transformer")
     config = transformer_config(path)
     with init_empty_weights():
         model = FluxTransformer2DModel.from_config(config)
-    fp8_weights = use_fp8_linears(model, dtype) if fp8_base else set()
-    assign_weights(model, read_transformer_weights(path, dtype, device, fp8_weights), path)
+    if is_gguf(path):
+        state_dict = read_gguf_transformer(path, dtype, device, fp8_blocks=fp8_base)
+        use_gguf_linears(model, state_dict, dtype)
+        if fp8_base:
+            use_fp8_linears(model, dtype)  # the block Linears the file does not quantize
+    else:
+        fp8_weights = use_fp8_linears(model, dtype) if fp8_base else set()
+        state_dict = read_transformer_weights(path, dtype, device, fp8_weights)
+    assign_weights(model, state_dict, path)
     logger.info("Loaded the Flux transformer %s: %d double and %d single blocks, width %d", path,
                 config["num_layers"], config["num_single_layers"], model.inner_dim)  # fmt: skip
     return model
@@ -104,6 +114,9 @@ def transformer_config(path: str | Path) -> dict:
         if config.get("_class_name") != "FluxTransformer2DModel":
             raise ValueError(f"{folder} holds a {config.get('_class_name')}, not a FluxTransformer2DModel.")
         return config
+    if is_gguf(path):
+        shapes = {k: torch.empty(shape, device="meta") for k, shape in gguf_shapes(path).items()}
+        return infer_transformer_config(bfl_to_diffusers(shapes))
     kind = detect_file_kind(path)
     anchor = "x_embedder.weight" if kind == "flux_transformer_diffusers" else "img_in.weight"
     prefix = key_prefix(path, anchor, "Flux transformer")
@@ -121,6 +134,8 @@ def read_transformer_weights(path: Path, dtype: torch.dtype, device, fp8: set[st
         for file in weight_files(model_folder(path, "transformer")):
             state_dict |= read_state_dict(file, dtype=dtype, device=device, fp8=fp8)
         return state_dict
+    if is_gguf(path):
+        return read_gguf_transformer(path, dtype, device, fp8_blocks=bool(fp8))
     if detect_file_kind(path) == "flux_transformer_diffusers":
         return read_state_dict(path, key_prefix(path, "x_embedder.weight", "Flux transformer"), dtype, device, fp8)
     prefix = key_prefix(path, "img_in.weight", "Flux transformer")
