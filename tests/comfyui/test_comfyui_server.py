@@ -1,4 +1,5 @@
 """Gated: a real ComfyUI server starts with this pack in its custom_nodes/ and serves the harness's base directory."""
+from trainer_core.tiny import write_gguf_transformer
 
 
 def test_server_runs_on_the_cpu_from_the_temporary_base_directory(comfyui):
@@ -19,3 +20,13 @@ def test_pack_imports_and_registers_its_nodes(comfyui):
     module = f"custom_nodes.{comfyui.pack_name}"
     ours = [name for name, info in comfyui.object_info().items() if info["python_module"] == module]
     assert ours, "the pack imported but registered no node (NODE_CLASS_MAPPINGS)"
+
+
+def test_gguf_bases_are_listed_for_training_but_not_for_stock_loaders(comfyui, tiny_flux):
+    """The pack registers `unet_gguf` over the diffusion_models folders (as ComfyUI-GGUF does): InitTrainer lists a
+    GGUF base from models/unet, ComfyUI's UNETLoader, which cannot load one, does not."""
+    (comfyui.models_dir("unet")).mkdir(parents=True, exist_ok=True)
+    write_gguf_transformer(tiny_flux.transformer_bf16, comfyui.models_dir("unet") / "flux-probe-Q8_0.gguf")
+    info = comfyui.object_info()
+    assert "flux-probe-Q8_0.gguf" in info["FluxLoRA_InitTrainer"]["input"]["required"]["transformer"][0]
+    assert "flux-probe-Q8_0.gguf" not in info["UNETLoader"]["input"]["required"]["unet_name"][0]
