@@ -1,9 +1,10 @@
 """peft LoRA on Flux's transformer blocks, its strength, and the kohya-layout file that stock ComfyUI loads.
 
-The adapter lives on diffusers' `FluxTransformer2DModel` (adapter name "default", one LoRA per diffusers Linear).
-The file uses the original BFL module names, where q/k/v (and, in single blocks, the MLP input too) are one fused
-Linear; `kohya_state_dict` fuses the per-part LoRAs exactly (stacked down, block-diagonal up) and
-`load_kohya_lora` splits them back.
+The adapter lives on diffusers' `FluxTransformer2DModel` (adapter name "default") in one of two layouts:
+- "fused" (kohya's and BFL's): the model is put in the fused layout (`models.fuse_projections`) and each fused q, k, v
+  (and single blocks' `linear1`: q, k, v and the MLP input) has one LoRA; the kohya file holds it as trained.
+- "split" (diffusers'): one LoRA per diffusers Linear; the kohya file fuses the per-part LoRAs exactly (stacked down,
+  block-diagonal up) and `load_kohya_lora` splits them back. Runs made before the fused layout used it.
 """
 from __future__ import annotations
 
@@ -23,8 +24,9 @@ from safetensors import safe_open
 from torch import nn
 
 from .checkpoints import save_safetensors
-from .config import LORA_FORMATS
-from .models import DOUBLE_BLOCK_LINEARS, SINGLE_BLOCK_LINEARS, read_safetensors_header
+from .config import LORA_FORMATS, LORA_LAYOUTS
+from .models import (DOUBLE_BLOCK_LINEARS, FUSIONS, SINGLE_BLOCK_LINEARS, fuse_projections, is_fused, part_sizes,
+                     read_safetensors_header)
 
 logger = logging.getLogger(__name__)
 
@@ -32,11 +34,59 @@ ADAPTER = "default"
 
 MODULATION_MODULES = {"img_mod.lin", "txt_mod.lin", "modulation.lin"}
 
-# block kind -> (diffusers ModuleList, BFL prefix, modules of one block)
+# block kind -> (diffusers ModuleList, BFL prefix, modules of one block: BFL Linear -> the split layout's Linears)
 BLOCK_KINDS: dict[str, tuple[str, str, dict[str, tuple[str, ...]]]] = {
     "double": ("transformer_blocks", "double_blocks", DOUBLE_BLOCK_LINEARS),
     "single": ("single_transformer_blocks", "single_blocks", SINGLE_BLOCK_LINEARS),
 }
+
+
+def _fused_modules(kind: str, modules: dict[str, tuple[str, ...]]) -> dict[str, tuple[str, ...]]:
+    by_parts = {parts: name for name, parts in FUSIONS[kind].items()}
+    return {bfl: (by_parts[parts],) if parts in by_parts else parts for bfl, parts in modules.items()}
+
+
+# layout -> BLOCK_KINDS with the Linears of that layout (in "fused", each BFL Linear is one module)
+LAYOUT_BLOCKS = {
+    "split": BLOCK_KINDS,
+    "fused": {kind: (attr, bfl, _fused_modules(kind, modules)) for kind, (attr, bfl, modules) in BLOCK_KINDS.items()},
+}
+
+
+def model_layout(transformer: nn.Module) -> str:
+    """"fused" or "split": the layout the transformer's block Linears are in."""
+    return "fused" if is_fused(transformer) else "split"
+
+
+def state_layout(state: dict[str, torch.Tensor]) -> str:
+    """"fused" or "split": the layout of a `lora_state` (or diffusers-format tensors), from its module names."""
+    return "fused" if any(_fused_name(k.split(".lora_")[0].removeprefix(DIFFUSERS_PREFIX)) for k in state) else "split"
+
+
+def _in_block(module: str) -> tuple[str, str, str] | None:
+    """"single_transformer_blocks.3.attn.to_q" -> ("single_transformer_blocks.3", "single", "attn.to_q")."""
+    match = re.fullmatch(r"((single_)?transformer_blocks\.\d+)\.(.+)", module)
+    return None if match is None else (match[1], "single" if match[2] else "double", match[3])
+
+
+def _fused_name(module: str) -> tuple[str, ...] | None:
+    """The parts of a fused block Linear ("transformer_blocks.0.attn.to_qkv" -> its q, k, v), None for others."""
+    found = _in_block(module)
+    if found is None or found[2] not in FUSIONS[found[1]]:
+        return None
+    return tuple(f"{found[0]}.{p}" for p in FUSIONS[found[1]][found[2]])
+
+
+def _fused_of(part: str) -> tuple[str, tuple[str, ...]] | None:
+    """(fused Linear, its parts) for a split Linear that belongs to one ("...attn.to_k" -> "...attn.to_qkv")."""
+    found = _in_block(part)
+    if found is None:
+        return None
+    block, kind, name = found
+    return next(((f"{block}.{fused}", tuple(f"{block}.{p}" for p in parts))
+                 for fused, parts in FUSIONS[kind].items() if name in parts), None)
+
+
 KOHYA_SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".alpha", ".dora_scale")
 DIFFUSERS_PREFIX = "transformer."  # diffusers' LoRA files prefix the transformer's module names with it
 
@@ -73,7 +123,7 @@ def _block_counts(transformer: nn.Module) -> dict[str, int]:
     return {kind: len(getattr(transformer, attr)) for kind, (attr, _, _) in BLOCK_KINDS.items()}
 
 
-def target_regex(selection: dict[str, list[int]], include_modulation: bool = True) -> str:
+def target_regex(selection: dict[str, list[int]], include_modulation: bool = True, layout: str = "split") -> str:
     """peft `target_modules` regex (full match) for the block Linears of the selected blocks.
 
     Anchored on the block lists, so the top-level `proj_out`, `norm_out.linear` and the embedders never match.
@@ -82,7 +132,7 @@ def target_regex(selection: dict[str, list[int]], include_modulation: bool = Tru
     for kind, indices in selection.items():
         if not indices:
             continue
-        attr, _, modules = BLOCK_KINDS[kind]
+        attr, _, modules = LAYOUT_BLOCKS[layout][kind]
         parts = [p for bfl, ps in modules.items() if include_modulation or bfl not in MODULATION_MODULES for p in ps]
         alternatives.append(
             rf"{attr}\.({'|'.join(map(str, indices))})\.({'|'.join(re.escape(p) for p in parts)})"
@@ -132,8 +182,10 @@ def add_lora(
     lora_dtype: torch.dtype = torch.float32,
     dora: bool = False,
     generator: torch.Generator | None = None,
+    layout: str = "fused",
 ) -> None:
-    """Add the peft LoRA adapter "default" to every Linear of the selected double/single blocks.
+    """Add the peft LoRA adapter "default" to every Linear of the selected double/single blocks, in `layout`
+    ("fused": the model is first put in the fused layout, in place, and each fused Linear gets one LoRA).
 
     Only LoRA parameters stay trainable. Init is peft's default (A Kaiming-uniform, B zero) in `lora_dtype`, so a
     seed fixes it whatever the base dtype (bf16, fp8-storage Linear subclasses); A is drawn from `generator` (a CPU
@@ -141,8 +193,14 @@ def add_lora(
     `dora`: peft's DoRA, whose magnitude vector (one per output row) starts at the base weight's row norms, so the
     adapter starts as a no-op like a LoRA.
     """
+    if layout not in LORA_LAYOUTS:
+        raise ValueError(f"lora_layout: {layout!r}; choose one of {', '.join(LORA_LAYOUTS)}")
+    if layout == "split" and is_fused(transformer):
+        raise ValueError("lora_layout: 'split' on a transformer already in the fused layout; load the base again")
     selection = parse_blocks(blocks, _block_counts(transformer))
-    target = target_regex(selection, include_modulation)
+    if layout == "fused":
+        fuse_projections(transformer)
+    target = target_regex(selection, include_modulation, layout)
     targeted = [m for n, m in transformer.named_modules() if isinstance(m, nn.Linear) and re.fullmatch(target, n)]
     width = min(min(m.in_features, m.out_features) for m in targeted)
     if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= width:
@@ -168,7 +226,8 @@ def add_lora(
             magnitude = layer.lora_magnitude_vector[ADAPTER]
             magnitude.weight = nn.Parameter(_row_norms(layer).to(lora_dtype))
     n_params = sum(p.numel() for p in lora_parameters(transformer))
-    logger.info("LoRA rank %d alpha %g on %d Linears (%d parameters)", rank, alpha, len(targeted), n_params)
+    logger.info("LoRA rank %d alpha %g on %d Linears, %s layout (%d parameters)", rank, alpha, len(targeted), layout,
+                n_params)
 
 
 def _row_norms(layer: LoraLayer, delta: torch.Tensor | None = None) -> torch.Tensor:
@@ -183,13 +242,13 @@ def _delta(layer: LoraLayer) -> torch.Tensor:
 
 
 def check_lora_settings(transformer_config: dict, rank: int, alpha: float, dropout: float = 0.0,
-                        blocks: str | Sequence[str] = "all") -> int:
+                        blocks: str | Sequence[str] = "all", layout: str = "fused") -> int:
     """Raise now, naming the field, wherever `add_lora` would: it is tried on an empty (meta-device) model of that
     config, so a rank too wide or a mistyped `blocks` fails in a second instead of after the models load.
     Returns the LoRA's parameter count (what its files will weigh)."""
     with init_empty_weights():
         model = FluxTransformer2DModel.from_config(transformer_config)
-    add_lora(model, rank, alpha, dropout=dropout, blocks=blocks)
+    add_lora(model, rank, alpha, dropout=dropout, blocks=blocks, layout=layout)
     return sum(p.numel() for p in lora_parameters(model))
 
 
@@ -238,8 +297,8 @@ def load_lora_state(transformer: nn.Module, state: dict[str, torch.Tensor]) -> N
     if missing or unexpected:
         raise ValueError(
             f"LoRA state does not match the adapter (missing: {_preview(missing) or 'none'}; unexpected: "
-            f"{_preview(unexpected) or 'none'}); create the adapter with the rank, blocks, include_modulation and "
-            "dora the state was saved with"
+            f"{_preview(unexpected) or 'none'}); create the adapter with the rank, blocks, include_modulation, "
+            "dora and lora_layout the state was saved with"
         )
     wrong = [k for k, p in params.items() if state[k].shape != p.shape]
     if wrong:
@@ -253,8 +312,8 @@ def load_lora_state(transformer: nn.Module, state: dict[str, torch.Tensor]) -> N
 
 
 def _kohya_groups(transformer: nn.Module) -> Iterator[tuple[str, tuple[str, ...]]]:
-    """(kohya module name, diffusers modules fused into it in row order) for every Linear of every block."""
-    for attr, bfl_prefix, modules in BLOCK_KINDS.values():
+    """(kohya module name, the adapter's modules fused into it in row order) for every Linear of every block."""
+    for attr, bfl_prefix, modules in LAYOUT_BLOCKS[model_layout(transformer)].values():
         for i in range(len(getattr(transformer, attr))):
             for bfl, parts in modules.items():
                 yield f"lora_unet_{bfl_prefix}_{i}_{bfl.replace('.', '_')}", tuple(f"{attr}.{i}.{p}" for p in parts)
@@ -273,14 +332,15 @@ def kohya_from_lora_state(state: dict[str, torch.Tensor], alpha: float, dtype: t
     """A `lora_state` (peft/diffusers names, one alpha) -> the kohya layout ComfyUI loads:
     `lora_unet_double_blocks_0_img_attn_qkv.*`. Pure: no model needed, so a saved handle's LoRA is written as is.
 
-    Parts of a fused BFL Linear (k of them, each rank r) become one LoRA of rank k*r: down (k*r, in) stacks the A's,
+    In the fused layout each kohya module is one LoRA, written as trained (rank r, no zero). In the split layout,
+    parts of a fused BFL Linear (k of them, each rank r) become one LoRA of rank k*r: down (k*r, in) stacks the A's,
     up (sum of outs, k*r) is block-diagonal in the B's, so up @ down stacks the B_j @ A_j. ComfyUI applies
     (alpha / rank) * up @ down, so alpha = peft alpha * k keeps each part's scale. `.alpha` is float32: a bf16 alpha
     could be rounded. Parts of a fused Linear without a LoRA get zero blocks, `out_features(name)` giving their
     width (our adapters always cover whole fused Linears). Keys it does not understand raise.
     """
     out, used = {}, set()
-    for attr, bfl_prefix, modules in BLOCK_KINDS.values():
+    for attr, bfl_prefix, modules in LAYOUT_BLOCKS[state_layout(state)].values():
         indices = sorted({int(k.split(".")[1]) for k in state if k.startswith(f"{attr}.")})
         for i in indices:
             for bfl, parts in modules.items():
@@ -355,9 +415,11 @@ def _split_fused(
     if R == rank:
         return [(down, b) for b in rows]
     if R != k * rank:
+        split_file = "; a file of the split layout holds q, k, v block-diagonal at 3 or 4 x the rank: set " \
+                     "lora_layout to 'split' to continue it" if k == 1 and R % rank == 0 else ""
         raise ValueError(
             f"{path}: {key} has rank {R}, which the adapter's rank {rank} cannot hold; create the adapter "
-            "with the rank the file was trained with (ss_network_dim in its metadata)"
+            f"with the rank the file was trained with (ss_network_dim in its metadata){split_file}"
         )
     parts = []
     for j, b in enumerate(rows):
@@ -475,16 +537,78 @@ def diffusers_state_dict(transformer: nn.Module, dtype: torch.dtype = torch.bflo
     """The adapter at strength 1 as a diffusers/peft Flux LoRA: `transformer.<module>.lora_A.weight` / `.lora_B.weight`
     for every LoRA Linear (q, k, v separate, so r per part instead of the kohya layout's fused k*r), plus
     `.dora_scale` for DoRA (ComfyUI's convention). alpha / rank is folded into lora_B, so the file needs no alpha:
-    ComfyUI and diffusers both take alpha = rank when none is given."""
+    ComfyUI and diffusers both take alpha = rank when none is given. A fused-layout LoRA is written split
+    (`split_fused_state`: exact)."""
     state = {}
     for name, layer in _require_adapter(transformer).items():
         key = DIFFUSERS_PREFIX + name
-        state[f"{key}.lora_A.weight"] = layer.lora_A[ADAPTER].weight.detach().cpu().to(dtype).contiguous()
+        state[f"{key}.lora_A.weight"] = layer.lora_A[ADAPTER].weight.detach().cpu().to(dtype)
         state[f"{key}.lora_B.weight"] = (layer.lora_B[ADAPTER].weight.detach().float().cpu() * _scale(layer)
-                                         ).to(dtype).contiguous()
+                                         ).to(dtype)
         if _is_dora(layer):
             state[f"{key}.dora_scale"] = _comfyui_dora_scale(layer)
-    return state
+    return {k: v.contiguous() for k, v in split_fused_state(state).items()}
+
+
+def _module_and_kind(key: str) -> tuple[str, str]:
+    """"transformer.x.attn.to_q.lora_A.weight" -> ("transformer.x.attn.to_q", "lora_A.weight")."""
+    for kind in (".lora_A.weight", ".lora_B.weight", ".alpha", ".dora_scale", ".lora_magnitude_vector.weight"):
+        if key.endswith(kind):
+            return key.removesuffix(kind), kind[1:]
+    return key, ""
+
+
+def split_fused_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Diffusers-named LoRA tensors with fused Linears (`attn.to_qkv`, `linear1`) -> the same LoRA on the split
+    Linears (pure, exact): each part repeats the shared A and takes its rows of B and of a per-row tensor
+    (`dora_scale`, DoRA's magnitudes); an alpha is repeated. Other keys pass through."""
+    out = {}
+    for key, tensor in state.items():
+        module, kind = _module_and_kind(key)
+        prefix = DIFFUSERS_PREFIX if module.startswith(DIFFUSERS_PREFIX) else ""
+        parts = _fused_name(module.removeprefix(prefix))
+        if parts is None:
+            out[key] = tensor
+            continue
+        if kind in ("lora_A.weight", "alpha"):
+            out |= {f"{prefix}{p}.{kind}": tensor.clone() for p in parts}  # a file stores each apart
+            continue
+        if f"{module}.lora_A.weight" not in state:
+            raise ValueError(f"LoRA state: {key} has no {module}.lora_A.weight beside it")
+        width = state[f"{module}.lora_A.weight"].shape[1]  # the model width: the rows of q, k and v each
+        out |= {f"{prefix}{p}.{kind}": t for p, t in zip(parts, tensor.split(part_sizes(len(parts), len(tensor), width)))}
+    return out
+
+
+def fuse_split_state(path: Path, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Inverse of `split_fused_state` for a file's diffusers-format tensors (pure): the parts of each fused Linear
+    become one LoRA when they share one A (and alpha), as a fused-layout LoRA written split does; raises naming the
+    file when they do not, since one LoRA of that rank cannot hold them."""
+    groups: dict[str, dict[str, list]] = {}  # fused module -> kind -> tensors in part order
+    out = {}
+    for key, tensor in state.items():
+        module, kind = _module_and_kind(key)
+        prefix = DIFFUSERS_PREFIX if module.startswith(DIFFUSERS_PREFIX) else ""
+        found = _fused_of(module.removeprefix(prefix))
+        if found is None:
+            out[key] = tensor
+            continue
+        fused, parts = found
+        groups.setdefault(prefix + fused, {}).setdefault(kind, [None] * len(parts))[
+            parts.index(module.removeprefix(prefix))] = tensor
+    for fused, kinds in groups.items():
+        incomplete = [k for k, ts in kinds.items() if any(t is None for t in ts)]
+        shared = [k for k in ("lora_A.weight", "alpha") if k in kinds and not incomplete
+                  and not all(torch.equal(t, kinds[k][0]) for t in kinds[k])]
+        if incomplete or shared:
+            why = "some parts have none" if incomplete else "they have different down-projections"
+            raise ValueError(f"{path}: the LoRAs on the parts of {fused} ({why}) cannot be held by the fused layout's "
+                             "one LoRA of that rank; set lora_layout to 'split' to continue this file")
+        for kind, tensors in kinds.items():
+            out[f"{fused}.{kind}"] = tensors[0] if kind in ("lora_A.weight", "alpha") else torch.cat(tensors)
+    return out
+
+
 
 
 def save_lora_file(path: str | os.PathLike, transformer: nn.Module, metadata: dict[str, str],
@@ -578,6 +702,8 @@ def load_lora_file(path: str | os.PathLike, transformer: nn.Module) -> dict[str,
     if lora_file_format(path, list(state)) == "kohya":
         load_kohya_lora(path, transformer)
     else:
+        if model_layout(transformer) == "fused":
+            state = fuse_split_state(path, state)
         load_diffusers_lora(path, state, transformer)
     layers = _require_adapter(transformer)
     scales = dora_scales_by_linear(transformer, state)

@@ -147,7 +147,7 @@ class Trainer:
         torch.manual_seed(config.seed)  # LoRA dropout draws on the device's own generator
         # the LoRA's init from a CPU generator of the run's seed: the same numbers on any device, swapped or not
         lora.add_lora(transformer, config.rank, config.alpha, dropout=config.lora_dropout, blocks=config.blocks,
-                      dora=config.dora, generator=torch.Generator().manual_seed(config.seed))
+                      dora=config.dora, generator=torch.Generator().manual_seed(config.seed), layout=config.lora_layout)
         if config.init_lora:
             lora.load_lora_file(config.init_lora, transformer)
             log.info("LoRA initialised from %s", config.init_lora)
@@ -495,7 +495,8 @@ class Trainer:
         """The other base with an adapter shaped like ours, read from its file (streamed, fp8 as read)."""
         model = models.load_transformer(path, dtype=self.dtype, device=_load_device(self.config, self.device),
                                         fp8_base=self.config.fp8_base)
-        lora.add_lora(model, self.config.rank, self.config.alpha, blocks=self.config.blocks, dora=self.config.dora)
+        lora.add_lora(model, self.config.rank, self.config.alpha, blocks=self.config.blocks, dora=self.config.dora,
+                      layout=self.config.lora_layout)
         return model.requires_grad_(False)
 
     def memory_bytes(self) -> int:
