@@ -215,8 +215,7 @@ def diffusers_weights(model, merged: bool) -> dict[str, torch.Tensor]:
         for m in model.modules():
             if isinstance(m, LoraLayer):
                 m.merge()
-    return unfuse_state_dict({k.replace(".base_layer", ""): v.float() for k, v in model.state_dict().items()
-                              if "lora_" not in k})
+    return {k.replace(".base_layer", ""): v.float() for k, v in model.state_dict().items() if "lora_" not in k}
 
 
 def comfyui_apply(bfl: dict, kohya: dict, strength: float) -> tuple[dict, set]:
@@ -490,7 +489,7 @@ def test_diffusers_file_has_peft_keys_and_applies_like_the_peft_merge(layout):
     assert {k.rsplit(".", 2)[0] for k in state} == {"transformer." + n for n in lora_layer_names(lora_transformer(
         layout="split"))}
     assert state["transformer.transformer_blocks.0.attn.to_q.lora_A.weight"].shape == (RANK, 32)
-    base, merged = diffusers_weights(model, merged=False), diffusers_weights(model, merged=True)
+    base, merged = (unfuse_state_dict(diffusers_weights(model, merged=m)) for m in (False, True))
     for key, weight in base.items():  # ComfyUI: W += strength * up @ down (no alpha key: alpha = rank)
         module = "transformer." + key.removesuffix(".weight")
         if f"{module}.lora_B.weight" in state:
@@ -530,7 +529,8 @@ def test_diffusers_file_with_alpha_and_missing_modules(tmp_path, inputs):
     state = {k.removeprefix("transformer."): v for k, v in lora.diffusers_state_dict(model, torch.float32).items()
              if "single_transformer_blocks.1." not in k}
     state = {k: v * 2 if k.endswith("lora_B.weight") else v for k, v in state.items()}
-    state |= {k.replace(".lora_A.weight", ".alpha"): torch.tensor(RANK / 2) for k in state if k.endswith("lora_A.weight")}
+    state |= {k.replace(".lora_A.weight", ".alpha"): torch.tensor(RANK / 2)
+              for k in state if k.endswith("lora_A.weight")}
     save_file(state, tmp_path / "other.safetensors")
     with pytest.raises(ValueError, match=r"other\.safetensors: the LoRAs on the parts of .*set lora_layout to 'split'"):
         lora.load_lora_file(tmp_path / "other.safetensors", lora_transformer())  # separate downs: not one fused LoRA

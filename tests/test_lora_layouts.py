@@ -10,7 +10,7 @@ from trainer_core import lora
 from trainer_core.checkpoints import load_training_state, save_training_state
 from trainer_core.demo import demo_config, write_demo_dataset
 from trainer_core.identity import RESUME_FIELDS, SETTINGS_ADDED
-from trainer_core.models import diffusers_to_bfl, unfuse_state_dict
+from trainer_core.models import diffusers_to_bfl
 from trainer_core.trainer import Trainer
 
 RANK = 4
@@ -51,16 +51,16 @@ def test_a_split_state_saved_before_the_layout_setting_continues_bit_identically
     assert resumed.losses == straight.losses
     want = lora.lora_state(straight.transformer)
     assert all(torch.equal(v, want[k]) for k, v in lora.lora_state(resumed.transformer).items())
-    assert "lora_layout" in RESUME_FIELDS and first.snapshot().fingerprint["lora_layout"] == "split"  # states now name it
+    assert "lora_layout" in RESUME_FIELDS and first.snapshot().fingerprint["lora_layout"] == "split"  # named now
 
 
 def sd_scripts_lora(transformer, path, alpha: float, seed: int = 3) -> dict[str, torch.Tensor]:
     """A LoRA as sd-scripts' networks/lora_flux.py saves one: `lora_unet_<BFL module, dots as underscores>` with
     lora_down (rank, in), lora_up (out, rank) and a scalar alpha for every Linear of every block, fused qkv and linear1
     at rank r like the rest; bf16. The shapes are the BFL modules' of this model."""
-    weights = unfuse_state_dict({k.replace(".base_layer", ""): v for k, v in transformer.state_dict().items()
-                                 if "lora_" not in k and k.startswith(("transformer_blocks.", "single_transformer_blocks."))})
-    bfl = diffusers_to_bfl(weights)
+    blocks = ("transformer_blocks.", "single_transformer_blocks.")
+    bfl = diffusers_to_bfl({k.replace(".base_layer", ""): v for k, v in transformer.state_dict().items()
+                            if "lora_" not in k and k.startswith(blocks)})
     g = torch.Generator().manual_seed(seed)
     state = {}
     for key, weight in bfl.items():
