@@ -88,9 +88,7 @@ class TrainConfig:
     blocks: str = "all"  # "all", "double", "single" or e.g. "double:0-9,single:0-37"
     init_lora: str = ""  # a kohya or diffusers-format Flux LoRA file to start from (its rank); "" = a fresh LoRA
     dora: bool = False  # DoRA (peft's use_dora): a trained magnitude per output row on top of the LoRA
-    # fused: one LoRA per fused q,k,v / linear1 (kohya's layout, faster, smaller kohya files); split: one per
-    # diffusers Linear (q, k, v apart), the layout of runs made before "fused"
-    lora_layout: str = "fused"
+    lora_layout: str = "fused"  # fused: one LoRA per fused qkv / linear1, as kohya; split: q, k, v apart (older runs)
 
     # --- optimisation
     optimizer: str = "adamw"  # adamw, adamw8bit (bitsandbytes), adafactor, prodigy
