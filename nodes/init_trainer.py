@@ -7,7 +7,8 @@ import os
 from pathlib import Path
 
 from trainer_core.checkpoints import STATE_SUFFIX, TrainingState, latest_state_file, load_training_state
-from trainer_core.config import LORA_FORMATS, LR_SCHEDULES, MIXED_PRECISIONS, OPTIMIZERS, DatasetEntry, TrainConfig
+from trainer_core.config import (LORA_FORMATS, LORA_LAYOUTS, LR_SCHEDULES, MIXED_PRECISIONS, OPTIMIZERS, DatasetEntry,
+                                 TrainConfig)
 from trainer_core.flow_matching import TIMESTEP_SAMPLINGS
 from trainer_core.identity import check_resume, dataset_identity
 from trainer_core.models import KIND_DESCRIPTIONS, MODEL_ROLES, base_format, detect_file_kind
@@ -269,13 +270,16 @@ class InitTrainer:
             "dora": ("BOOLEAN", {"default": d["dora"], "tooltip": "DoRA: also learn a magnitude per output row. "
                                  "Not with fp8_base or blocks_to_swap (memory_preset custom)."}),
             "lora_format": (list(LORA_FORMATS), {"default": d["lora_format"], "tooltip": "kohya: fused qkv, as "
-                            "kohya saves; diffusers: peft keys, separate q/k/v, a smaller file. Both load in ComfyUI."}),
+                            "kohya saves; diffusers: peft keys, separate q/k/v. Both load in ComfyUI."}),
             "tensorboard": ("BOOLEAN", {"default": d["tensorboard"], "tooltip": "TensorBoard event files (loss, LR, "
                             "samples, grids) in models/loras/tensorboard/<output_name>, if tensorboard is installed."}),
             "store_max_gb": ("FLOAT", {"default": d["store_max_gb"], "min": 0.1, "max": 10000.0, "step": 0.5,
                                        "tooltip": "Size budget of the run store (models/flux_lora_states/runs): "
                                        "least recently used loops of other runs are deleted beyond it; ~1 GB per "
                                        "rank-16 loop with AdamW."}),
+            "lora_layout": (list(LORA_LAYOUTS), {"default": d["lora_layout"], "tooltip": "fused: one LoRA per fused "
+                            "q,k,v and single-block linear1, as kohya trains (faster, smaller kohya files); split: one "
+                            "per q, k, v, the layout of runs and states made before fused: use it to continue them."}),
         }, "hidden": {"prompt": "PROMPT", "unique_id": "UNIQUE_ID"}}  # the queued graph: total_steps auto
 
     @classmethod

@@ -26,7 +26,7 @@ WEIGHT_FLIPS = dict(
     blocks="double", dora=True, optimizer="prodigy", learning_rate=1e-3, weight_decay=0.01, lr_schedule="constant",
     warmup_steps=0, min_lr_ratio=0.5, lr_cycles=2, total_steps=21, gradient_accumulation=2, max_grad_norm=0.5,
     timestep_sampling="sigmoid", timestep_shift=1.0, guidance=3.5, seed=1, mixed_precision="bf16", fp8_base=True,
-    t5_on_cpu=True,
+    t5_on_cpu=True, lora_layout="split",
 )
 # and for every setting that changes no weight (blocks_to_swap needs checkpointing, so it is flipped with it)
 NO_WEIGHT_FLIPS = dict(

@@ -26,6 +26,7 @@ MIXED_PRECISIONS = ("bf16", "fp32")
 # flow_matching.py implements these; they are named here so that checking a config needs no torch import
 TIMESTEP_SAMPLINGS = ("shift", "sigmoid", "logit_normal", "uniform")
 LORA_FORMATS = ("kohya", "diffusers")
+LORA_LAYOUTS = ("fused", "split")
 
 
 def _parse_resolutions(value) -> tuple[int, ...]:
@@ -87,6 +88,7 @@ class TrainConfig:
     blocks: str = "all"  # "all", "double", "single" or e.g. "double:0-9,single:0-37"
     init_lora: str = ""  # a kohya or diffusers-format Flux LoRA file to start from (its rank); "" = a fresh LoRA
     dora: bool = False  # DoRA (peft's use_dora): a trained magnitude per output row on top of the LoRA
+    lora_layout: str = "fused"  # fused: one LoRA per fused qkv / linear1, as kohya; split: q, k, v apart (older runs)
 
     # --- optimisation
     optimizer: str = "adamw"  # adamw, adamw8bit (bitsandbytes), adafactor, prodigy
@@ -119,7 +121,7 @@ class TrainConfig:
     # --- output
     output_dir: str = "output"  # LoRA files, training states, samples and plots
     output_name: str = "flux_lora"  # file stem; the step is appended
-    lora_format: str = "kohya"  # kohya (fused qkv, BFL names) or diffusers (peft keys, separate q/k/v: smaller)
+    lora_format: str = "kohya"  # kohya (fused qkv, BFL names) or diffusers (peft keys, separate q/k/v)
     tensorboard: bool = True  # TensorBoard event files in <output_dir>/tensorboard/<output_name> (if installed)
     store_dir: str = ""  # the run store (every loop's state, so no step is trained twice); "" = <output_dir>/run_store
     store_max_gb: float = 10.0  # the run store's size budget: least recently used loops of other runs go first
@@ -219,6 +221,8 @@ class TrainConfig:
             "compile_blocks cannot be combined with blocks_to_swap (compiled blocks would capture the swapped weights); "
             "turn one of them off",
         )
+        need(self.lora_layout in LORA_LAYOUTS, f"lora_layout: {self.lora_layout!r}; choose one of "
+             f"{', '.join(LORA_LAYOUTS)} (split: the layout of runs made before the fused one)")
         need(self.lora_format in LORA_FORMATS, f"lora_format: {self.lora_format!r}; choose one of {', '.join(LORA_FORMATS)}")
         need(not (self.dora and self.fp8_base), "dora cannot train on an fp8 base (peft's DoRA adds the LoRA to the "
              "float8 weight to measure its norms); turn fp8_base off (memory_preset custom) or dora off")

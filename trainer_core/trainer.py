@@ -120,6 +120,13 @@ def _load_device(config: TrainConfig, device: torch.device) -> torch.device:
     return torch.device("cpu") if config.blocks_to_swap else device
 
 
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A CPU tensor on `device`: through pinned memory and without waiting on the host when that is a GPU."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -147,7 +154,7 @@ class Trainer:
         torch.manual_seed(config.seed)  # LoRA dropout draws on the device's own generator
         # the LoRA's init from a CPU generator of the run's seed: the same numbers on any device, swapped or not
         lora.add_lora(transformer, config.rank, config.alpha, dropout=config.lora_dropout, blocks=config.blocks,
-                      dora=config.dora, generator=torch.Generator().manual_seed(config.seed))
+                      dora=config.dora, generator=torch.Generator().manual_seed(config.seed), layout=config.lora_layout)
         if config.init_lora:
             lora.load_lora_file(config.init_lora, transformer)
             log.info("LoRA initialised from %s", config.init_lora)
@@ -310,24 +317,25 @@ class Trainer:
         prompt_embeds = torch.stack([empty_embeds if d else s.prompt_embeds for s, d in zip(samples, drop.tolist())])
         pooled = torch.stack([empty_pooled if d else s.pooled for s, d in zip(samples, drop.tolist())])
 
-        x0 = pack_latents(latents.float())  # (B, h/2 * w/2, C*4)
-        x_t, target = noisy_input_and_target(x0, noise, sigmas)
-
         dev, dt = self.device, self.dtype
+        # drawn on the CPU generator (the run's numbers on any device), moved from pinned memory without a host wait;
+        # x_t and the target are made where the model runs
+        x0, noise, sigmas = (_to_device(t, dev) for t in (pack_latents(latents.float()), noise, sigmas))
+        x_t, target = noisy_input_and_target(x0, noise, sigmas)  # x0: (B, h/2 * w/2, C*4)
         h, w = latents.shape[-2:]
         guidance = torch.full((n_mine,), cfg.guidance, device=dev) if self.transformer.config.guidance_embeds else None
         with torch.autocast(dev.type, dtype=dt, enabled=dt != torch.float32):
             pred = self.transformer(
-                hidden_states=x_t.to(dev, dt),
+                hidden_states=x_t.to(dt),
                 encoder_hidden_states=prompt_embeds.to(dev, dt),
                 pooled_projections=pooled.to(dev, dt),
-                timestep=sigmas.to(dev, dt),
+                timestep=sigmas.to(dt),
                 img_ids=image_ids(h, w, device=dev),
                 txt_ids=text_ids(prompt_embeds.shape[1], device=dev),
                 guidance=guidance,
                 return_dict=False,
             )[0]
-        loss = F.mse_loss(pred.float(), target.to(dev).float())
+        loss = F.mse_loss(pred.float(), target.float())
         return loss if n_mine == n else loss * (n_mine / n)
 
     # ------------------------------------------------------------------ state
@@ -495,7 +503,8 @@ class Trainer:
         """The other base with an adapter shaped like ours, read from its file (streamed, fp8 as read)."""
         model = models.load_transformer(path, dtype=self.dtype, device=_load_device(self.config, self.device),
                                         fp8_base=self.config.fp8_base)
-        lora.add_lora(model, self.config.rank, self.config.alpha, blocks=self.config.blocks, dora=self.config.dora)
+        lora.add_lora(model, self.config.rank, self.config.alpha, blocks=self.config.blocks, dora=self.config.dora,
+                      layout=self.config.lora_layout)
         return model.requires_grad_(False)
 
     def memory_bytes(self) -> int:
