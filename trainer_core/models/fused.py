@@ -47,7 +47,8 @@ def is_fused(model: nn.Module) -> bool:
 
 
 def _fuse_linears(parts: list[nn.Linear]) -> nn.Linear:
-    """One frozen Linear of the parts' kind (an `Fp8Linear` or `GGUFLinear` stays one: GGUF rows stack as raw blocks) whose rows stack theirs; on their device."""
+    """One frozen Linear of the parts' kind (an `Fp8Linear` or a `GGUFLinear` stays one: a GGUF weight's rows are
+    whole quantized blocks, so they stack as bytes) whose rows stack theirs; on their device."""
     first = parts[0]
     shape = (first.in_features, sum(p.out_features for p in parts), first.bias is not None)
     fused = (type(first)(*shape, first.compute_dtype, device="meta") if isinstance(first, Fp8Linear)
