@@ -269,13 +269,11 @@ def test_init_trainer_reruns_when_the_dataset_changes_and_only_then(base_dir, no
     assert "dataset_dir" in changed(**{**TINY_WIDGETS, "dataset_dir": "nope"})  # init then names the widget
 
 
-def test_memory_preset_sets_the_memory_options_and_custom_keeps_the_widgets():
-    from trainer_core.presets import PRESETS
-
+def test_memory_preset_sets_the_memory_options_and_custom_keeps_the_widgets(tiny_flux):
     explicit = dict(fp8_base=False, gradient_checkpointing=False, blocks_to_swap=3)
-    assert init_trainer.memory_settings("custom", explicit) == explicit
+    assert init_trainer.memory_settings("custom", explicit, tiny_flux.transformer_bf16) == explicit
     preset = PRESETS["12GB"]
-    assert init_trainer.memory_settings("12GB", explicit) == dict(
+    assert init_trainer.memory_settings("12GB", explicit, tiny_flux.transformer_bf16) == dict(
         fp8_base=preset.fp8_base, gradient_checkpointing=preset.gradient_checkpointing,
         blocks_to_swap=preset.blocks_to_swap)
 
