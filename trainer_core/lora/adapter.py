@@ -20,10 +20,7 @@ from .formats import BLOCK_KINDS, LAYOUT_BLOCKS, _preview
 
 logger = logging.getLogger(__name__)
 
-
 ADAPTER = "default"
-
-
 MODULATION_MODULES = {"img_mod.lin", "txt_mod.lin", "modulation.lin"}
 
 
