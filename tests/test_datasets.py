@@ -22,7 +22,8 @@ from trainer_core.dataset_report import build_report, load_t5_tokenizer, percept
 from trainer_core.identity import dataset_changes, dataset_identity
 from trainer_core.demo import demo_config, write_demo_dataset
 from trainer_core.tiny import MAX_SEQUENCE_LENGTH
-from trainer_core.trainer import Trainer, preflight
+from trainer_core.preflight import preflight
+from trainer_core.trainer import Trainer
 
 
 def photo(seed: int, size: tuple[int, int] = (256, 192)) -> Image.Image:
