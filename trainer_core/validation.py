@@ -1,11 +1,10 @@
 """Judging a LoRA: the validation loss on a fixed set, the best checkpoint by it, and the sampling sessions that
 render its images (samples, the XY grid).
 
-The validation loss scores each validation image at `validation_timesteps` fixed noise levels, evenly spaced and
+The validation loss scores the validation images at `validation_timesteps` fixed noise levels, evenly spaced and
 shifted as the run's timestep sampling shifts them, with noise drawn from a generator of the run's seed made anew at
 each call: the same LoRA always gets the same number, and the run's own generator is never touched. It runs the
-forward pass only (no backward), from the cached latents and caption embeddings, the noise levels of a bucket's
-images batched together.
+forward pass only (no backward), from the cached latents and caption embeddings, a bucket's items batched.
 """
 from __future__ import annotations
 
@@ -77,30 +76,34 @@ def validation_sigmas(count: int, config: TrainConfig) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------------ the loss
 @torch.no_grad()
 def validation_loss(trainer: "Trainer", samples: Sequence[caching.CachedSample]) -> float:
-    """The mean flow-matching loss of the adapter's present weights over `samples` x the fixed noise levels."""
+    """The mean flow-matching loss of the adapter's present weights on `samples` at the fixed noise levels.
+
+    Item k scores image k mod N at level k mod T, for k < max(N, T): every image and every level counts, at the
+    cost of max(N, T) forward passes rather than N x T (the levels dealt out to the images in turn)."""
     cfg = trainer.config
     sigmas = validation_sigmas(cfg.validation_timesteps, cfg)  # (T,)
-    t = len(sigmas)
     g = torch.Generator().manual_seed(cfg.seed)
     by_bucket: dict[tuple, list] = {}
-    for s in samples:  # noise drawn in the samples' order, whatever the batching
-        x0 = pack_latents(s.latents[None].float()).expand(t, -1, -1)  # (T, N, C)
-        by_bucket.setdefault(tuple(s.latents.shape), []).append((x0, torch.randn(x0.shape, generator=g), s))
+    for k in range(max(len(samples), len(sigmas))):  # noise drawn in item order, whatever the batching
+        s = samples[k % len(samples)]
+        x0 = pack_latents(s.latents[None].float())[0]  # (h/2 * w/2, C*4)
+        noise = torch.randn(x0.shape, generator=g)
+        by_bucket.setdefault(tuple(s.latents.shape), []).append((x0, noise, sigmas[k % len(sigmas)], s))
+    chunk = cfg.batch_size * len(sigmas)  # items per forward pass
     losses = []
     was_training = trainer.transformer.training
     trainer.transformer.eval()  # no LoRA dropout: no random draw, the same number every time
     try:
         with torch.inference_mode(False):
             for items in by_bucket.values():
-                for i in range(0, len(items), cfg.batch_size):  # a forward pass: the levels of batch_size images
-                    part = items[i:i + cfg.batch_size]
-                    x0 = torch.cat([x for x, _, _ in part])
-                    noise = torch.cat([n for _, n, _ in part])
-                    embeds = torch.stack([s.prompt_embeds for _, _, s in part for _ in range(t)])
-                    pooled = torch.stack([s.pooled for _, _, s in part for _ in range(t)])
-                    sig = sigmas.repeat(len(part))
+                for i in range(0, len(items), chunk):
+                    part = items[i:i + chunk]
+                    x0, noise = torch.stack([x for x, *_ in part]), torch.stack([n for _, n, *_ in part])
+                    sig = torch.stack([sigma for *_, sigma, _ in part])
+                    embeds = torch.stack([s.prompt_embeds for *_, s in part])
+                    pooled = torch.stack([s.pooled for *_, s in part])
                     x_t, target = noisy_input_and_target(x0, noise, sig)
-                    pred = trainer.predict(x_t, embeds, pooled, sig, part[0][2].latents.shape[-2:])
+                    pred = trainer.predict(x_t, embeds, pooled, sig, part[0][-1].latents.shape[-2:])
                     err = (pred.float() - target.to(pred.device).float()).pow(2)
                     losses.append(err.mean(dim=tuple(range(1, err.dim()))))
     finally:
