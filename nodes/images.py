@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from trainer_core import plots
 from trainer_core.plan import GRID_ROWS
+from trainer_core.run_handle import grid_rows
 
 from . import comfy_bridge
 from .common import CATEGORY, HANDLE_INPUT, SAMPLING_INPUTS, image_output, sampling_kwargs
@@ -40,7 +41,7 @@ class LossPlot:
     def plot(self, handle):
         state = handle.state
         return image_output([plots.loss_plot(state.losses, state.lrs, [c.step for c in handle.checkpoints],
-                                             validation=state.validation)])
+                                             validation=state.validation)], validation=state.validation)
 
 
 class ValidationSample:
@@ -105,4 +106,4 @@ class XYLoraStrengthGrid:
         image = handle.run.strength_grid(handle, values, prompt.strip(), kinds=kinds,
                                          callback=_sampling_progress(cells * sampling["steps"]),
                                          **sampling_kwargs(**sampling))
-        return image_output([image])
+        return image_output([image], rows=grid_rows(handle.checkpoints, kinds)[1])  # the rows' labels

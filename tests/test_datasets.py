@@ -241,7 +241,7 @@ def test_preflight_logs_the_summary_and_warns_on_serious_findings(tiny_flux, tmp
         records = preflight(config)  # no model loads
     assert len(records) == 12
     assert "dataset: 12 image(s) used, 0 skipped, 12 records per epoch" in caplog.text
-    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and r.name == "trainer_core.trainer"]
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and r.name == "trainer_core.preflight"]
     for finding in ("near-duplicate", "small.png", "missing: no_caption.png", "empty: empty_caption.png",
                     "longer than T5's 8 tokens"):
         assert sum(finding in m for m in warned) == 1, (finding, warned)
