@@ -414,8 +414,6 @@ class TrainingRun:
         path = free_path(folder if folder is not None else cfg.output_dir,
                          checkpoint_stem(cfg.output_name, handle.step), ".safetensors",
                          lambda p: lora_run(p) == tag)
-        if path.exists():
-            log.info("LoRA at step %d is already saved as %s", handle.step, path)
         record = self._validation_record(handle)
         base = content_identity(cfg.transformer_path, self.store.hashes)
         metadata = {**lora_metadata(cfg, handle.step, self.records, base), RUN_KEY: tag}
@@ -447,12 +445,8 @@ class TrainingRun:
             return
         # written from the adapter: DoRA's scales are measured on the base weights
         transformer = self._bring_to(handle).transformer
-        own = lora.lora_state(transformer)
-        lora.load_lora_state(transformer, weights)
-        try:
+        with validation.lora_weights(transformer, weights):
             lora.save_lora_file(path, transformer, metadata, cfg.lora_format)
-        finally:
-            lora.load_lora_state(transformer, own)
 
     def _validation_record(self, handle: TrainingHandle) -> dict | None:
         """The handle's validation record at its step: from its state (scored when its loop ended), else scored now
@@ -463,13 +457,9 @@ class TrainingRun:
         if known:
             return known[-1]
         trainer = self._live()
-        own = lora.lora_state(trainer.transformer)
-        lora.load_lora_state(trainer.transformer, handle.state.lora)
-        try:
+        with validation.lora_weights(trainer.transformer, handle.state.lora):
             return validation.validation_record(trainer, trainer.validation_samples, handle.step,
                                                 handle.state.ema or None)
-        finally:
-            lora.load_lora_state(trainer.transformer, own)
 
     def _save_state(self, handle: TrainingHandle, stem: str, folder: str | Path | None) -> Path:
         """The handle's full state as `<folder>/<stem>.state.safetensors`: the run store's file linked there when it

@@ -116,13 +116,21 @@ def validation_record(trainer: "Trainer", samples: Sequence[caching.CachedSample
     """{"step", "raw", "ema"}: the validation loss of the adapter's weights and of `ema_state` (None: no EMA)."""
     record = {"step": step, RAW: validation_loss(trainer, samples), EMA: None}
     if ema_state is not None:
-        own = lora.lora_state(trainer.transformer)
-        lora.load_lora_state(trainer.transformer, ema_state)
-        try:
+        with lora_weights(trainer.transformer, ema_state):
             record[EMA] = validation_loss(trainer, samples)
-        finally:
-            lora.load_lora_state(trainer.transformer, own)  # a copy back: the raw weights bit for bit
     return record
+
+
+@contextlib.contextmanager
+def lora_weights(transformer, weights: dict[str, torch.Tensor]):
+    """The adapter holding `weights` (a `lora.lora_state`) inside the block; its own are copied back after, bit for
+    bit."""
+    own = lora.lora_state(transformer)
+    lora.load_lora_state(transformer, weights)
+    try:
+        yield
+    finally:
+        lora.load_lora_state(transformer, own)
 
 
 def best(records: Sequence[dict]) -> tuple[int, str, float] | None:
