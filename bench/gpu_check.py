@@ -9,6 +9,7 @@ Writes the full-size random files of `bench/rehearsal.py` on the GPU machine (on
 raise out-of-memory as they would there), runs the rehearsal's phases (caching, base load, `--steps` training
 steps, checkpoint, 2-step sample on a second base), and prints peak allocated and reserved VRAM per phase and the
 training s/it. A preset that runs out of memory is reported, and the next one runs. Compare with `bench/memory.py`.
+Last, one table: s/step and peak VRAM per preset and resolution, beside other trainers' published figures.
 Made to finish in under ten minutes on a recent data-centre GPU.
 """
 from __future__ import annotations
@@ -33,6 +34,20 @@ from trainer_core.presets import PRESETS, MemoryPreset  # noqa: E402
 log = logging.getLogger("bench.gpu_check")
 GIB = 2**30
 CARDS = ("24GB", "16GB", "12GB", "8GB")
+# other trainers' published step times on an RTX 4090 (s/step by resolution), printed beside ours
+ANCHORS = {512: "SimpleTuner NF4 1.4", 768: "FluxTrainer 2.42", 1024: "SimpleTuner NF4 3.5"}
+
+
+def summary(rows: list[tuple[str, int, float | None, float, float]]) -> str:
+    """(preset, resolution, s/step or None when out of memory, peak reserved GiB, card GiB) rows as a table, with
+    the anchors (a 4090 is a 24 GB card; FluxTrainer's 768 px figure sits between our 512 and 1024 rows)."""
+    lines = ["| preset | resolution | s/step | peak VRAM reserved | card | anchors (4090, s/step) |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for preset, resolution, seconds, peak, card in rows:
+        anchors = "; ".join(f"{a} at {r} px" for r, a in ANCHORS.items() if abs(r - resolution) <= 256)
+        step = "out of memory" if seconds is None else f"{seconds:.2f}"
+        lines.append(f"| {preset} | {resolution}² | {step} | {peak:.1f} GiB | {card:g} GB | {anchors} |")
+    return "\n".join(lines)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
             config = run_config({k: Path(k) for k in ("transformer", "vae", "clip", "t5", "other", "tokenizers")},
                                 Path("data"), args.dir / "out", run.resolution, 512, **run.settings())
             print(f"{run.preset.name} at {run.resolution}²: {run.memory_fraction(141 * GIB):.3f} of a 141 GiB GPU, "
-                  f"checkpoint_blocks {config.checkpoint_blocks}, blocks_to_swap {config.blocks_to_swap}")
+                  f"checkpoint_blocks {config.checkpoint_blocks}, blocks_to_swap {config.blocks_to_swap}, "
+                  f"lora_layout {config.lora_layout}")
         return 0
     if not torch.cuda.is_available():
         log.error("no CUDA GPU: run with --dry-run, or on a machine with one")
@@ -80,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     paths = write_files(args.dir)
     total = torch.cuda.get_device_properties(0).total_memory
     print(f"GPU: {torch.cuda.get_device_name(0)}, {total / GIB:.0f} GiB")
-    failed = []
+    failed, rows = [], []
     for run in runs:
         name = f"{run.preset.name} at {run.resolution}²"
         torch.cuda.set_per_process_memory_fraction(run.memory_fraction(total))
@@ -90,17 +106,20 @@ def main(argv: list[str] | None = None) -> int:
             trainer = run_phases(run_config(paths, dataset, args.dir / "out", run.resolution, 512, **run.settings()),
                                  meter, args.steps)
             seconds = next(t for phase, t, _ in meter.rows if phase.startswith("train"))
-            print(f"\n{name}: {seconds / args.steps:.2f} s/it, peak reserved "
-                  f"{torch.cuda.max_memory_reserved() / GIB:.1f} GiB of {run.preset.card_gib:g}")
+            peak = torch.cuda.max_memory_reserved() / GIB
+            print(f"\n{name}: {seconds / args.steps:.2f} s/it, peak reserved {peak:.1f} GiB of {run.preset.card_gib:g}")
+            rows.append((run.preset.name, run.resolution, seconds / args.steps, peak, run.preset.card_gib))
             trainer.release()
             del trainer
         except torch.cuda.OutOfMemoryError:
             failed.append(name)
+            rows.append((run.preset.name, run.resolution, None, torch.cuda.max_memory_reserved() / GIB,
+                         run.preset.card_gib))
             print(f"\n{name}: OUT OF MEMORY in phase {len(meter.rows) + 1}\n{traceback.format_exc(limit=2)}")
         print(meter.table())
         gc.collect()
         torch.cuda.empty_cache()
-    print(f"\nout of memory: {', '.join(failed) or 'none'}")
+    print(f"\n{summary(rows)}\n\nout of memory: {', '.join(failed) or 'none'}")
     return 1 if failed else 0
 
 

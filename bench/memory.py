@@ -229,7 +229,8 @@ def meta_flux(config: dict) -> FluxTransformer2DModel:
 
 
 def lora_flux(config: dict, fp8_base: bool, lora_dtype: str, device: str = "meta") -> FluxTransformer2DModel:
-    """`config`'s Flux cut to one double and one single block, LoRA rank 16 on every block Linear, base frozen.
+    """`config`'s Flux cut to one double and one single block in the fused layout, LoRA rank 16 on every block
+    Linear, base frozen.
 
     With `fp8_base` the block Linears are the trainer's own `models.Fp8Linear`, so what they save for backward
     (the dequantized weight) is measured, not assumed; those are made on the meta device only.
@@ -241,6 +242,7 @@ def lora_flux(config: dict, fp8_base: bool, lora_dtype: str, device: str = "meta
     model.bfloat16()
     for name in fp8_weights:
         model.get_parameter(name).data = model.get_parameter(name).data.to(torch.float8_e4m3fn)
+    models.fuse_projections(model)  # the default lora_layout's model, as the trainer builds it
     linears = sum(isinstance(m, nn.Linear) for blocks in (model.transformer_blocks, model.single_transformer_blocks)
                   for m in blocks.modules())
     lora.add_lora(model, LORA_RANK, LORA_RANK, lora_dtype=LORA_DTYPES[lora_dtype])  # the trainer's own targeting

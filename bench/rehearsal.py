@@ -40,7 +40,8 @@ from trainer_core import models, tiny  # noqa: E402
 from trainer_core.config import TrainConfig  # noqa: E402
 from trainer_core.demo import write_demo_dataset  # noqa: E402
 from trainer_core.presets import PRESETS  # noqa: E402
-from trainer_core.trainer import Trainer, preflight  # noqa: E402
+from trainer_core.preflight import preflight  # noqa: E402
+from trainer_core.trainer import Trainer  # noqa: E402
 
 log = logging.getLogger("bench.rehearsal")
 GIB = 2**30

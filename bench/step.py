@@ -5,8 +5,12 @@
 Both train the same small-but-not-trivial Flux (2 double + 4 single blocks, width 256, 256 image + 64 text
 tokens) with the same LoRA, data, optimizer settings and precision, on this machine's CPU. Rounds alternate
 between the loops so drift in machine load hits both alike; the figure is the ratio of median step times
-(< 1.0: trainer_core is faster). Also measured: trainer_core with gradient checkpointing of every block, of half of
-them (`checkpoint_blocks`, with its step time as a ratio of full checkpointing), and with block swap.
+(< 1.0: trainer_core is faster; the target is <= 0.85), with each loop's achieved GFLOP/s (its step's FLOPs as
+torch's FlopCounterMode counts them, over its step time) as a share of this CPU's fp32 matmul peak, measured in the
+same run. trainer_core trains in its default fused layout (one LoRA per fused qkv / linear1); "split layout" is the
+layout of runs made before it, diffusers' Linears one by one, as the reference has them. Also measured:
+trainer_core with gradient checkpointing of every block, of half of them (`checkpoint_blocks`, with its step time
+as a ratio of full checkpointing), and with block swap.
 """
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import FluxTransformer2DModel
 from peft import LoraConfig
+from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -95,6 +100,21 @@ def time_steps(step, n: int) -> float:
     return (time.perf_counter() - t0) / n
 
 
+def step_flops(step) -> int:
+    """FLOPs of one training step (forward and backward), as torch counts them."""
+    with FlopCounterMode(display=False) as counter:
+        step()
+    return counter.get_total_flops()
+
+
+def matmul_peak(size: int = 2048, repeats: int = 10) -> float:
+    """This CPU's fp32 matmul throughput in FLOP/s: the best of `repeats` square products."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b
+    best = min(time_steps(lambda: a @ b, 1) for _ in range(repeats))
+    return 2 * size**3 / best
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=20, help="steps per timed round")
@@ -107,6 +127,7 @@ def main() -> int:
     loops = {
         "reference (diffusers + peft)": ReferenceLoop(copy.deepcopy(base), dataset).step,
         "trainer_core": (lambda t: lambda: t.train(1))(ours(base, dataset)),
+        "trainer_core, split layout": (lambda t: lambda: t.train(1))(ours(base, dataset, lora_layout="split")),
         "trainer_core + checkpointing": (lambda t: lambda: t.train(1))(ours(base, dataset, gradient_checkpointing=True)),
         # what the presets do where the card has room: only the last blocks recompute (here 3 of 6)
         "trainer_core + checkpointing 3 of 6 blocks": (lambda t: lambda: t.train(1))(
@@ -116,24 +137,29 @@ def main() -> int:
     }
     for step in loops.values():  # warm up allocators and kernels
         time_steps(step, 3)
+    flops = {name: step_flops(step) for name, step in loops.items()}
     times = {name: [] for name in loops}
+    peaks = []
     for _ in range(args.rounds):
+        peaks.append(matmul_peak())
         for name, step in loops.items():
             times[name].append(time_steps(step, args.steps))
+    peak = statistics.median(peaks)
 
     reference = statistics.median(times["reference (diffusers + peft)"])
     print(f"threads {torch.get_num_threads()}, {args.rounds} rounds x {args.steps} steps, "
           f"model {sum(p.numel() for p in base.parameters()) / 1e6:.1f} M params, LoRA rank {RANK}")
-    print(f"{'loop':50s} {'s/step':>8s} {'ratio':>7s}")
+    print(f"fp32 matmul peak (2048^3, median of rounds): {peak / 1e9:.1f} GFLOP/s")
+    print(f"{'loop':50s} {'s/step':>8s} {'ratio':>7s} {'GFLOP/s':>8s} {'of peak':>8s}")
     for name, ts in times.items():
         t = statistics.median(ts)
-        print(f"{name:50s} {t:8.4f} {t / reference:7.3f}")
+        print(f"{name:50s} {t:8.4f} {t / reference:7.3f} {flops[name] / t / 1e9:8.1f} {flops[name] / t / peak:8.1%}")
     partial = statistics.median(times["trainer_core + checkpointing 3 of 6 blocks"])
     full = statistics.median(times["trainer_core + checkpointing"])
     print(f"partial / full checkpointing step time: {partial / full:.3f}")
     ratio = statistics.median(times["trainer_core"]) / reference
-    print(f"\ntrainer_core / reference step time: {ratio:.3f} ({'OK' if ratio <= 1.0 else 'SLOWER than the reference'})")
-    return 0 if ratio <= 1.0 else 1
+    print(f"\ntrainer_core / reference step time: {ratio:.3f} ({'OK' if ratio <= 0.85 else 'over the 0.85 target'})")
+    return 0 if ratio <= 0.85 else 1
 
 
 if __name__ == "__main__":

@@ -48,6 +48,7 @@ def to_image(images) -> torch.Tensor:
     return torch.from_numpy(np.stack([np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0 for im in images]))
 
 
-def image_output(images) -> dict:
-    """A node result with the IMAGE batch and the previews ComfyUI shows on the node."""
-    return {"ui": {"images": comfy_bridge.save_previews(images)}, "result": (to_image(images),)}
+def image_output(images, **ui) -> dict:
+    """A node result with the IMAGE batch and the previews ComfyUI shows on the node; `ui`: more of what the node
+    reports (JSON-ready lists, kept in ComfyUI's history of the prompt)."""
+    return {"ui": {"images": comfy_bridge.save_previews(images), **ui}, "result": (to_image(images),)}

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 from trainer_core import plots
+from trainer_core.plan import GRID_ROWS
+from trainer_core.run_handle import grid_rows
 
 from . import comfy_bridge
 from .common import CATEGORY, HANDLE_INPUT, SAMPLING_INPUTS, image_output, sampling_kwargs
@@ -23,7 +25,9 @@ def _sampling_progress(total: int):
 
 
 class LossPlot:
-    DESCRIPTION = "The loss curve of the run up to the incoming handle: raw, smoothed, the LR, and saved checkpoints."
+    DESCRIPTION = ("The loss curve of the run up to the incoming handle: raw, smoothed, the LR, saved checkpoints, and "
+                   "the validation loss (raw and EMA LoRA) as a second line when InitTrainer's validation_timesteps "
+                   "is set.")
     CATEGORY = CATEGORY
     RETURN_TYPES = ("IMAGE",)
     OUTPUT_TOOLTIPS = (IMAGE_TOOLTIP,)
@@ -36,7 +40,8 @@ class LossPlot:
 
     def plot(self, handle):
         state = handle.state
-        return image_output([plots.loss_plot(state.losses, state.lrs, [c.step for c in handle.checkpoints])])
+        return image_output([plots.loss_plot(state.losses, state.lrs, [c.step for c in handle.checkpoints],
+                                             validation=state.validation)], validation=state.validation)
 
 
 class ValidationSample:
@@ -69,8 +74,9 @@ class ValidationSample:
 
 
 class XYLoraStrengthGrid:
-    DESCRIPTION = ("One labelled image: a row per checkpoint saved along the graph (step), a column per LoRA "
-                   "strength, all from one prompt and seed. Strength scales the LoRA; no file is reloaded.")
+    DESCRIPTION = ("One labelled image: a row per checkpoint saved along the graph (step; raw LoRA, EMA or both), a "
+                   "column per LoRA strength, all from one prompt and seed. Each row shows its validation loss and "
+                   "the lowest is marked best. Strength scales the LoRA; no file is reloaded.")
     CATEGORY = CATEGORY
     RETURN_TYPES = ("IMAGE",)
     OUTPUT_TOOLTIPS = (IMAGE_TOOLTIP,)
@@ -85,14 +91,19 @@ class XYLoraStrengthGrid:
                                      "a list (0,0.5,1) or a range start:stop:step (0:1:0.2)."}),
             "prompt": ("STRING", {"multiline": True, "default": "", "tooltip": "The one prompt every cell renders."}),
             **SAMPLING_INPUTS,
+            "rows": (list(GRID_ROWS), {"default": "raw", "tooltip": "Rows per checkpoint: the raw LoRA, its EMA "
+                     "(InitTrainer's ema_decay) or both."}),
         }}
 
-    def grid(self, handle, strengths, prompt, **sampling):
+    def grid(self, handle, strengths, prompt, rows="raw", **sampling):
         values = plots.parse_strengths(strengths)
         if not prompt.strip():
             raise ValueError("prompt: empty; write the prompt every cell renders, with the trigger word")
-        cells = len(handle.checkpoints) * len(values)
-        image = handle.run.strength_grid(handle, values, prompt.strip(),
+        kinds = GRID_ROWS.get(rows)
+        if kinds is None:
+            raise ValueError(f"rows: {rows!r}; choose one of {', '.join(GRID_ROWS)}")
+        cells = sum(len(c.rows(kinds)) for c in handle.checkpoints) * len(values)
+        image = handle.run.strength_grid(handle, values, prompt.strip(), kinds=kinds,
                                          callback=_sampling_progress(cells * sampling["steps"]),
                                          **sampling_kwargs(**sampling))
-        return image_output([image])
+        return image_output([image], rows=grid_rows(handle.checkpoints, kinds)[1])  # the rows' labels

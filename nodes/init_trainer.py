@@ -7,7 +7,8 @@ import os
 from pathlib import Path
 
 from trainer_core.checkpoints import STATE_SUFFIX, TrainingState, latest_state_file, load_training_state
-from trainer_core.config import LORA_FORMATS, LR_SCHEDULES, MIXED_PRECISIONS, OPTIMIZERS, DatasetEntry, TrainConfig
+from trainer_core.config import (LORA_FORMATS, LORA_LAYOUTS, LR_SCHEDULES, MIXED_PRECISIONS, OPTIMIZERS, DatasetEntry,
+                                 TrainConfig)
 from trainer_core.flow_matching import TIMESTEP_SAMPLINGS
 from trainer_core.identity import check_resume, dataset_identity
 from trainer_core.models import KIND_DESCRIPTIONS, MODEL_ROLES, base_format, detect_file_kind
@@ -51,21 +52,21 @@ def model_path(widget: str, name: str) -> Path:
     return path
 
 
-def dataset_path(value: str) -> Path:
+def dataset_path(value: str, widget: str = "dataset_dir") -> Path:
     """An absolute folder, or one relative to ComfyUI's input folder that `..` cannot leave (a symlink may)."""
     root = Path(os.path.abspath(comfy_bridge.input_directory()))
     value = value.strip().strip('"\'')  # Windows' "Copy as path" wraps the path in quotes
     if not value:
-        raise ValueError(f"dataset_dir: empty; give a folder of images with .txt captions, absolute or inside "
+        raise ValueError(f"{widget}: empty; give a folder of images with .txt captions, absolute or inside "
                          f"ComfyUI's input folder {root}")
     path = Path(value).expanduser()
     if not path.is_absolute():
         path = Path(os.path.normpath(root / path))
         if not path.is_relative_to(root):
-            raise ValueError(f"dataset_dir: {value!r} points outside ComfyUI's input folder {root}; "
+            raise ValueError(f"{widget}: {value!r} points outside ComfyUI's input folder {root}; "
                              "give an absolute path instead")
     if not path.is_dir():
-        raise FileNotFoundError(f"dataset_dir: {path} is not a folder; give an absolute path, or a folder name inside "
+        raise FileNotFoundError(f"{widget}: {path} is not a folder; give an absolute path, or a folder name inside "
                                 f"ComfyUI's input folder {root}")
     return path
 
@@ -164,6 +165,8 @@ def build_config(transformer: str, validation_transformer: str, vae: str, clip_l
         str(model_path("validation_transformer", validation_transformer))
     if "total_steps" in settings:
         settings["total_steps"] = auto_total_steps(settings["total_steps"], prompt, unique_id)
+    if settings.get("validation_dir"):
+        settings["validation_dir"] = str(dataset_path(settings["validation_dir"], "validation_dir"))
     config = TrainConfig(
         transformer_path=paths["transformer"], vae_path=paths["vae"], clip_path=paths["clip_l"], t5_path=paths["t5"],
         validation_transformer_path=validation, **dataset_settings(dataset_dir, settings),
@@ -269,13 +272,31 @@ class InitTrainer:
             "dora": ("BOOLEAN", {"default": d["dora"], "tooltip": "DoRA: also learn a magnitude per output row. "
                                  "Not with fp8_base or blocks_to_swap (memory_preset custom)."}),
             "lora_format": (list(LORA_FORMATS), {"default": d["lora_format"], "tooltip": "kohya: fused qkv, as "
-                            "kohya saves; diffusers: peft keys, separate q/k/v, a smaller file. Both load in ComfyUI."}),
+                            "kohya saves; diffusers: peft keys, separate q/k/v. Both load in ComfyUI."}),
             "tensorboard": ("BOOLEAN", {"default": d["tensorboard"], "tooltip": "TensorBoard event files (loss, LR, "
                             "samples, grids) in models/loras/tensorboard/<output_name>, if tensorboard is installed."}),
             "store_max_gb": ("FLOAT", {"default": d["store_max_gb"], "min": 0.1, "max": 10000.0, "step": 0.5,
                                        "tooltip": "Size budget of the run store (models/flux_lora_states/runs): "
                                        "least recently used loops of other runs are deleted beyond it; ~1 GB per "
                                        "rank-16 loop with AdamW."}),
+            "lora_layout": (list(LORA_LAYOUTS), {"default": d["lora_layout"], "tooltip": "fused: one LoRA per fused "
+                            "q,k,v and single-block linear1, as kohya trains (faster, smaller kohya files); split: one "
+                            "per q, k, v, the layout of runs and states made before fused: use it to continue them."}),
+            "validation_timesteps": ("INT", {"default": d["validation_timesteps"], "min": 0, "max": 64, "tooltip":
+                                     "Validation loss at each checkpoint, at this many fixed noise levels (8 is "
+                                     "plenty); 0 = off. Shown on LossPlot, the live view and the XY grid's rows."}),
+            "validation_split": ("FLOAT", {"default": d["validation_split"], "min": 0.0, "max": 0.9, "step": 0.05,
+                                 "tooltip": "Share of the images held out of training to score (chosen by the seed); "
+                                 "0 = score the training images (or validation_dir's)."}),
+            "validation_dir": ("STRING", {"default": d["validation_dir"], "tooltip": "Folder of held-out images with "
+                               "captions to score instead: absolute, or inside ComfyUI's input folder; empty = none."}),
+            "validation_every": ("INT", {"default": d["validation_every"], "min": 0, "max": 1_000_000, "tooltip":
+                                 "Also score every this many steps; 0 = at the end of each loop only."}),
+            "ema_decay": ("FLOAT", {"default": d["ema_decay"], "min": 0.0, "max": 0.9999, "step": 0.001,
+                                    "round": False, "tooltip": "Keep a moving average of the LoRA (e.g. 0.99), saved "
+                                    "beside each checkpoint as <name>_ema and scored too; 0 = off."}),
+            "ema_on_cpu": ("BOOLEAN", {"default": d["ema_on_cpu"], "tooltip": "Keep the EMA in RAM, not on the GPU "
+                                       "(small cards)."}),
         }, "hidden": {"prompt": "PROMPT", "unique_id": "UNIQUE_ID"}}  # the queued graph: total_steps auto
 
     @classmethod

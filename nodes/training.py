@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import time
 
+from trainer_core import validation
 from trainer_core.checkpoints import TrainingState
 from trainer_core.optim import PastScheduleError
 from trainer_core.progress import ProgressTracker
@@ -26,6 +27,7 @@ class _LoopView:
         self.tracker = ProgressTracker(steps, first_step)
         self.node_id, self.steps = node_id, steps
         self.last_log = time.monotonic()
+        self.loaded = False  # the whole loop came from the run store
 
     def on_step(self, info: StepInfo) -> None:
         tracker = self.tracker
@@ -41,14 +43,20 @@ class _LoopView:
 
     def on_known(self, state: TrainingState) -> None:
         self.tracker.replay(state.losses[self.tracker.first_step:])
-        loaded = not self.tracker.running
-        live_view.send_progress(self.node_id, {**self.tracker.snapshot(), "loaded": loaded})
+        self.loaded = not self.tracker.running
+        live_view.send_progress(self.node_id, {**self.tracker.snapshot(), "loaded": self.loaded})
         self.bar.update_absolute(self.tracker.done, self.steps)
 
     def close(self) -> None:
         if self.tracker.running:
             self.tracker.stop()
             live_view.send_progress(self.node_id, self.tracker.snapshot())
+
+    def scored(self, state: TrainingState) -> None:
+        """The loop's validation loss (raw and EMA) and the best point of the run so far, added to its last message."""
+        if state.validation:
+            live_view.send_progress(self.node_id, {**self.tracker.snapshot(), "loaded": self.loaded,
+                                                   "validation": validation.live_view(state.validation)})
 
 
 class TrainLoop:
@@ -81,6 +89,7 @@ class TrainLoop:
                              f"loops' steps){shorter}") from e
         finally:
             view.close()
+        view.scored(after.state)
         return (after, after.step, after.state.losses[-1])
 
 

@@ -50,3 +50,9 @@ def test_the_gpu_check_plans_every_card_and_resolution_without_a_gpu(capsys):
     assert runs[0].memory_fraction(96 * gpu_check.GIB) == 0.25 and runs[0].memory_fraction(8 * gpu_check.GIB) == 1.0
     assert gpu_check.main(["--dry-run"]) == 0
     assert capsys.readouterr().out.count("\n") == len(runs)  # every config built and checked
+
+
+def test_the_gpu_check_table_sets_the_anchors_beside_each_row():
+    lines = gpu_check.summary([("24GB", 512, 1.234, 20.51, 24), ("8GB", 1024, None, 7.9, 8)]).splitlines()
+    assert lines[2] == "| 24GB | 512² | 1.23 | 20.5 GiB | 24 GB | SimpleTuner NF4 1.4 at 512 px; FluxTrainer 2.42 at 768 px |"
+    assert lines[3].startswith("| 8GB | 1024² | out of memory |") and lines[3].endswith("SimpleTuner NF4 3.5 at 1024 px |")

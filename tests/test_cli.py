@@ -428,3 +428,17 @@ def test_overwrite_moves_the_earlier_run_aside_and_starts_over(shared, processes
     assert sorted(moved.values()) == sorted(before.values())  # every earlier file kept, byte for byte
     assert [p.name for p in sorted((tmp_path / "out").glob("*.safetensors"))] == [
         f"{RUN}_000003.safetensors", f"{RUN}_000003.state.safetensors"]  # no state of the earlier run left to resume
+
+
+def test_a_run_with_validation_and_ema_ends_with_the_table_and_the_best_checkpoint(shared, processes, tmp_path):
+    write_config(tmp_path / "run.toml", {**shared["config"], "output_dir": str(tmp_path / "out"),
+                                         "validation_timesteps": 2, "ema_decay": 0.9}, PLAN)
+    result = run_cli(processes, tmp_path, "train", "run.toml")
+    assert result.code == 0, result.err
+    assert [p.name for p in sorted((tmp_path / "out").glob(f"{RUN}_*_ema.safetensors"))] == [
+        f"{RUN}_000003_ema.safetensors", f"{RUN}_000006_ema.safetensors"]
+    rows = re.findall(r"^(\d+) +(\d\.\d{4}) +(\d\.\d{4})$", result.out, re.M)
+    assert [int(step) for step, _, _ in rows] == [3, 6]
+    loss, step, kind = min((float(v), int(s), k) for s, raw, ema in rows for v, k in ((raw, "raw"), (ema, "ema")))
+    assert f"best: step {step} {kind} (validation loss {loss:.4f})" in result.out
+    assert re.search(rf"checkpoint step 6: validation loss .*; best so far: step \d+ (raw|ema)", result.err)

@@ -22,7 +22,8 @@ from trainer_core.dataset_report import build_report, load_t5_tokenizer, percept
 from trainer_core.identity import dataset_changes, dataset_identity
 from trainer_core.demo import demo_config, write_demo_dataset
 from trainer_core.tiny import MAX_SEQUENCE_LENGTH
-from trainer_core.trainer import Trainer, preflight
+from trainer_core.preflight import preflight
+from trainer_core.trainer import Trainer
 
 
 def photo(seed: int, size: tuple[int, int] = (256, 192)) -> Image.Image:
@@ -240,7 +241,7 @@ def test_preflight_logs_the_summary_and_warns_on_serious_findings(tiny_flux, tmp
         records = preflight(config)  # no model loads
     assert len(records) == 12
     assert "dataset: 12 image(s) used, 0 skipped, 12 records per epoch" in caplog.text
-    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and r.name == "trainer_core.trainer"]
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and r.name == "trainer_core.preflight"]
     for finding in ("near-duplicate", "small.png", "missing: no_caption.png", "empty: empty_caption.png",
                     "longer than T5's 8 tokens"):
         assert sum(finding in m for m in warned) == 1, (finding, warned)

@@ -89,6 +89,18 @@ def test_the_subject_appears_with_strength_and_with_steps(demo):
     assert last[-1] >= 0.5 * target, (table, target)  # at the last step and strength 1: clearly the subject
 
 
+def test_the_validation_loss_falls_from_the_first_checkpoint_to_the_last_and_names_the_best(demo):
+    out, result, summary = demo
+    scored = summary["validation"]["checkpoints"]
+    assert [r["step"] for r in scored] == [50, 100, 150, 200]
+    for kind in ("raw", "ema"):
+        assert scored[-1][kind] < 0.9 * scored[0][kind], scored  # the trend, over the run
+    every = [(r[kind], r["step"], kind) for r in scored for kind in ("raw", "ema")]
+    loss, step, kind = min(every)
+    assert summary["validation"]["best"] == {"step": step, "kind": kind, "loss": loss}
+    assert [p.name for p in result.ema_loras] == [f"flux_tiny_demo_{s:06d}_ema.safetensors" for s in (50, 100, 150, 200)]
+
+
 def test_writing_the_demo_dataset_again_keeps_its_files_and_so_its_identity(tmp_path):
     """A second demo into the same folder finds the same dataset and loads its stored loops instead of retraining."""
     folder = write_demo_dataset(tmp_path)

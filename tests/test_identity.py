@@ -26,7 +26,8 @@ WEIGHT_FLIPS = dict(
     blocks="double", dora=True, optimizer="prodigy", learning_rate=1e-3, weight_decay=0.01, lr_schedule="constant",
     warmup_steps=0, min_lr_ratio=0.5, lr_cycles=2, total_steps=21, gradient_accumulation=2, max_grad_norm=0.5,
     timestep_sampling="sigmoid", timestep_shift=1.0, guidance=3.5, seed=1, mixed_precision="bf16", fp8_base=True,
-    t5_on_cpu=True,
+    t5_on_cpu=True, lora_layout="split", validation_timesteps=8, validation_split=0.5, validation_dir="held_out",
+    validation_every=5, ema_decay=0.9,
 )
 # and for every setting that changes no weight (blocks_to_swap needs checkpointing, so it is flipped with it)
 NO_WEIGHT_FLIPS = dict(
@@ -37,7 +38,7 @@ NO_WEIGHT_FLIPS = dict(
     validation_transformer_path=dict(validation_transformer_path="elsewhere.safetensors"),
     cache_dir=dict(cache_dir="CACHE"), output_dir=dict(output_dir="OUT"), output_name=dict(output_name="renamed"),
     lora_format=dict(lora_format="diffusers"), tensorboard=dict(tensorboard=False), store_dir=dict(store_dir="STORE"),
-    store_max_gb=dict(store_max_gb=1.0),
+    store_max_gb=dict(store_max_gb=1.0), ema_on_cpu=dict(ema_on_cpu=True),
 )
 # the no-weight settings that reach the training loop, trained with and without: compile_blocks is left out (fused
 # kernels round differently, like another device: equal up to float rounding, not bit for bit); device auto is the

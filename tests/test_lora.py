@@ -10,13 +10,15 @@ from safetensors.torch import load_file, save_file
 
 from trainer_core import lora
 from trainer_core.flow_matching import image_ids, text_ids
-from trainer_core.models import Fp8Linear, diffusers_to_bfl
+from trainer_core.models import Fp8Linear, diffusers_to_bfl, fuse_projections, unfuse_state_dict
+from tests.numerics import assert_ulps
 
 CONFIG = dict(
     patch_size=1, in_channels=64, num_layers=2, num_single_layers=2, attention_head_dim=16, num_attention_heads=2,
     joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=True, axes_dims_rope=(4, 6, 6),
 )
 RANK, ALPHA = 4, 6.0
+LAYOUTS = pytest.mark.parametrize("layout", ["fused", "split"])
 
 
 def tiny_transformer(dtype=torch.float32) -> FluxTransformer2DModel:
@@ -34,10 +36,10 @@ def randomise_lora_b(transformer, std=0.05, seed=1) -> None:
                 w.copy_(torch.randn(w.shape, generator=g) * std)
 
 
-def lora_transformer(blocks="all", include_modulation=True, seed=0, std=0.05) -> FluxTransformer2DModel:
+def lora_transformer(blocks="all", include_modulation=True, seed=0, std=0.05, layout="fused") -> FluxTransformer2DModel:
     model = tiny_transformer()
     torch.manual_seed(seed)
-    lora.add_lora(model, RANK, ALPHA, blocks=blocks, include_modulation=include_modulation)
+    lora.add_lora(model, RANK, ALPHA, blocks=blocks, include_modulation=include_modulation, layout=layout)
     randomise_lora_b(model, std=std)
     return model
 
@@ -67,7 +69,10 @@ def run(model, inputs, dtype=torch.float32) -> torch.Tensor:
         return forward(model, inputs, dtype)
 
 
-def block_linear_names(model) -> set[str]:
+def block_linear_names(model, layout="split") -> set[str]:
+    if layout == "fused":
+        model = copy.deepcopy(model)
+        fuse_projections(model)
     return {n for n, m in model.named_modules()
             if isinstance(m, torch.nn.Linear) and n.startswith(("transformer_blocks.", "single_transformer_blocks."))}
 
@@ -77,10 +82,11 @@ def lora_layer_names(model) -> set[str]:
 
 
 # --------------------------------------------------------------------------------------------- targeting, validation
-def test_targets_every_block_linear_and_nothing_else():
+@LAYOUTS
+def test_targets_every_block_linear_and_nothing_else(layout):
     model = tiny_transformer()
-    expected = block_linear_names(model)
-    lora.add_lora(model, RANK, ALPHA)
+    expected = block_linear_names(model, layout)
+    lora.add_lora(model, RANK, ALPHA, layout=layout)
     assert lora_layer_names(model) == expected
     assert {"proj_out", "norm_out.linear", "x_embedder", "context_embedder"}.isdisjoint(lora_layer_names(model))
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -90,11 +96,16 @@ def test_targets_every_block_linear_and_nothing_else():
 
 def test_block_selection_and_modulation_switch():
     model = tiny_transformer()
-    lora.add_lora(model, RANK, ALPHA, blocks="double:1,single:0", include_modulation=False)
-    names = lora_layer_names(model)
+    fused = copy.deepcopy(model)
+    lora.add_lora(model, RANK, ALPHA, blocks="double:1,single:0", include_modulation=False, layout="split")
+    lora.add_lora(fused, RANK, ALPHA, blocks="double:1,single:0", include_modulation=False)
+    names, fused_names = lora_layer_names(model), lora_layer_names(fused)
     assert {".".join(n.split(".")[:2]) for n in names} == {"transformer_blocks.1", "single_transformer_blocks.0"}
+    assert {".".join(n.split(".")[:2]) for n in fused_names} == {"transformer_blocks.1", "single_transformer_blocks.0"}
     assert "transformer_blocks.1.attn.to_q" in names and "single_transformer_blocks.0.proj_mlp" in names
-    assert not any(n.endswith(("norm1.linear", "norm1_context.linear", "norm.linear")) for n in names)
+    assert {"transformer_blocks.1.attn.to_qkv", "transformer_blocks.1.attn.to_added_qkv",
+            "single_transformer_blocks.0.linear1"} <= fused_names and len(fused_names) == len(names) - 7
+    assert not any(n.endswith(("norm1.linear", "norm1_context.linear", "norm.linear")) for n in names | fused_names)
 
 
 @pytest.mark.parametrize("blocks, expected", [
@@ -137,11 +148,17 @@ def test_init_is_seeded_peft_default_in_float32_whatever_the_base_dtype():
 
 
 # --------------------------------------------------------------------------------------------- strength
+@LAYOUTS
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_strength_zero_is_the_base_model_exactly(inputs, dtype):
+def test_strength_zero_is_the_base_model_exactly(inputs, dtype, layout):
+    """Exactly the base in the adapter's layout; the fused base is the split one up to the GEMMs' summation order."""
     model = tiny_transformer(dtype)
+    split_base = run(model, inputs, dtype)
+    if layout == "fused":
+        fuse_projections(model)
     base = run(model, inputs, dtype)
-    lora.add_lora(model, RANK, ALPHA)
+    assert_ulps(base, split_base, ulps=64, what="fused base")
+    lora.add_lora(model, RANK, ALPHA, layout=layout)
     randomise_lora_b(model)
     lora.set_lora_strength(model, 0.0)
     assert torch.equal(run(model, inputs, dtype), base)
@@ -166,12 +183,14 @@ def test_strength_scales_the_effect_linearly_and_leaves_weights(inputs):
 
 
 # --------------------------------------------------------------------------------------------- peft-named state
-def test_lora_state_round_trip_and_strictness(inputs):
-    model = lora_transformer()
+@LAYOUTS
+def test_lora_state_round_trip_and_strictness(inputs, layout):
+    model = lora_transformer(layout=layout)
     state = lora.lora_state(model)
-    assert "transformer_blocks.0.attn.to_q.lora_A.weight" in state
+    assert f"transformer_blocks.0.attn.to_{'qkv' if layout == 'fused' else 'q'}.lora_A.weight" in state
+    assert lora.state_layout(state) == layout
     assert all(v.device.type == "cpu" for v in state.values())
-    fresh = lora_transformer(seed=9, std=0.0)
+    fresh = lora_transformer(seed=9, std=0.0, layout=layout)
     lora.load_lora_state(fresh, state)
     assert torch.equal(run(fresh, inputs), run(model, inputs))
 
@@ -181,9 +200,11 @@ def test_lora_state_round_trip_and_strictness(inputs):
     with pytest.raises(ValueError, match=r"unexpected: proj_out\.lora_A\.weight"):
         lora.load_lora_state(fresh, {**state, "proj_out.lora_A.weight": torch.zeros(RANK, 32)})
     other_rank = tiny_transformer()
-    lora.add_lora(other_rank, RANK * 2, ALPHA)
+    lora.add_lora(other_rank, RANK * 2, ALPHA, layout=layout)
     with pytest.raises(ValueError, match="shape"):
         lora.load_lora_state(other_rank, state)
+    with pytest.raises(ValueError, match="lora_layout"):
+        lora.load_lora_state(lora_transformer(layout="split" if layout == "fused" else "fused"), state)
 
 
 # --------------------------------------------------------------------------------------------- kohya file
@@ -221,15 +242,17 @@ def assert_comfyui_matches_peft(model, kohya: dict, strength: float) -> None:
         torch.testing.assert_close(applied[key], merged[key], rtol=1e-5, atol=1e-6, msg=key)
 
 
+@LAYOUTS
 @pytest.mark.parametrize("blocks, include_modulation", [("all", True), ("double:1,single:0", False)])
 @pytest.mark.parametrize("strength", [1.0, 0.6])
-def test_kohya_file_applied_by_comfyui_rule_equals_peft_merge(blocks, include_modulation, strength):
-    model = lora_transformer(blocks, include_modulation)
+def test_kohya_file_applied_by_comfyui_rule_equals_peft_merge(blocks, include_modulation, strength, layout):
+    model = lora_transformer(blocks, include_modulation, layout=layout)
     lora.set_lora_strength(model, strength)
     kohya = lora.kohya_state_dict(model, dtype=torch.float32)  # the file holds strength 1; ComfyUI applies its own
     assert "lora_unet_double_blocks_1_img_attn_qkv.lora_down.weight" in kohya
-    assert kohya["lora_unet_single_blocks_0_linear1.lora_down.weight"].shape == (4 * RANK, 32)
-    assert kohya["lora_unet_double_blocks_1_txt_attn_qkv.alpha"].item() == 3 * ALPHA
+    parts = {"fused": (1, 1), "split": (4, 3)}[layout]  # fused: the trained rank; split: block-diagonal parts
+    assert kohya["lora_unet_single_blocks_0_linear1.lora_down.weight"].shape == (parts[0] * RANK, 32)
+    assert kohya["lora_unet_double_blocks_1_txt_attn_qkv.alpha"].item() == parts[1] * ALPHA
     assert kohya["lora_unet_single_blocks_0_linear2.alpha"].item() == ALPHA
     assert ("lora_unet_double_blocks_1_img_mod_lin.alpha" in kohya) == include_modulation
     assert_comfyui_matches_peft(model, kohya, strength)
@@ -241,15 +264,16 @@ def test_kohya_file_applied_by_comfyui_rule_equals_peft_merge(blocks, include_mo
     assert changed == {k.split(".")[0] for k in kohya}
 
 
+@LAYOUTS
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_kohya_file_round_trip(tmp_path, inputs, dtype):
-    model = lora_transformer()
+def test_kohya_file_round_trip(tmp_path, inputs, dtype, layout):
+    model = lora_transformer(layout=layout)
     path = tmp_path / "loras" / "x.safetensors"
     lora.save_kohya_lora(path, model, {"trigger_word": "sks", "ss_steps": "750"}, dtype=dtype)
     assert [p.name for p in path.parent.iterdir()] == ["x.safetensors"]  # no temp file left behind
     assert all(v.dtype == dtype for k, v in load_file(path).items() if not k.endswith(".alpha"))
 
-    fresh = lora_transformer(seed=7, std=0.0)
+    fresh = lora_transformer(seed=7, std=0.0, layout=layout)
     lora.set_lora_strength(fresh, 0.3)  # loading must not depend on the strength in use
     metadata = lora.load_kohya_lora(path, fresh)
     lora.set_lora_strength(fresh, 1.0)
@@ -257,6 +281,7 @@ def test_kohya_file_round_trip(tmp_path, inputs, dtype):
     assert metadata["ss_network_dim"] == str(RANK) and float(metadata["ss_network_alpha"]) == ALPHA
     base, want, got = run(tiny_transformer(), inputs), run(model, inputs), run(fresh, inputs)
     if dtype == torch.float32:
+        assert all(torch.equal(v, lora.lora_state(model)[k]) for k, v in lora.lora_state(fresh).items())
         assert torch.equal(got, want)
     else:
         assert (got - want).abs().max() < 0.01 * (want - base).abs().max()
@@ -283,10 +308,12 @@ def test_group_members_without_lora_get_zero_blocks(tmp_path, inputs):
     assert torch.equal(run(fresh, inputs), run(model, inputs))
 
 
-def test_loads_other_tools_dense_fused_lora(tmp_path):
-    """sd-scripts trains one LoRA on the fused qkv / linear1 (dense up); it loads exactly, each part sharing down."""
+@LAYOUTS
+def test_loads_other_tools_dense_fused_lora(tmp_path, layout):
+    """sd-scripts trains one LoRA on the fused qkv / linear1 (dense up); it loads exactly: as is in the fused layout,
+    each part sharing down (and taking its rows of up) in the split one."""
     g = torch.Generator().manual_seed(5)
-    kohya = lora.kohya_state_dict(lora_transformer(), dtype=torch.float32)
+    kohya = lora.kohya_state_dict(lora_transformer(layout=layout), dtype=torch.float32)
     for name, out in [("lora_unet_double_blocks_0_img_attn_qkv", 96), ("lora_unet_single_blocks_1_linear1", 224)]:
         kohya[f"{name}.lora_down.weight"] = torch.randn(RANK, 32, generator=g)
         kohya[f"{name}.lora_up.weight"] = torch.randn(out, RANK, generator=g) * 0.05
@@ -295,15 +322,19 @@ def test_loads_other_tools_dense_fused_lora(tmp_path):
     kohya = {k: v for k, v in kohya.items() if "single_blocks_0_" not in k}  # adapter Linears the file lacks
     save_file(kohya, tmp_path / "dense.safetensors")
 
-    model = lora_transformer(seed=3)
+    model = lora_transformer(seed=3, layout=layout)
     lora.load_kohya_lora(tmp_path / "dense.safetensors", model)
     assert_comfyui_matches_peft(model, kohya, 1.0)
+    if layout == "fused":
+        params = lora.lora_parameters_by_name(model)
+        assert torch.equal(params["transformer_blocks.0.attn.to_qkv.lora_A.weight"],
+                           kohya["lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight"])
     assert not any(m.lora_B["default"].weight.any() for n, m in model.named_modules()
                    if isinstance(m, LoraLayer) and n.startswith("single_transformer_blocks.0."))
 
 
 def test_load_kohya_errors_name_file_and_keys(tmp_path):
-    model = lora_transformer()
+    model = lora_transformer(layout="split")
     kohya = lora.kohya_state_dict(model, dtype=torch.float32)
     with pytest.raises(FileNotFoundError, match="nope.safetensors"):
         lora.load_kohya_lora(tmp_path / "nope.safetensors", model)
@@ -324,13 +355,15 @@ def test_load_kohya_errors_name_file_and_keys(tmp_path):
     assert all(torch.equal(v, before[k]) for k, v in lora.lora_state(model).items())  # nothing half-loaded
 
     other_rank = tiny_transformer()
-    lora.add_lora(other_rank, RANK + 1, ALPHA)
+    lora.add_lora(other_rank, RANK + 1, ALPHA, layout="split")
     save_file(kohya, tmp_path / "ok.safetensors")
     with pytest.raises(ValueError, match="has rank"):
         lora.load_kohya_lora(tmp_path / "ok.safetensors", other_rank)
+    with pytest.raises(ValueError, match="block-diagonal at 3 or 4 x the rank: set lora_layout to 'split'"):
+        lora.load_kohya_lora(tmp_path / "ok.safetensors", lora_transformer())  # a split-layout file, fused adapter
 
     no_modulation = tiny_transformer()
-    lora.add_lora(no_modulation, RANK, ALPHA, include_modulation=False)
+    lora.add_lora(no_modulation, RANK, ALPHA, include_modulation=False, layout="split")
     with pytest.raises(ValueError, match=r"mod_lin has a LoRA on .*norm1.*which the adapter does not cover"):
         lora.load_kohya_lora(tmp_path / "ok.safetensors", no_modulation)
 
@@ -342,7 +375,8 @@ def test_save_rejects_non_string_metadata(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------- fp8 storage base
-def test_lora_trains_on_an_fp8_storage_base(inputs):
+@LAYOUTS
+def test_lora_trains_on_an_fp8_storage_base(inputs, layout):
     model = tiny_transformer(torch.bfloat16)
     for name in block_linear_names(model):  # as models.load_transformer(..., fp8_base=True) builds it
         old = model.get_submodule(name)
@@ -351,9 +385,12 @@ def test_lora_trains_on_an_fp8_storage_base(inputs):
         new.bias = old.bias
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, new)
+    if layout == "fused":
+        fuse_projections(model)
+        assert all(isinstance(model.get_submodule(n), Fp8Linear) for n in block_linear_names(model))
     base = run(model, inputs, torch.bfloat16)
-    lora.add_lora(model, RANK, ALPHA)
-    assert lora_layer_names(model) == block_linear_names(tiny_transformer())
+    lora.add_lora(model, RANK, ALPHA, layout=layout)
+    assert lora_layer_names(model) == block_linear_names(tiny_transformer(), layout)
     assert all(p.dtype == torch.float32 and p.requires_grad for p in lora.lora_parameters(model))
     randomise_lora_b(model)
     lora.set_lora_strength(model, 0.0)
@@ -364,11 +401,11 @@ def test_lora_trains_on_an_fp8_storage_base(inputs):
 
 
 # --------------------------------------------------------------------------------------------- DoRA
-def dora_transformer(seed=0, std=0.05) -> FluxTransformer2DModel:
+def dora_transformer(seed=0, std=0.05, layout="fused") -> FluxTransformer2DModel:
     """A DoRA adapter moved off its init: random B and magnitudes off the base norms."""
     model = tiny_transformer()
     torch.manual_seed(seed)
-    lora.add_lora(model, RANK, ALPHA, dora=True)
+    lora.add_lora(model, RANK, ALPHA, dora=True, layout=layout)
     randomise_lora_b(model, std=std, seed=seed + 1)
     g = torch.Generator().manual_seed(seed + 2)
     with torch.no_grad():
@@ -384,10 +421,11 @@ def comfyui_dora_apply(weight: torch.Tensor, delta: torch.Tensor, dora_scale: to
     return weight + strength * (calc - weight)
 
 
-def test_dora_starts_as_the_base_and_its_magnitudes_train(inputs):
+@LAYOUTS
+def test_dora_starts_as_the_base_and_its_magnitudes_train(inputs, layout):
     model = tiny_transformer()
-    base, linears = run(model, inputs), block_linear_names(model)
-    lora.add_lora(model, RANK, ALPHA, dora=True)
+    base, linears = run(model, inputs), block_linear_names(model, layout)
+    lora.add_lora(model, RANK, ALPHA, dora=True, layout=layout)
     params = lora.lora_parameters_by_name(model)
     magnitudes = [k for k in params if k.endswith(".lora_magnitude_vector.weight")]
     assert {k.removesuffix(".lora_magnitude_vector.weight") for k in magnitudes} == linears
@@ -398,8 +436,9 @@ def test_dora_starts_as_the_base_and_its_magnitudes_train(inputs):
     assert all(params[k].grad is not None and params[k].grad.abs().sum() > 0 for k in magnitudes)
 
 
-def test_dora_kohya_file_applied_by_comfyui_rule_equals_peft_merge():
-    model = dora_transformer()
+@LAYOUTS
+def test_dora_kohya_file_applied_by_comfyui_rule_equals_peft_merge(layout):
+    model = dora_transformer(layout=layout)
     kohya = lora.kohya_state_dict(model, dtype=torch.float32) | lora.kohya_dora_scales(model)
     scale = kohya["lora_unet_single_blocks_0_linear1.dora_scale"]
     assert scale.shape == (224, 1) and scale.dtype == torch.float32
@@ -416,17 +455,18 @@ def test_dora_kohya_file_applied_by_comfyui_rule_equals_peft_merge():
         torch.testing.assert_close(applied, merged[key], rtol=1e-5, atol=1e-6, msg=key)
 
 
+@LAYOUTS
 @pytest.mark.parametrize("lora_format", ["kohya", "diffusers"])
-def test_dora_file_round_trip(tmp_path, inputs, lora_format):
-    model = dora_transformer()
+def test_dora_file_round_trip(tmp_path, inputs, lora_format, layout):
+    model = dora_transformer(layout=layout)
     path = tmp_path / "dora.safetensors"
     lora.save_lora_file(path, model, {}, lora_format=lora_format, dtype=torch.float32)
     fresh = tiny_transformer()
-    lora.add_lora(fresh, RANK, ALPHA, dora=True)
+    lora.add_lora(fresh, RANK, ALPHA, dora=True, layout=layout)
     lora.load_lora_file(path, fresh)
     torch.testing.assert_close(run(fresh, inputs), run(model, inputs), rtol=1e-5, atol=1e-5)
     plain = tiny_transformer()
-    lora.add_lora(plain, RANK, ALPHA)
+    lora.add_lora(plain, RANK, ALPHA, layout=layout)
     with pytest.raises(ValueError, match="dora.safetensors is a DoRA LoRA .*turn dora on"):
         lora.load_lora_file(path, plain)
 
@@ -441,12 +481,15 @@ def test_a_plain_lora_file_continues_as_dora_from_the_same_weights(tmp_path, inp
 
 
 # --------------------------------------------------------------------------------------------- diffusers format
-def test_diffusers_file_has_peft_keys_and_applies_like_the_peft_merge():
-    model = lora_transformer()
+@LAYOUTS
+def test_diffusers_file_has_peft_keys_and_applies_like_the_peft_merge(layout):
+    """A fused LoRA is written split: the shared down repeated for q, k, v (and the MLP input), up split by rows."""
+    model = lora_transformer(layout=layout)
     state = lora.diffusers_state_dict(model, dtype=torch.float32)
-    assert {k.rsplit(".", 2)[0] for k in state} == {"transformer." + n for n in lora_layer_names(model)}
+    assert {k.rsplit(".", 2)[0] for k in state} == {"transformer." + n for n in lora_layer_names(lora_transformer(
+        layout="split"))}
     assert state["transformer.transformer_blocks.0.attn.to_q.lora_A.weight"].shape == (RANK, 32)
-    base, merged = diffusers_weights(model, merged=False), diffusers_weights(model, merged=True)
+    base, merged = (unfuse_state_dict(diffusers_weights(model, merged=m)) for m in (False, True))
     for key, weight in base.items():  # ComfyUI: W += strength * up @ down (no alpha key: alpha = rank)
         module = "transformer." + key.removesuffix(".weight")
         if f"{module}.lora_B.weight" in state:
@@ -454,37 +497,44 @@ def test_diffusers_file_has_peft_keys_and_applies_like_the_peft_merge():
         torch.testing.assert_close(weight, merged[key], rtol=1e-5, atol=1e-6, msg=key)
 
 
-def test_diffusers_file_is_smaller_than_kohya(tmp_path):
-    model = lora_transformer()
+def test_diffusers_file_is_smaller_than_kohya_in_the_split_layout_only(tmp_path):
     sizes = {}
-    for lora_format in lora.LORA_FORMATS:
-        path = tmp_path / f"{lora_format}.safetensors"
-        lora.save_lora_file(path, model, {}, lora_format=lora_format)
-        sizes[lora_format] = sum(v.numel() for v in load_file(path).values())
-    # fused qkv at 3r and linear1 at 4r against r per part: the attention and linear1 downs are stored once per part
-    assert sizes["diffusers"] < sizes["kohya"]
+    for layout in ("split", "fused"):
+        model = lora_transformer(layout=layout)
+        for lora_format in lora.LORA_FORMATS:
+            path = tmp_path / f"{lora_format}.safetensors"
+            lora.save_lora_file(path, model, {}, lora_format=lora_format)
+            sizes[layout, lora_format] = sum(v.numel() for k, v in load_file(path).items() if not k.endswith(".alpha"))
+    # split: fused qkv at 3r and linear1 at 4r against r per part; fused: the kohya file holds each down once
+    assert sizes["split", "diffusers"] < sizes["split", "kohya"]
+    assert sizes["fused", "kohya"] < sizes["fused", "diffusers"] == sizes["split", "diffusers"]
+    assert sizes["fused", "kohya"] == sum(p.numel() for p in lora.lora_parameters(model))
 
 
+@LAYOUTS
 @pytest.mark.parametrize("lora_format", ["kohya", "diffusers"])
-def test_lora_file_round_trip_and_rank_from_header(tmp_path, inputs, lora_format):
-    model = lora_transformer()
+def test_lora_file_round_trip_and_rank_from_header(tmp_path, inputs, lora_format, layout):
+    model = lora_transformer(layout=layout)
     path = tmp_path / "x.safetensors"
     lora.save_lora_file(path, model, {"trigger_word": "sks"}, lora_format=lora_format, dtype=torch.float32)
     assert lora.lora_file_rank(path) == RANK
-    fresh = lora_transformer(seed=7, std=0.0)
+    fresh = lora_transformer(seed=7, std=0.0, layout=layout)
     assert lora.load_lora_file(path, fresh)["trigger_word"] == "sks"
     torch.testing.assert_close(run(fresh, inputs), run(model, inputs), rtol=1e-6, atol=1e-6)
 
 
 def test_diffusers_file_with_alpha_and_missing_modules(tmp_path, inputs):
     """Other tools' files: an `.alpha` per module, no `transformer.` prefix, not every Linear covered."""
-    model = lora_transformer()
+    model = lora_transformer(layout="split")
     state = {k.removeprefix("transformer."): v for k, v in lora.diffusers_state_dict(model, torch.float32).items()
              if "single_transformer_blocks.1." not in k}
     state = {k: v * 2 if k.endswith("lora_B.weight") else v for k, v in state.items()}
-    state |= {k.replace(".lora_A.weight", ".alpha"): torch.tensor(RANK / 2) for k in state if k.endswith("lora_A.weight")}
+    state |= {k.replace(".lora_A.weight", ".alpha"): torch.tensor(RANK / 2)
+              for k in state if k.endswith("lora_A.weight")}
     save_file(state, tmp_path / "other.safetensors")
-    fresh = lora_transformer(seed=3)
+    with pytest.raises(ValueError, match=r"other\.safetensors: the LoRAs on the parts of .*set lora_layout to 'split'"):
+        lora.load_lora_file(tmp_path / "other.safetensors", lora_transformer())  # separate downs: not one fused LoRA
+    fresh = lora_transformer(seed=3, layout="split")
     lora.load_lora_file(tmp_path / "other.safetensors", fresh)
     assert not any(m.lora_B["default"].weight.any() for n, m in fresh.named_modules()
                    if isinstance(m, LoraLayer) and n.startswith("single_transformer_blocks.1."))
@@ -506,9 +556,13 @@ def test_lora_file_errors_name_the_file(tmp_path):
         lora.lora_file_rank(tmp_path / "nope.safetensors")
 
 
-def test_dora_strength_interpolates_between_base_and_full_as_comfyui_does(inputs):
-    model = dora_transformer(std=0.002)
-    base = run(tiny_transformer(), inputs)
+@LAYOUTS
+def test_dora_strength_interpolates_between_base_and_full_as_comfyui_does(inputs, layout):
+    model = dora_transformer(std=0.002, layout=layout)
+    base_model = tiny_transformer()
+    if layout == "fused":
+        fuse_projections(base_model)
+    base = run(base_model, inputs)
     full = run(model, inputs)
     lora.set_lora_strength(model, 0.0)
     assert torch.equal(run(model, inputs), base)

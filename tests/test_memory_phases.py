@@ -10,6 +10,7 @@ from trainer_core import lora, models
 from trainer_core.demo import demo_config, write_demo_dataset
 from trainer_core.models import text_encoders
 from trainer_core.trainer import Trainer
+from trainer_core.validation import sampling_session
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +77,7 @@ def test_sampling_on_another_base_re_reads_the_training_base_and_training_goes_o
     visited.train(2)
     before = {k: v.clone() for k, v in visited.transformer.state_dict().items()}
 
-    with visited.sampling_session(other) as render:
+    with sampling_session(visited, other) as render:
         assert visited.transformer.x_embedder.weight.is_meta  # dropped, not parked in RAM
         render(["fltglyph"], steps=1, width=64, height=64)
 

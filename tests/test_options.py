@@ -12,7 +12,9 @@ from trainer_core.demo import demo_config, write_demo_dataset
 from trainer_core.flow_matching import image_ids, text_ids
 from trainer_core.optim import PastScheduleError
 from trainer_core.plan import RunPlan, execute
-from trainer_core.trainer import Trainer, preflight, strength_grid
+from trainer_core.preflight import preflight
+from trainer_core.trainer import Trainer
+from trainer_core.validation import strength_grid
 
 
 @pytest.fixture(scope="module")

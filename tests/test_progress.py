@@ -134,14 +134,18 @@ class Cancel(Exception):
 
 
 class FakeRun:
-    """Stands in for TrainingRun: runs `steps` instant steps, calling on_step as the trainer does."""
+    """Stands in for TrainingRun: runs `steps` instant steps, calling on_step as the trainer does; `validation`: the
+    records its states carry (validation off: none)."""
+
+    def __init__(self, validation=()):
+        self.validation = list(validation)
 
     def train(self, handle, steps, on_step=None, should_stop=None, on_known=None):
         losses = []
         for k in range(1, steps + 1):
             losses.append(1.0 / k)
             on_step(StepInfo(handle.step + k, losses[-1], 1e-3, 0.01))
-        return SimpleNamespace(step=handle.step + steps, state=SimpleNamespace(losses=losses))
+        return SimpleNamespace(step=handle.step + steps, state=SimpleNamespace(losses=losses, validation=self.validation))
 
 
 @pytest.fixture
@@ -209,11 +213,22 @@ def test_a_cancelled_loop_is_shown_stopped(sent):
     assert shown("tiny") == [{**last, "cached": False}]
 
 
+def test_a_scored_loop_ends_with_its_validation_loss_and_the_best_point_so_far(sent):
+    scored = [{"step": 10, "raw": 0.30, "ema": 0.32}, {"step": 20, "raw": 0.25, "ema": 0.24}]
+    TrainLoop().train(SimpleNamespace(run=FakeRun(scored), step=10), 10, unique_id="3")
+    last = sent.events[-1][1]
+    assert (last["step"], last["running"]) == (10, False)
+    assert last["validation"] == {"step": 20, "raw": 0.25, "ema": 0.24, "best": {"step": 20, "kind": "ema", "loss": 0.24}}
+    assert "validation" not in sent.events[-2][1]  # the steps' own messages carry none
+    assert shown("tiny") == [{**last, "cached": False}]
+
+
 class StoredRun:
     """Stands in for TrainingRun when the run store holds the loop: no step runs, `on_known` gets its state."""
 
     def train(self, handle, steps, on_step=None, should_stop=None, on_known=None):
-        state = SimpleNamespace(step=handle.step + steps, losses=[2.0] * handle.step + [1.0 / k for k in range(1, steps + 1)])
+        state = SimpleNamespace(step=handle.step + steps, losses=[2.0] * handle.step + [1.0 / k for k in range(1, steps + 1)],
+                                validation=[])
         on_known(state)
         return SimpleNamespace(step=state.step, state=state)
 

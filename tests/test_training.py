@@ -12,7 +12,8 @@ from trainer_core import lora
 from trainer_core.checkpoints import load_training_state
 from trainer_core.demo import demo_config, write_demo_dataset
 from trainer_core.plan import mean_losses
-from trainer_core.trainer import NonFiniteLossError, Trainer, strength_grid
+from trainer_core.trainer import NonFiniteLossError, Trainer
+from trainer_core.validation import strength_grid
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -160,8 +161,8 @@ def test_the_xy_grid_swaps_a_validation_base_in_once(tiny_flux, dataset, tmp_pat
     trainer.train(3)
     own = lora.lora_state(trainer.transformer)
     moved = []
-    drop = trainer._drop_base
-    monkeypatch.setattr(trainer, "_drop_base", lambda model: (moved.append(model), drop(model)))
+    drop = trainer.drop_base
+    monkeypatch.setattr(trainer, "drop_base", lambda model: (moved.append(model), drop(model)))
 
     grid = strength_grid(trainer, [(0, first), (3, own)], [0.0, 1.0], "fltglyph", base_path=str(tiny_flux.transformer_fp8),
                          steps=2, width=64, height=64)

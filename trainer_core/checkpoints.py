@@ -138,12 +138,15 @@ class TrainingState:
     dataset_files: list = field(default_factory=list)  # its listing (each folder's files), to name what changed
     run: str = ""  # the run store identity of the run it belongs to ("" = none)
     chain: tuple[int, ...] = ()  # the loop lengths that led to it in that run
+    ema: dict[str, torch.Tensor] = field(default_factory=dict)  # the LoRA's moving average ({} = none), as `lora`
+    validation: list = field(default_factory=list)  # validation.validation_record of each point scored, oldest first
 
     def clone(self) -> "TrainingState":
         return copy.deepcopy(self)
 
     def light(self) -> "TrainingState":
-        """The same point without optimizer moments (which the run store keeps): what a handle holds in RAM."""
+        """The same point without optimizer moments (which the run store keeps): what a handle holds in RAM (its EMA
+        and validation history stay: a checkpoint saves the one and shows the other)."""
         return replace(self, optimizer={})
 
     @property
@@ -154,6 +157,7 @@ class TrainingState:
 def save_training_state(path: str | Path, state: TrainingState, config: dict | None = None) -> Path:
     tensors = {f"lora.{k}": v for k, v in state.lora.items()}
     tensors.update({f"rng.{k}": v for k, v in state.rng.items()})
+    tensors.update({f"ema.{k}": v for k, v in state.ema.items()})
     scalars = {}
     for pid, values in state.optimizer["state"].items():
         for name, value in values.items():
@@ -166,6 +170,7 @@ def save_training_state(path: str | Path, state: TrainingState, config: dict | N
         "losses": state.losses, "lrs": state.lrs, "fingerprint": state.fingerprint,
         "param_groups": state.optimizer["param_groups"], "optimizer_scalars": scalars, "config": config or {},
         "dataset": state.dataset, "dataset_files": state.dataset_files, "run": state.run, "chain": list(state.chain),
+        "validation": state.validation,
     }
     return save_safetensors(path, tensors, {"format": STATE_FORMAT, "state": json.dumps(header)})
 
@@ -212,7 +217,8 @@ def load_training_state(path: str | Path, optimizer: bool = True) -> tuple[Train
         # older states kept the dataset identity in their fingerprint
         dataset=header.get("dataset") or header["fingerprint"].get("dataset", ""),
         dataset_files=_listing(header.get("dataset_files")), run=header.get("run", ""),
-        chain=tuple(header.get("chain", ())),
+        chain=tuple(header.get("chain", ())), ema={k[4:]: v for k, v in tensors.items() if k.startswith("ema.")},
+        validation=header.get("validation", []),
     )
     return state, header["config"]
 

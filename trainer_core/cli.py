@@ -81,7 +81,7 @@ def _run(path: Path, config, plan, resume: Path | None, start_over: tuple[bool, 
     from . import lora, models
     from .checkpoints import latest_state_file, load_training_state
     from .identity import check_resume, dataset_identity, run_identity
-    from .plan import execute
+    from .plan import execute, validation_lines
     from .run_store import RunStore
     from .trainer import NonFiniteLossError, Trainer, preflight
 
@@ -139,6 +139,8 @@ def _run(path: Path, config, plan, resume: Path | None, start_over: tuple[bool, 
         return 130 if result.interrupted else 0
     for p in result.loras:
         print(f"LoRA: {p}")
+    for p in result.ema_loras:
+        print(f"EMA LoRA: {p}")
     if result.interrupted:
         print(f"stopped at step {trainer.step} (Ctrl-C): saved {result.loras[-1]} and {result.states[-1]}; continue "
               f"with: {_prog()} train {path}", file=sys.stderr)
@@ -146,6 +148,7 @@ def _run(path: Path, config, plan, resume: Path | None, start_over: tuple[bool, 
     print(f"loss plot: {result.loss_plot}")
     if result.grid:
         print(f"XY grid: {result.grid}")
+    print("\n".join(validation_lines(result)))
     return 0
 
 
@@ -168,7 +171,7 @@ def _prog() -> str:
 
 def _demo(args) -> None:
     from .demo import run_demo
-    from .plan import mean_losses
+    from .plan import mean_losses, validation_lines
 
     t0 = time.perf_counter()
     trainer, result, summary = run_demo(args.out, steps=args.steps)
@@ -178,6 +181,8 @@ def _demo(args) -> None:
     print(f"mean loss of the first 20 steps {first:.4f}, of the last 20 steps {last:.4f}")
     for p in result.loras:
         print(f"LoRA checkpoint: {p}")
+    for p in result.ema_loras:
+        print(f"EMA LoRA:        {p}")
     print(f"training state:  {result.states[-1]}")
     print(f"samples:         {Path(result.samples[0]).parent}")
     print(f"loss plot:       {result.loss_plot}")
@@ -187,10 +192,12 @@ def _demo(args) -> None:
     print(f"\nsubject score (fraction of pixels in the subject's yellow and red); training pictures: "
           f"{sum(scores) / len(scores):.3f}")
     strengths = sorted({c["strength"] for c in summary["cells"]})
-    print("step    " + "".join(f"{s:>8g}" for s in strengths))
-    for step in sorted({c["step"] for c in summary["cells"]}):
-        row = {c["strength"]: c["score"] for c in summary["cells"] if c["step"] == step}
-        print(f"{step:<8d}" + "".join(f"{row[s]:8.3f}" for s in strengths))
+    print("step        " + "".join(f"{s:>8g}" for s in strengths))
+    for step, kind in dict.fromkeys((c["step"], c["lora"]) for c in summary["cells"]):
+        row = {c["strength"]: c["score"] for c in summary["cells"] if (c["step"], c["lora"]) == (step, kind)}
+        print(f"{step:<8d}{kind:<4s}" + "".join(f"{row[s]:8.3f}" for s in strengths))
+    print()
+    print("\n".join(validation_lines(result)))
 
 
 def _install_tiny(args) -> None:

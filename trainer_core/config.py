@@ -26,6 +26,7 @@ MIXED_PRECISIONS = ("bf16", "fp32")
 # flow_matching.py implements these; they are named here so that checking a config needs no torch import
 TIMESTEP_SAMPLINGS = ("shift", "sigmoid", "logit_normal", "uniform")
 LORA_FORMATS = ("kohya", "diffusers")
+LORA_LAYOUTS = ("fused", "split")
 
 
 def _parse_resolutions(value) -> tuple[int, ...]:
@@ -87,6 +88,7 @@ class TrainConfig:
     blocks: str = "all"  # "all", "double", "single" or e.g. "double:0-9,single:0-37"
     init_lora: str = ""  # a kohya or diffusers-format Flux LoRA file to start from (its rank); "" = a fresh LoRA
     dora: bool = False  # DoRA (peft's use_dora): a trained magnitude per output row on top of the LoRA
+    lora_layout: str = "fused"  # fused: one LoRA per fused qkv / linear1, as kohya; split: q, k, v apart (older runs)
 
     # --- optimisation
     optimizer: str = "adamw"  # adamw, adamw8bit (bitsandbytes), adafactor, prodigy
@@ -119,10 +121,18 @@ class TrainConfig:
     # --- output
     output_dir: str = "output"  # LoRA files, training states, samples and plots
     output_name: str = "flux_lora"  # file stem; the step is appended
-    lora_format: str = "kohya"  # kohya (fused qkv, BFL names) or diffusers (peft keys, separate q/k/v: smaller)
+    lora_format: str = "kohya"  # kohya (fused qkv, BFL names) or diffusers (peft keys, separate q/k/v)
     tensorboard: bool = True  # TensorBoard event files in <output_dir>/tensorboard/<output_name> (if installed)
     store_dir: str = ""  # the run store (every loop's state, so no step is trained twice); "" = <output_dir>/run_store
     store_max_gb: float = 10.0  # the run store's size budget: least recently used loops of other runs go first
+
+    # --- validation and EMA
+    validation_timesteps: int = 0  # validation loss at this many fixed noise levels (e.g. 8); 0 = no validation loss
+    validation_split: float = 0.0  # share of the dataset's images held out of training to score (chosen by the seed)
+    validation_dir: str = ""  # held-out images (captions beside them) to score instead; "" = the split, else the training images
+    validation_every: int = 0  # also score every this many steps (besides each checkpoint); 0 = at checkpoints only
+    ema_decay: float = 0.0  # exponential moving average of the LoRA, saved as <name>_<step>_ema; 0 = off, e.g. 0.99
+    ema_on_cpu: bool = False  # keep the EMA in RAM instead of on the GPU (for small cards; a copy per step)
 
     def __post_init__(self):
         object.__setattr__(self, "resolutions", _parse_resolutions(self.resolutions))
@@ -219,6 +229,8 @@ class TrainConfig:
             "compile_blocks cannot be combined with blocks_to_swap (compiled blocks would capture the swapped weights); "
             "turn one of them off",
         )
+        need(self.lora_layout in LORA_LAYOUTS, f"lora_layout: {self.lora_layout!r}; choose one of "
+             f"{', '.join(LORA_LAYOUTS)} (split: the layout of runs made before the fused one)")
         need(self.lora_format in LORA_FORMATS, f"lora_format: {self.lora_format!r}; choose one of {', '.join(LORA_FORMATS)}")
         need(not (self.dora and self.fp8_base), "dora cannot train on an fp8 base (peft's DoRA adds the LoRA to the "
              "float8 weight to measure its norms); turn fp8_base off (memory_preset custom) or dora off")
@@ -229,6 +241,13 @@ class TrainConfig:
              "read every swapped weight, untested with block swap); set blocks_to_swap to 0 or dora off")
         need(math.isfinite(self.store_max_gb) and self.store_max_gb > 0, f"store_max_gb: {self.store_max_gb}; use a "
              "positive size in GB (a rank-16 Flux-dev loop takes about 1 GB with AdamW)")
+        need(self.validation_timesteps >= 0, f"validation_timesteps: {self.validation_timesteps}; use 0 (off) or more, e.g. 8")
+        need(0.0 <= self.validation_split < 1.0, f"validation_split: {self.validation_split}; use a share in [0, 1), "
+             "e.g. 0.1 to hold one image in ten out of training")
+        need(not (self.validation_split and self.validation_dir), "validation_split and validation_dir both set; hold "
+             "images out of the dataset (validation_split) or give a folder of them (validation_dir), not both")
+        need(self.validation_every >= 0, f"validation_every: {self.validation_every}; use 0 (at checkpoints only) or more")
+        need(0.0 <= self.ema_decay < 1.0, f"ema_decay: {self.ema_decay}; use 0 (off) or a value in (0, 1) such as 0.99")
         need(bool(self.output_name.strip()), "output_name: empty; give a file name stem such as my_lora")
         check_output_name(self.output_name)
 
@@ -263,7 +282,8 @@ _REPLACED = {"keep_runs": "the run store is bounded by size now: remove keep_run
                           "10) if the default does not suit"}
 
 _PATH_FIELDS = {"transformer_path", "vae_path", "clip_path", "t5_path", "dataset_dir", "tokenizer_dir", "clip_tokenizer_dir",
-                "t5_tokenizer_dir", "validation_transformer_path", "cache_dir", "output_dir", "init_lora", "store_dir"}
+                "t5_tokenizer_dir", "validation_transformer_path", "cache_dir", "output_dir", "init_lora", "store_dir",
+                "validation_dir"}
 _MADE_PATH_FIELDS = {"cache_dir", "output_dir", "store_dir"}  # folders a run creates: the others must exist
 _CONTROL_NAMES = {"\n": "newline", "\t": "tab", "\r": "carriage return", "\b": "backspace", "\f": "form feed"}
 

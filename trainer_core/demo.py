@@ -19,13 +19,15 @@ from .checkpoints import atomic_write, save_png
 from .config import TrainConfig
 from .demo_stack import (COLOURS, MAX_SEQUENCE_LENGTH, SIZE, SUBJECT_COLOURS, DemoStackPaths, article, demo_stack,
                          draw_shape)
-from .plan import RunPlan, RunResult, execute
+from .plan import RunPlan, RunResult, execute, validation_summary
 from .trainer import Trainer
 
 DEMO_TRIGGER = "fltglyph"
 DEMO_BACKGROUNDS = ("teal", "orange", "purple", "grey")
 PROMPT = f"{DEMO_TRIGGER}, a glyph on a teal background"
 STRENGTHS = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
+VALIDATION_TIMESTEPS = 4  # the 4 training pictures scored at 4 noise levels, one each: 4 forward passes per LoRA
+EMA_DECAY = 0.95  # the EMA spans about the last 20 steps
 _NEAR = 60  # RGB distance within which a pixel counts as the subject's yellow or red
 
 
@@ -82,7 +84,10 @@ def run_demo(out_dir: str | Path = "demo_output", steps: int = 200, loops: int =
     """Train and judge; returns the trainer, what `execute` wrote, and the summary also written to summary.json."""
     out = Path(out_dir)
     dataset = write_demo_dataset(out / "dataset")
-    trainer = Trainer.from_config(demo_config(demo_stack(), dataset, out / "loras", steps))
+    # the split layout: the demo's learning rate and README figures were set with it (not yet retuned for fused)
+    config = demo_config(demo_stack(), dataset, out / "loras", steps).replace(
+        lora_layout="split", validation_timesteps=VALIDATION_TIMESTEPS, ema_decay=EMA_DECAY)
+    trainer = Trainer.from_config(config)
     plan = RunPlan(steps=steps, save_every=-(-steps // loops), prompts=(PROMPT,), strengths=strengths,
                    sample_steps=sample_steps, sample_width=SIZE, sample_height=SIZE, sample_seed=1)
     result = execute(trainer, plan)
@@ -90,12 +95,14 @@ def run_demo(out_dir: str | Path = "demo_output", steps: int = 200, loops: int =
 
 
 def write_summary(out: Path, result: RunResult, trainer: Trainer, plan: RunPlan) -> dict:
-    """Each grid cell as its own PNG, and summary.json: the cells with their subject scores, and the dataset's."""
+    """Each grid cell as its own PNG, and summary.json: the cells with their subject scores, the dataset's, and the
+    validation loss of each checkpoint (raw and EMA) with the best one."""
     cells = []
-    for step, row in result.cells.items():
+    for (step, kind), row in result.cells.items():
         for strength, image in zip(plan.strengths, row):
-            path = save_png(image, out / "grid" / f"step{step:06d}_strength{strength:.1f}.png")
-            cells.append({"step": step, "strength": strength, "path": str(path), "score": subject_score(image)})
+            path = save_png(image, out / "grid" / f"step{step:06d}_{kind}_strength{strength:.1f}.png")
+            cells.append({"step": step, "lora": kind, "strength": strength, "path": str(path),
+                          "score": subject_score(image)})
     dataset = sorted({r.path for r in trainer.dataset.records})
     summary = {
         "prompt": plan.prompts[0],
@@ -103,6 +110,8 @@ def write_summary(out: Path, result: RunResult, trainer: Trainer, plan: RunPlan)
         "dataset": [str(p) for p in dataset],
         "dataset_scores": [subject_score(Image.open(p)) for p in dataset],
         "loras": [str(p) for p in result.loras],
+        "ema_loras": [str(p) for p in result.ema_loras],
+        "validation": validation_summary(result),
         "samples": [str(p) for p in result.samples],
         "loss_plot": str(result.loss_plot),
         "grid": str(result.grid),

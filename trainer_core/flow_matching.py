@@ -57,8 +57,13 @@ def sample_sigmas(
     if method in ("sigmoid", "logit_normal"):  # the same draw: kohya's sigmoid at scale 1 is SD3's logit-normal(0, 1)
         return s
     if method == "shift":
-        return shift * s / (1 + (shift - 1) * s)
+        return shift_sigmas(s, shift)
     raise ValueError(f"timestep_sampling: unknown method {method!r}; choose one of {', '.join(TIMESTEP_SAMPLINGS)}")
+
+
+def shift_sigmas(s: torch.Tensor, shift: float) -> torch.Tensor:
+    """kohya's `shift` warp toward high noise: sigma' = shift * s / (1 + (shift - 1) * s)."""
+    return shift * s / (1 + (shift - 1) * s)
 
 
 def noisy_input_and_target(x0: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor):

@@ -35,6 +35,7 @@ SETTING_SIDES = {
     "dataset_dir": DATASET, "datasets": DATASET, "trigger_word": DATASET, "resolutions": DATASET, "repeats": DATASET,
     "batch_size": WEIGHTS, "flip_augment": WEIGHTS, "caption_dropout": WEIGHTS, "max_sequence_length": WEIGHTS,
     "rank": WEIGHTS, "alpha": WEIGHTS, "lora_dropout": WEIGHTS, "blocks": WEIGHTS, "dora": WEIGHTS,
+    "lora_layout": WEIGHTS,
     "optimizer": WEIGHTS, "learning_rate": WEIGHTS, "weight_decay": WEIGHTS, "lr_schedule": WEIGHTS,
     "warmup_steps": WEIGHTS, "min_lr_ratio": WEIGHTS, "lr_cycles": WEIGHTS, "total_steps": WEIGHTS,
     "gradient_accumulation": WEIGHTS, "max_grad_norm": WEIGHTS, "timestep_sampling": WEIGHTS,
@@ -49,15 +50,22 @@ SETTING_SIDES = {
     "validation_transformer_path": NO_WEIGHT,  # samples only: images are keyed on its content (`RunStore.images`)
     "cache_dir": NO_WEIGHT, "output_dir": NO_WEIGHT, "output_name": NO_WEIGHT, "lora_format": NO_WEIGHT,
     "tensorboard": NO_WEIGHT, "store_dir": NO_WEIGHT, "store_max_gb": NO_WEIGHT,
+    # no trained weight of the raw LoRA, but what a stored loop holds: its validation history and its EMA
+    "validation_timesteps": WEIGHTS, "validation_split": WEIGHTS, "validation_dir": WEIGHTS,
+    "validation_every": WEIGHTS, "ema_decay": WEIGHTS,
+    "ema_on_cpu": NO_WEIGHT,  # where the EMA lives; its numbers are the same fp32 operations
 }
 
 # Settings added after runs were stored -> the value that reproduces the code before them. At that value a setting is
 # left out of the run identity and a state saved without it counts as having it, so earlier runs keep their identity
 # (the store hands them back) and resume unchanged.
-SETTINGS_ADDED: dict[str, object] = {}
+SETTINGS_ADDED: dict[str, object] = {
+    "lora_layout": "split", "validation_timesteps": 0, "validation_split": 0.0, "validation_dir": "",
+    "validation_every": 0, "ema_decay": 0.0,
+}
 
 # the settings a saved state must share with the run that continues it (the optimizer state's shapes, the data order)
-RESUME_FIELDS = ("rank", "alpha", "blocks", "optimizer", "batch_size", "gradient_accumulation", "seed")
+RESUME_FIELDS = ("rank", "alpha", "blocks", "lora_layout", "optimizer", "batch_size", "gradient_accumulation", "seed")
 
 
 def _digest(value) -> str:

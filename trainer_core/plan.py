@@ -12,11 +12,14 @@ from typing import Callable
 
 from tqdm import tqdm
 
-from . import plots
+from . import plots, validation
 from .checkpoints import STATE_SUFFIX, checkpoint_stem, save_png
 from .config import TrainConfig, check_fields
-from .run_handle import Checkpoint, TrainingHandle, TrainingInterrupted, TrainingRun
-from .trainer import StepInfo, Trainer, label_grid, strength_cells
+from .run_handle import Checkpoint, TrainingHandle, TrainingInterrupted, TrainingRun, grid_rows
+from .trainer import StepInfo, Trainer
+
+
+GRID_ROWS = {"raw": (validation.RAW,), "ema": (validation.EMA,), "both": (validation.RAW, validation.EMA)}
 
 
 @dataclass(frozen=True)
@@ -34,11 +37,14 @@ class RunPlan:
     sample_negative_prompt: str = ""  # for true CFG
     sample_true_cfg_scale: float = 1.0  # true classifier-free guidance (de-distilled bases such as dev2pro); 1.0 = off
     validation_base: str = ""  # "" = the training base
+    grid_rows: str = "raw"  # the XY grid's rows per checkpoint: raw, ema (with ema_decay set) or both
 
     def __post_init__(self):
         check_fields(self, "plan.")
         if self.steps < 1:
             raise ValueError(f"plan.steps: {self.steps}; use 1 or more")
+        if self.grid_rows not in GRID_ROWS:
+            raise ValueError(f"plan.grid_rows: {self.grid_rows!r}; choose one of {', '.join(GRID_ROWS)}")
         if self.save_every < 1:
             raise ValueError(f"plan.save_every: {self.save_every}; use 1 or more (e.g. 750)")
         for name in ("sample_width", "sample_height"):
@@ -62,7 +68,15 @@ class RunResult:
     loss_plot: Path | None = None
     grid: Path | None = None
     interrupted: bool = False  # `should_stop` ended the run before plan.steps; its last state is in `states`
-    cells: dict[int, list] = field(default_factory=dict)  # the grid's images: step -> a row, a column per strength
+    cells: dict[tuple[int, str], list] = field(default_factory=dict)  # the grid's images: (step, "raw" or "ema")
+    # -> a row, a column per strength
+    ema_loras: list[Path] = field(default_factory=list)  # the EMA LoRA beside each checkpoint, when the run keeps one
+    validation: list[dict] = field(default_factory=list)  # each checkpoint's validation.validation_record
+
+    @property
+    def best(self) -> tuple[int, str, float] | None:
+        """(step, "raw" or "ema", loss): the checkpoint with the lowest validation loss; None without validation."""
+        return validation.best(self.validation)
 
 
 def execute(trainer: Trainer, plan: RunPlan, should_stop: Callable[[], bool] | None = None) -> RunResult:
@@ -75,6 +89,9 @@ def execute(trainer: Trainer, plan: RunPlan, should_stop: Callable[[], bool] | N
     state saved at that step so that no step done is lost. Of several data-parallel processes only the main one
     writes files, samples and the run store's entries (the others read them, and all skip the same stretches)."""
     trainer.config = cfg = planned_config(trainer.config, plan)
+    if plan.grid_rows == "ema" and not cfg.ema_decay:
+        raise ValueError("plan.grid_rows: ema, but ema_decay is 0 (no EMA is kept); set ema_decay (e.g. 0.99) or "
+                         "grid_rows to raw")
     main = trainer.processes.is_main
     out = Path(cfg.output_dir)
     result = RunResult()
@@ -94,6 +111,10 @@ def execute(trainer: Trainer, plan: RunPlan, should_stop: Callable[[], bool] | N
                                     state_folder=out)
         checkpoints = point.checkpoints
         result.loras.append(checkpoints[-1].lora_path)
+        if checkpoints[-1].ema_path is not None:
+            result.ema_loras.append(checkpoints[-1].ema_path)
+        if checkpoints[-1].validation is not None:
+            result.validation.append(checkpoints[-1].validation)
         if checkpoints[-1].state_path is not None:
             result.states.append(checkpoints[-1].state_path)
         stem = checkpoints[-1].lora_path.name.removesuffix(".safetensors")
@@ -124,15 +145,37 @@ def execute(trainer: Trainer, plan: RunPlan, should_stop: Callable[[], bool] | N
         return result
     state = handle.state
     result.loss_plot = out / f"{cfg.output_name}_loss.png"
-    plots.loss_plot(state.losses, state.lrs, [c.step for c in checkpoints], path=result.loss_plot)
+    plots.loss_plot(state.losses, state.lrs, [c.step for c in checkpoints], path=result.loss_plot,
+                    validation=state.validation)
     if plan.prompts and checkpoints:
-        steps = [c.step for c in checkpoints]
-        rows = strength_cells(trainer, [(c.step, c.state.lora) for c in checkpoints], plan.strengths, plan.prompts[0],
-                              **sample)
-        result.cells = dict(zip(steps, rows))
-        grid = label_grid(trainer, rows, steps, plan.strengths, plan.prompts[0])
+        kinds = GRID_ROWS[plan.grid_rows]
+        rows, labels = grid_rows(checkpoints, kinds)
+        cells = validation.strength_cells(trainer, rows, plan.strengths, plan.prompts[0], **sample)
+        result.cells = dict(zip([(c.step, kind) for c in checkpoints for kind, _ in c.rows(kinds)], cells))
+        grid = validation.label_grid(trainer, cells, [step for step, _ in rows], plan.strengths, plan.prompts[0],
+                                     labels)
         result.grid = save_png(grid, out / f"{cfg.output_name}_xy_grid.png")
     return result
+
+
+def validation_summary(result: RunResult) -> dict:
+    """The validation loss of each checkpoint (raw and EMA) and the best one, as summary.json lists them."""
+    found = result.best
+    return {"checkpoints": [dict(r) for r in result.validation],
+            "best": None if found is None else dict(zip(("step", "kind", "loss"), found))}
+
+
+def validation_lines(result: RunResult) -> list[str]:
+    """The validation loss per checkpoint, raw and EMA, and the best one named: the run's closing table."""
+    if not result.validation:
+        return []
+    ema = any(r.get(validation.EMA) is not None for r in result.validation)
+    lines = ["validation loss per checkpoint:", "step        raw" + ("        EMA" if ema else "")]
+    for r in result.validation:
+        lines.append(f"{r['step']:<8d}{r['raw']:>7.4f}" + (f"{r['ema']:>11.4f}" if ema else ""))
+    step, kind, loss = result.best
+    lines.append(f"best: step {step} {kind} (validation loss {loss:.4f})")
+    return lines
 
 
 def planned_config(config: TrainConfig, plan: RunPlan) -> TrainConfig:

@@ -41,8 +41,10 @@ def loss_plot(
     checkpoint_steps: Sequence[int] = (),
     path: str | Path | None = None,
     title: str | None = None,
+    validation: Sequence[dict] = (),
 ) -> Image.Image:
-    """The loss per step (raw and smoothed), the learning rate on a second axis, and the saved checkpoints.
+    """The loss per step (raw and smoothed), the learning rate on a second axis, the saved checkpoints, and the
+    validation loss (`validation.validation_record`s: the raw LoRA's, and its EMA's where kept) as a second line.
 
     Steps count from 1. Returns an RGB image; also written as a PNG to `path` (atomically) when given.
     """
@@ -70,6 +72,10 @@ def loss_plot(
             ax_lr.set_ylabel("learning rate", color="tab:orange")
             ax_lr.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
             ax_lr.set_ylim(bottom=0)
+        for kind, colour, name in (("raw", "tab:green", "validation loss"), ("ema", "tab:purple", "validation, EMA")):
+            points = [(r["step"], r[kind]) for r in validation if r.get(kind) is not None and r["step"] <= n]
+            if points:
+                ax.plot(*zip(*points), color=colour, linewidth=1.5, marker="o", markersize=4, label=name)
         marks = [s for s in checkpoint_steps if 1 <= s <= n]  # a mark outside the run would only stretch the axis
         for i, step in enumerate(marks):
             ax.axvline(step, color="0.4", linestyle="--", linewidth=1, label=None if i else "checkpoint")

@@ -119,12 +119,12 @@ PRESETS: dict[str, MemoryPreset] = {
         MemoryPreset("24GB", 24, fp8_base=True, gradient_checkpointing=True, blocks_to_swap=0, optimizer="adamw",
                      resolution=1024, batch_size=1, checkpoint_blocks=54),
         MemoryPreset("16GB", 16, fp8_base=True, gradient_checkpointing=True, blocks_to_swap=28, optimizer="adamw8bit",
-                     resolution=1024, batch_size=1, swap_for_base=(("Q8_0", 28), ("Q4_K", 0), ("NF4", 0))),
+                     resolution=1024, batch_size=1, swap_for_base=(("Q8_0", 27), ("Q4_K", 0), ("NF4", 0))),
         MemoryPreset("12GB", 12, fp8_base=True, gradient_checkpointing=True, blocks_to_swap=46, optimizer="adamw8bit",
                      resolution=1024, batch_size=1, checkpoint_blocks=56,
-                     swap_for_base=(("Q8_0", 45), ("Q4_K", 19), ("NF4", 19))),
+                     swap_for_base=(("Q8_0", 44), ("Q4_K", 17), ("NF4", 17))),
         MemoryPreset("8GB", 8, fp8_base=True, gradient_checkpointing=True, blocks_to_swap=50, optimizer="adafactor",
                      resolution=512, batch_size=1, checkpoint_blocks=54, t5_on_cpu=True,
-                     swap_for_base=(("Q8_0", 49), ("Q4_K", 37), ("NF4", 37))),
+                     swap_for_base=(("Q8_0", 48), ("Q4_K", 36), ("NF4", 36))),
     )
 }

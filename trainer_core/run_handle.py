@@ -30,7 +30,7 @@ from typing import Callable, Sequence
 import torch
 from safetensors import SafetensorError, safe_open
 
-from . import lora
+from . import lora, validation
 from .checkpoints import (STATE_SUFFIX, TrainingState, checkpoint_stem, free_path, link_or_copy, read_state_header,
                           save_training_state)
 from .config import TrainConfig
@@ -39,7 +39,9 @@ from .data import ImageRecord
 from .identity import check_resume, dataset_identity, image_key, run_identity
 from .run_store import RunStore, chain_key, loop_bytes
 from .optim import check_schedule_covers
-from .trainer import NonFiniteLossError, StepInfo, Trainer, lora_metadata, preflight, strength_grid
+from .preflight import preflight
+from .trainer import NonFiniteLossError, StepInfo, Trainer, lora_metadata
+from .validation import EMA, RAW
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +58,13 @@ class Checkpoint:
     lora_path: Path
     state: TrainingState  # in memory (light): the XY grid samples its LoRA without reading the file back
     state_path: Path | None = None  # the training state saved beside it, if asked for
+    ema_path: Path | None = None  # the EMA LoRA saved beside it (`<name>_ema.safetensors`), when the run keeps one
+    validation: dict | None = None  # its validation.validation_record (raw and EMA losses); None: validation off
+
+    def rows(self, kinds: Sequence[str] = (RAW, EMA)) -> list[tuple[str, dict]]:
+        """(kind, LoRA state) of each of `kinds` this checkpoint has: the XY grid's rows for it."""
+        states = {RAW: self.state.lora, EMA: self.state.ema}
+        return [(kind, states[kind]) for kind in kinds if states[kind]]
 
 
 @dataclass(frozen=True, eq=False)
@@ -358,6 +367,7 @@ class TrainingRun:
             raise TrainingInterrupted(f"stopped at step {trainer.step} of {target}; run the loop again to continue")
         if self._interrupted is not None and self._interrupted[0] == handle.state.id:
             self._interrupted = None  # continued to the end: used up
+        trainer.validate()  # a loop's end is where a checkpoint may be saved: its score goes into the stored state
         state = self._stamp(trainer.snapshot(), chain)
         self._at = state.id
         if not self.writes:  # the main process stores the same state; this one keeps its own in RAM
@@ -404,19 +414,52 @@ class TrainingRun:
         path = free_path(folder if folder is not None else cfg.output_dir,
                          checkpoint_stem(cfg.output_name, handle.step), ".safetensors",
                          lambda p: lora_run(p) == tag)
+        record = self._validation_record(handle)
+        base = content_identity(cfg.transformer_path, self.store.hashes)
+        metadata = {**lora_metadata(cfg, handle.step, self.records, base), RUN_KEY: tag}
         if path.exists():
             log.info("LoRA at step %d is already saved as %s", handle.step, path)
         else:
-            base = content_identity(cfg.transformer_path, self.store.hashes)
-            metadata = {**lora_metadata(cfg, handle.step, self.records, base), RUN_KEY: tag}
-            if cfg.lora_format == "kohya" and not cfg.dora:
-                lora.save_kohya_state(path, state.lora, cfg.rank, cfg.alpha, metadata)
-            else:  # written from the adapter: DoRA's scales are measured on the base weights
-                lora.save_lora_file(path, self._bring_to(handle).transformer, metadata, cfg.lora_format)
+            self._write_lora(path, handle, state.lora, _scored(metadata, record, RAW))
             log.info("saved LoRA at step %d to %s", handle.step, path)
+        ema_path = None
+        if state.ema:  # beside the raw file, whatever name that got
+            ema_path = path.with_name(f"{path.name.removesuffix('.safetensors')}_ema.safetensors")
+            if not (ema_path.exists() and lora_run(ema_path) == f"{tag}/ema"):
+                self._write_lora(ema_path, handle, state.ema, {**_scored(metadata, record, EMA),
+                                                               RUN_KEY: f"{tag}/ema", "ema_decay": str(cfg.ema_decay)})
         state_path = self._save_state(handle, path.name.removesuffix(".safetensors"), state_folder) if save_state \
             else None
-        return replace(handle, checkpoints=handle.checkpoints + (Checkpoint(handle.step, path, state.light(), state_path),))
+        checkpoint = Checkpoint(handle.step, path, state.light(), state_path, ema_path, record)
+        checkpoints = handle.checkpoints + (checkpoint,)
+        if record is not None:
+            log.info("checkpoint step %d: %s; %s", handle.step, validation.describe(record),
+                     validation.describe_best([c.validation for c in checkpoints if c.validation is not None]))
+        return replace(handle, checkpoints=checkpoints)
+
+    def _write_lora(self, path: Path, handle: TrainingHandle, weights: dict, metadata: dict[str, str]) -> None:
+        """`weights` (the handle's LoRA or its EMA, a LoRA state) as a LoRA file in the config's format."""
+        cfg = self.config
+        if cfg.lora_format == "kohya" and not cfg.dora:
+            lora.save_kohya_state(path, weights, cfg.rank, cfg.alpha, metadata)
+            return
+        # written from the adapter: DoRA's scales are measured on the base weights
+        transformer = self._bring_to(handle).transformer
+        with validation.lora_weights(transformer, weights):
+            lora.save_lora_file(path, transformer, metadata, cfg.lora_format)
+
+    def _validation_record(self, handle: TrainingHandle) -> dict | None:
+        """The handle's validation record at its step: from its state (scored when its loop ended), else scored now
+        (a run's start, a state saved before validation was on). None when validation is off."""
+        if not self.config.validation_timesteps:
+            return None
+        known = [r for r in handle.state.validation if r["step"] == handle.step]
+        if known:
+            return known[-1]
+        trainer = self._live()
+        with validation.lora_weights(trainer.transformer, handle.state.lora):
+            return validation.validation_record(trainer, trainer.validation_samples, handle.step,
+                                                handle.state.ema or None)
 
     def _save_state(self, handle: TrainingHandle, stem: str, folder: str | Path | None) -> Path:
         """The handle's full state as `<folder>/<stem>.state.safetensors`: the run store's file linked there when it
@@ -461,19 +504,42 @@ class TrainingRun:
 
     @_grad_enabled
     def strength_grid(self, handle: TrainingHandle, strengths: Sequence[float], prompt: str,
-                      validation_base: bool = False, **sample_kwargs):
-        """The XY grid over the checkpoints recorded on `handle` (rows) and `strengths` (columns) -> PIL image."""
+                      validation_base: bool = False, kinds: Sequence[str] = (RAW,), **sample_kwargs):
+        """The XY grid over the checkpoints recorded on `handle` (rows: each checkpoint's LoRAs of `kinds`, raw and/or
+        EMA) and `strengths` (columns) -> PIL image."""
         if not handle.checkpoints:
             raise ValueError("handle: no checkpoint was saved on the way to this node; connect it after SaveCheckpoint")
-        rows = [(c.step, c.state.lora) for c in handle.checkpoints]
+        rows, labels = grid_rows(handle.checkpoints, kinds)
+        if not rows:
+            raise ValueError(f"rows: {'/'.join(kinds)}, but the checkpoints have no EMA; set ema_decay in InitTrainer "
+                             "(e.g. 0.99) or show the raw rows")
 
         def render():
-            return [strength_grid(self._live(), rows, strengths, prompt, base_path=self._base_path(validation_base),
-                                  **sample_kwargs)]
+            return [validation.strength_grid(self._live(), rows, strengths, prompt, labels=labels,
+                                             base_path=self._base_path(validation_base), **sample_kwargs)]
 
         chains = [[c.step, list(c.state.chain)] for c in handle.checkpoints]
-        return self._rendered("grid", 1, render, validation_base, chains, list(strengths), prompt,
+        return self._rendered("grid", 1, render, validation_base, chains, list(strengths), prompt, labels,
                               _settings(sample_kwargs))[0]
+
+
+def grid_rows(checkpoints: Sequence[Checkpoint], kinds: Sequence[str]) -> tuple[list[tuple[int, dict]], list[str]]:
+    """The XY grid's rows, (step, LoRA state), and their labels: each checkpoint's LoRAs of `kinds` with its
+    validation loss, the lowest of them marked best."""
+    found = validation.best([c.validation for c in checkpoints if c.validation is not None])
+    rows, labels = [], []
+    for c in checkpoints:
+        for kind, weights in c.rows(kinds):
+            rows.append((c.step, weights))
+            labels.append(validation.row_label(c.step, kind, c.validation, found is not None and found[:2] == (c.step, kind)))
+    return rows, labels
+
+
+def _scored(metadata: dict[str, str], record: dict | None, kind: str) -> dict[str, str]:
+    """A LoRA file's metadata with its validation loss (`validation_loss`), when it was scored."""
+    if record is None or record.get(kind) is None:
+        return metadata
+    return {**metadata, "validation_loss": repr(record[kind])}
 
 
 def _settings(sample_kwargs: dict) -> dict:

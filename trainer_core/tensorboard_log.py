@@ -1,4 +1,4 @@
-"""TensorBoard event files of a run: loss and learning rate per step, validation samples and XY grids.
+"""TensorBoard event files of a run: loss and learning rate per step, validation losses, samples and XY grids.
 
 Optional: without the `tensorboard` package (or with `tensorboard = false`) every call is a no-op. Each run writes
 to its own folder, `<output_dir>/tensorboard/<output_name>/<start time>`, so TensorBoard pointed at
@@ -41,6 +41,14 @@ class TensorBoardLog:
         if (writer := self._open()) is not None:
             writer.add_scalar("train/loss", loss, step)
             writer.add_scalar("train/learning_rate", lr, step)
+
+    def validation(self, record: dict) -> None:
+        """A `validation.validation_record`: the raw LoRA's loss and its EMA's, at the record's step."""
+        if (writer := self._open()) is not None:
+            for kind in ("raw", "ema"):
+                if record.get(kind) is not None:
+                    writer.add_scalar(f"validation/loss_{kind}", record[kind], record["step"])
+            writer.flush()
 
     def images(self, tag: str, images: Sequence[Image.Image], step: int) -> None:
         """Each image as `<tag>/<index>` at `step`, written out at once (samples are rare and wanted now)."""

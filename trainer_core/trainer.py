@@ -5,7 +5,6 @@ which is what lets ComfyUI re-run a loop from any earlier point and what makes s
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import dataclasses
 import logging
@@ -18,15 +17,17 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from . import caching, data, dataset_report, lora, models, plots, sampling
+from . import caching, data, lora, models, validation
 from .block_swap import BlockSwap, checkpoint_blocks, model_blocks
 from .checkpoints import TrainingState, save_training_state
 from .config import TrainConfig
 from .content_hash import content_identity
 from .distributed import SINGLE, Processes, process_device
+from .ema import LoraEma
 from .flow_matching import image_ids, noisy_input_and_target, pack_latents, sample_sigmas, text_ids
 from .identity import RESUME_FIELDS, DatasetIdentity, dataset_identity, settings_mismatches
 from .optim import check_schedule_covers, learning_rate, make_optimizer, set_learning_rate
+from .preflight import preflight
 from .run_store import RunStore
 from .tensorboard_log import TensorBoardLog
 
@@ -85,39 +86,11 @@ def compute_dtype(config: TrainConfig) -> torch.dtype:
     return torch.bfloat16 if config.mixed_precision == "bf16" else torch.float32
 
 
-def preflight(config: TrainConfig) -> list[data.ImageRecord]:
-    """Every check that needs no weights, so a wrong input fails in seconds, before gigabytes load: each model file's
-    kind from its header, the LoRA settings tried on an empty model of the base's shape, and the dataset scanned
-    (each image decoded to prove it readable, and hashed for the dataset report, whose summary and serious findings
-    are logged). Returns the dataset's records, captioned and bucketed."""
-    for role, path in (("transformer", config.transformer_path), ("vae", config.vae_path),
-                       ("clip", config.clip_path), ("t5", config.t5_path)):
-        models.check_model_file(path, role)
-    lora.check_lora_settings(models.transformer_config(config.transformer_path), config.rank, config.alpha,
-                             config.lora_dropout, config.blocks)
-    if config.init_lora:
-        check_init_lora(config)
-    report = dataset_report.report_for_config(config)
-    log.info("%s", report.summary())
-    for serious, finding in report.findings():
-        log.log(logging.WARNING if serious else logging.INFO, "dataset: %s", finding)
-    return report.records()
-
-
-def check_init_lora(config: TrainConfig) -> None:
-    """The init_lora file exists, is a Flux LoRA, and has the rank the settings ask for (read from its header)."""
-    try:
-        rank = lora.lora_file_rank(config.init_lora)
-    except (ValueError, FileNotFoundError) as e:
-        raise type(e)(f"init_lora: {e}") from e
-    if rank != config.rank:
-        raise ValueError(f"init_lora: {config.init_lora} has rank {rank}, but rank is {config.rank}; set rank to "
-                         f"{rank} to continue that LoRA")
-
-
-def _load_device(config: TrainConfig, device: torch.device) -> torch.device:
-    """Where a base is read to: the device itself, or RAM when blocks are swapped (most of it stays there)."""
-    return torch.device("cpu") if config.blocks_to_swap else device
+def _pinned_to(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A CPU tensor on `device`: through pinned memory and without waiting on the host when that is a GPU."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -131,7 +104,9 @@ def resolve_device(name: str) -> torch.device:
 
 class Trainer:
     def __init__(self, config: TrainConfig, transformer, vae, text_encoders, dataset: caching.CachedDataset, device=None,
-                 dataset_identity: DatasetIdentity | None = None, processes: Processes = SINGLE):
+                 dataset_identity: DatasetIdentity | None = None, processes: Processes = SINGLE,
+                 held_out: caching.CachedDataset | None = None):
+        """`held_out`: the validation images kept out of `dataset` (None: the validation loss scores `dataset`'s)."""
         self.config = config
         self.dataset_identity = dataset_identity  # identity.dataset_identity of the data, saved with each state
         self.processes = processes  # several when data-parallel: each trains on its share of every batch
@@ -147,7 +122,7 @@ class Trainer:
         torch.manual_seed(config.seed)  # LoRA dropout draws on the device's own generator
         # the LoRA's init from a CPU generator of the run's seed: the same numbers on any device, swapped or not
         lora.add_lora(transformer, config.rank, config.alpha, dropout=config.lora_dropout, blocks=config.blocks,
-                      dora=config.dora, generator=torch.Generator().manual_seed(config.seed))
+                      dora=config.dora, generator=torch.Generator().manual_seed(config.seed), layout=config.lora_layout)
         if config.init_lora:
             lora.load_lora_file(config.init_lora, transformer)
             log.info("LoRA initialised from %s", config.init_lora)
@@ -158,8 +133,12 @@ class Trainer:
                 block.compile()  # regional compilation: one compiled graph per block type, reused by every block
         self.transformer = transformer
         self._swaps: dict[int, BlockSwap] = {}  # per model (training base, validation base) when blocks_to_swap > 0
-        self._to_device(transformer)
+        self.to_device(transformer)
         self.params = lora.lora_parameters(transformer)
+        self.ema = LoraEma(lora.lora_parameters_by_name(transformer), config.ema_decay, config.ema_on_cpu) \
+            if config.ema_decay else None
+        self.validation_samples = validation.validation_samples(held_out if held_out is not None else dataset)
+        self.validation: list[dict] = []  # validation.validation_record of each point scored, oldest first
         self.optimizer = make_optimizer(self.params, config, self.device)
         # one CPU generator for noise, timesteps, flips and caption dropout: device-independent and saved with the state
         self.generator = torch.Generator().manual_seed(config.seed)
@@ -196,7 +175,8 @@ class Trainer:
         def progress(stage: str):
             return (lambda done, total: on_progress(stage, done, total)) if on_progress else None
 
-        captions = ["", *(r.caption for r in records)]
+        records, held_out = validation.split_records(records, config)
+        captions = ["", *(r.caption for r in records), *(r.caption for r in held_out)]
         text = caching.cache_text([*captions, *prompts], encoders, config.cache_dir or None, identity,
                                   progress("encoding text"))
         vae = models.load_vae(config.vae_path, dtype=dtype, device=device)
@@ -204,14 +184,18 @@ class Trainer:
             records, vae, text, cache_dir=config.cache_dir or None, flip=config.flip_augment,
             encoder_identity=identity, on_progress=progress("caching"),
         )
+        held_out = caching.cache_dataset(held_out, vae, text, cache_dir=config.cache_dir or None,
+                                         encoder_identity=identity) if held_out and config.validation_timesteps else None
         vae.to("cpu")  # back on the device only while sampling
         if device.type == "cuda":
             torch.cuda.empty_cache()
         # straight to the device, tensor by tensor, unless blocks are swapped: then RAM is where most of it stays
-        transformer = models.load_transformer(config.transformer_path, dtype=dtype, device=_load_device(config, device),
+        transformer = models.load_transformer(config.transformer_path, dtype=dtype,
+                                              device=torch.device("cpu") if config.blocks_to_swap else device,
                                               fp8_base=config.fp8_base)
         trainer = cls(config, transformer, vae, dataclasses.replace(encoders, device="cpu"), dataset, device,
-                      dataset_identity=dataset_identity(config.dataset_entries()), processes=processes)
+                      dataset_identity=dataset_identity(config.dataset_entries()), processes=processes,
+                      held_out=held_out)
         trainer._prompt_cache.update({p: (text[p]["prompt_embeds"], text[p]["pooled"]) for p in prompts})
         return trainer
 
@@ -261,6 +245,8 @@ class Trainer:
                             f"step {self.step}. Likely cause: too high a learning rate (learning_rate "
                             f"{cfg.learning_rate:g}).", self.step + 1)
                     self.optimizer.step()
+                    if self.ema is not None:
+                        self.ema.update()
                 except BaseException:
                     self.optimizer.zero_grad(set_to_none=True)
                     self._set_position(position)
@@ -273,8 +259,24 @@ class Trainer:
                 self.tensorboard.step(self.step, loss_value, lr)
                 if on_step is not None:
                     on_step(StepInfo(self.step, loss_value, lr, time.perf_counter() - t0))
+                if cfg.validation_every and self.step % cfg.validation_every == 0:
+                    self.validate()
         self.tensorboard.flush()
         return done
+
+    def validate(self) -> dict | None:
+        """Score the LoRA (and its EMA) at this step on the validation set, once per step, and keep the record in the
+        history; None when validation is off."""
+        if not self.config.validation_timesteps:
+            return None
+        if self.validation and self.validation[-1]["step"] == self.step:
+            return self.validation[-1]
+        record = validation.validation_record(self, self.validation_samples, self.step,
+                                              self.ema.state() if self.ema is not None else None)
+        self.validation.append(record)
+        self.tensorboard.validation(record)
+        log.info("step %d: %s", self.step, validation.describe(record))
+        return record
 
     def _next_batch(self) -> list[int]:
         if self.cursor >= len(self._order):
@@ -310,14 +312,25 @@ class Trainer:
         prompt_embeds = torch.stack([empty_embeds if d else s.prompt_embeds for s, d in zip(samples, drop.tolist())])
         pooled = torch.stack([empty_pooled if d else s.pooled for s, d in zip(samples, drop.tolist())])
 
-        x0 = pack_latents(latents.float())  # (B, h/2 * w/2, C*4)
-        x_t, target = noisy_input_and_target(x0, noise, sigmas)
+        # drawn on the CPU generator (the run's numbers on any device), moved from pinned memory without a host wait;
+        # x_t and the target are made where the model runs
+        x0, noise, sigmas = (_pinned_to(t, self.device) for t in (pack_latents(latents.float()), noise, sigmas))
+        x_t, target = noisy_input_and_target(x0, noise, sigmas)  # x0: (B, h/2 * w/2, C*4)
+        pred = self.predict(x_t, prompt_embeds, pooled, sigmas, latents.shape[-2:])
+        loss = F.mse_loss(pred.float(), target.float())
+        return loss if n_mine == n else loss * (n_mine / n)
 
+    def predict(self, x_t: torch.Tensor, prompt_embeds: torch.Tensor, pooled: torch.Tensor, sigmas: torch.Tensor,
+                latent_size: tuple[int, int]) -> torch.Tensor:
+        """The transformer's velocity for packed noisy latents x_t (B, h/2 * w/2, C*4) of latents `latent_size`
+        (h, w), with the captions' (B, L, D) and (B, D') embeddings, at noise levels `sigmas` (B,)."""
         dev, dt = self.device, self.dtype
-        h, w = latents.shape[-2:]
-        guidance = torch.full((n_mine,), cfg.guidance, device=dev) if self.transformer.config.guidance_embeds else None
+        h, w = latent_size
+        n = x_t.shape[0]
+        guidance = torch.full((n,), self.config.guidance, device=dev) if self.transformer.config.guidance_embeds \
+            else None
         with torch.autocast(dev.type, dtype=dt, enabled=dt != torch.float32):
-            pred = self.transformer(
+            return self.transformer(
                 hidden_states=x_t.to(dev, dt),
                 encoder_hidden_states=prompt_embeds.to(dev, dt),
                 pooled_projections=pooled.to(dev, dt),
@@ -327,8 +340,6 @@ class Trainer:
                 guidance=guidance,
                 return_dict=False,
             )[0]
-        loss = F.mse_loss(pred.float(), target.to(dev).float())
-        return loss if n_mine == n else loss * (n_mine / n)
 
     # ------------------------------------------------------------------ state
     def _position(self) -> tuple:
@@ -363,6 +374,7 @@ class Trainer:
             optimizer=opt, rng=rng, losses=list(self.losses), lrs=list(self.lrs), fingerprint=self.fingerprint(),
             dataset=self.dataset_identity.key if self.dataset_identity else "",
             dataset_files=self.dataset_identity.listing if self.dataset_identity else [],
+            ema=self.ema.state() if self.ema is not None else {}, validation=[dict(r) for r in self.validation],
         )
 
     def restore(self, state: TrainingState) -> None:
@@ -384,6 +396,9 @@ class Trainer:
         self.step, self.epoch, self.cursor = state.step, state.epoch, state.cursor
         self._order = self._epoch_order(self.epoch)
         self.losses, self.lrs = list(state.losses), list(state.lrs)
+        if self.ema is not None:  # a state saved without an EMA starts one from its LoRA
+            self.ema.load_state(state.ema or state.lora)
+        self.validation = [dict(r) for r in state.validation]
 
     # ------------------------------------------------------------------ outputs
     def lora_metadata(self) -> dict[str, str]:
@@ -412,69 +427,18 @@ class Trainer:
 
     def sample(self, prompts: Sequence[str], *, base_path: str | None = None, step: int | None = None,
                **render_kwargs) -> list:
-        """Images for `prompts` with the LoRA at `strength` (0 = the base model exactly); see `sampling_session`.
-        They go to TensorBoard at `step` (the LoRA's step; default the trainer's)."""
-        with self.sampling_session(base_path) as render:
+        """Images for `prompts` with the LoRA at `strength` (0 = the base model exactly); see
+        `validation.sampling_session`. They go to TensorBoard at `step` (the LoRA's step; default the trainer's)."""
+        with validation.sampling_session(self, base_path) as render:
             images = render(prompts, **render_kwargs)
         self.tensorboard.images("samples", images, self.step if step is None else step)
         return images
 
-    @contextlib.contextmanager
-    def sampling_session(self, base_path: str | None = None):
-        """Set sampling up once, for any number of images, and put the run back as it was afterwards.
+    def load_device(self) -> torch.device:
+        """Where a base is read to: the device itself, or RAM when blocks are swapped (most of it stays there)."""
+        return torch.device("cpu") if self.config.blocks_to_swap else self.device
 
-        Yields `render(prompts, *, strength=1.0, lora_state=None, seed=0, steps=20, guidance=3.5, width=512,
-        height=512, callback=None, negative_prompt="", true_cfg_scale=1.0) -> images`. `lora_state` renders another
-        checkpoint's LoRA (the XY grid); `true_cfg_scale` other than 1 turns true CFG with `negative_prompt` on.
-        `base_path` judges the LoRA on another base (train on Flux-dev2pro, look at it on Flux-dev): the training
-        base's frozen weights are dropped and re-read from its file afterwards (its LoRA and optimizer stay), so
-        neither the GPU nor the RAM ever holds two bases; the swap happens once per session.
-        """
-        other_base = bool(base_path) and Path(base_path).resolve() != Path(self.config.transformer_path).resolve()
-        own = lora.lora_state(self.transformer)
-        if other_base:
-            self._drop_base(self.transformer)
-            model = self._validation_model(base_path)
-            self._to_device(model)
-        else:
-            model = self.transformer
-        loaded_other = other_base  # whether `model` holds LoRA weights other than the run's own
-        self.vae.to(self.device)
-
-        def render(prompts: Sequence[str], *, strength: float = 1.0, lora_state: dict | None = None, seed: int = 0,
-                   steps: int = 20, guidance: float = 3.5, width: int = 512, height: int = 512, callback=None,
-                   negative_prompt: str = "", true_cfg_scale: float = 1.0) -> list:
-            nonlocal loaded_other
-            embeds, pooled = self.encode_prompts(list(prompts))
-            negative = None
-            if true_cfg_scale != 1.0:
-                negative = tuple(t.to(self.device, self.dtype)
-                                 for t in self.encode_prompts([negative_prompt] * len(prompts)))
-            if lora_state is not None or loaded_other:
-                lora.load_lora_state(model, lora_state if lora_state is not None else own)
-                loaded_other = lora_state is not None or other_base
-            with torch.inference_mode(False), torch.no_grad():
-                return sampling.sample_images(
-                    model, self.vae, embeds.to(self.device, self.dtype), pooled.to(self.device, self.dtype),
-                    width=width, height=height, steps=steps, guidance=guidance, seed=seed, strength=strength,
-                    callback=callback, negative=negative, true_cfg_scale=true_cfg_scale,
-                )
-
-        try:
-            yield render
-        finally:
-            lora.set_lora_strength(model, 1.0)
-            if other_base:
-                self._drop_base(model)
-                del model
-                models.reload_frozen_weights(self.transformer, self.config.transformer_path, self.dtype,
-                                             _load_device(self.config, self.device))
-                self._to_device(self.transformer)
-            elif loaded_other:
-                lora.load_lora_state(self.transformer, own)
-            self.vae.to("cpu")
-
-    def _to_device(self, model) -> None:
+    def to_device(self, model) -> None:
         if not self.config.blocks_to_swap:
             model.to(self.device)
             return
@@ -482,7 +446,7 @@ class Trainer:
             self._swaps[id(model)] = BlockSwap(model, self.config.blocks_to_swap, self.device)
         self._swaps[id(model)].attach()  # everything but the swapped blocks' frozen weights
 
-    def _drop_base(self, model) -> None:
+    def drop_base(self, model) -> None:
         """Free `model`'s frozen weights wherever they are (GPU, RAM, a BlockSwap's pinned copies)."""
         swap = self._swaps.pop(id(model), None)
         if swap is not None:
@@ -491,13 +455,6 @@ class Trainer:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
-    def _validation_model(self, path: str):
-        """The other base with an adapter shaped like ours, read from its file (streamed, fp8 as read)."""
-        model = models.load_transformer(path, dtype=self.dtype, device=_load_device(self.config, self.device),
-                                        fp8_base=self.config.fp8_base)
-        lora.add_lora(model, self.config.rank, self.config.alpha, blocks=self.config.blocks, dora=self.config.dora)
-        return model.requires_grad_(False)
-
     def memory_bytes(self) -> int:
         """Bytes of the tensors this trainer holds (models, optimizer state, cached data), each storage counted once:
         what `release` and dropping the trainer give back."""
@@ -505,6 +462,8 @@ class Trainer:
         tensors = [t for m in modules for t in (*m.parameters(), *m.buffers())]
         if self.optimizer is not None:
             tensors += [v for s in self.optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
+        if self.ema is not None:
+            tensors += list(self.ema.average.values())
         for sample in (*self.dataset.samples, *(self.dataset.flipped or ())):
             tensors += [sample.latents, sample.prompt_embeds, sample.pooled]
         tensors += [t for pair in (self.dataset.empty_prompt, *self._prompt_cache.values()) for t in pair]
@@ -524,30 +483,3 @@ class Trainer:
         self._prompt_cache.clear()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-
-
-def strength_grid(trainer: Trainer, checkpoints: Sequence[tuple[int, dict]], strengths: Sequence[float], prompt: str,
-                  base_path: str | None = None, **sample_kwargs):
-    """The LoRA-strength x training-step comparison: rows are (step, LoRA state) checkpoints, columns strengths."""
-    cells = strength_cells(trainer, checkpoints, strengths, prompt, base_path, **sample_kwargs)
-    return label_grid(trainer, cells, [step for step, _ in checkpoints], strengths, prompt)
-
-
-def strength_cells(trainer: Trainer, checkpoints: Sequence[tuple[int, dict]], strengths: Sequence[float], prompt: str,
-                   base_path: str | None = None, **sample_kwargs) -> list[list]:
-    """The grid's images, a row per (step, LoRA state) checkpoint and a column per strength.
-
-    One sampling session for all cells: the prompt is encoded once, a validation base is swapped in once, and each
-    cell only loads its row's LoRA weights and rescales the adapter, so no file is read per cell.
-    """
-    with trainer.sampling_session(base_path) as render:
-        return [[render([prompt], strength=s, lora_state=state, **sample_kwargs)[0] for s in strengths]
-                for _, state in checkpoints]
-
-
-def label_grid(trainer: Trainer, cells: Sequence[Sequence], steps: Sequence[int], strengths: Sequence[float],
-               prompt: str):
-    """The cells as one labelled picture (rows: steps, columns: strengths), also sent to TensorBoard."""
-    grid = plots.xy_grid(cells, [f"step {step}" for step in steps], [f"{s:g}" for s in strengths], title=prompt)
-    trainer.tensorboard.images("xy_grid", [grid], max(steps))
-    return grid

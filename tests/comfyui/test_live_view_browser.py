@@ -360,8 +360,12 @@ def test_every_loop_ends_done_and_the_route_gives_numbers_only(watched):
         assert message["step"] == message["total"] == LOOPS[int(node_id)] and message["running"] is False
         assert len(message["history"]) == LOOPS[int(node_id)]
         assert message["workflow"] == watched.graph_id
-        ids = ("node", "prompt_id", "workflow", "history")
+        ids = ("node", "prompt_id", "workflow", "history", "validation")
+        scores = message.get("validation") or {}  # the loop's validation loss and the run's best point so far
+        best = scores.get("best") or {}
+        assert best.get("kind") in (None, "raw", "ema")
         leaves = [v for k, v in message.items() if k not in ids] + sum(message["history"], [])
+        leaves += [v for k, v in scores.items() if k != "best"] + [v for k, v in best.items() if k != "kind"]
         assert all(isinstance(v, (int, float, bool)) or v is None for v in leaves)  # no paths, no names
 
 

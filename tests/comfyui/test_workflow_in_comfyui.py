@@ -18,6 +18,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -41,6 +42,8 @@ STATES = "flux_lora_states"  # models/<STATES>: where SaveCheckpoint puts traini
 LOOP2_CHANGED = 5
 LONG = 30  # loop 4 when it is cancelled: long enough that the Cancel lands mid-loop
 CELL = 64  # sample and grid cell size in pixels
+EMA_DECAY = 0.9
+VALIDATION_GREEN = (44, 160, 44)  # matplotlib's tab:green, LossPlot's validation line
 RUN_TIMEOUT_S = 600  # a loaded 2-core machine can be 5x slower than an idle one
 ENDED = ("execution_success", "execution_error", "execution_interrupted")  # websocket events that end a prompt
 
@@ -61,6 +64,11 @@ def node_ids(prompt: dict, class_type: str) -> list[str]:
 
 def lora_name(step: int, state: bool = False) -> str:
     return f"{OUTPUT_NAME}_{step:06d}" + (STATE_SUFFIX if state else ".safetensors")
+
+
+def checkpoint_files(step: int) -> set[str]:
+    """What SaveCheckpoint writes at `step` in the shrunk run: the LoRA, its state and its EMA LoRA."""
+    return {lora_name(step), lora_name(step, state=True), f"{OUTPUT_NAME}_{step:06d}_ema.safetensors"}
 
 
 def finish(comfyui, prompt: dict, prompt_id: str, start: float, timeout: float = RUN_TIMEOUT_S) -> Run:
@@ -106,12 +114,14 @@ def shipped(comfyui) -> dict:
 
 
 def shrunk(prompt: dict, output_name: str) -> dict:
-    """The shipped prompt with STEPS per loop, CELL-sized images and its own output_name."""
+    """The shipped prompt with STEPS per loop, CELL-sized images and its own output_name, and an EMA kept beside the
+    validation loss (the grid shows a raw and an EMA row per checkpoint)."""
     small = {"steps": 2, "width": CELL, "height": CELL}
-    changes = {node_ids(prompt, "FluxLoRA_InitTrainer")[0]: {"resolutions": str(CELL), "output_name": output_name}}
+    changes = {node_ids(prompt, "FluxLoRA_InitTrainer")[0]: {"resolutions": str(CELL), "output_name": output_name,
+                                                            "ema_decay": EMA_DECAY}}
     changes |= {i: {"steps": STEPS} for i in node_ids(prompt, "FluxLoRA_TrainLoop")}
     changes |= {i: small for i in node_ids(prompt, "FluxLoRA_ValidationSample")}
-    changes |= {i: small for i in node_ids(prompt, "FluxLoRA_XYLoraStrengthGrid")}
+    changes |= {i: {**small, "rows": "both"} for i in node_ids(prompt, "FluxLoRA_XYLoraStrengthGrid")}
     return with_inputs(prompt, changes)
 
 
@@ -253,7 +263,7 @@ def test_the_converted_prompt_has_the_graphs_shape_and_widget_values(shipped):
 # ---------------------------------------------------------------------------------------------- the first run
 def test_first_run_writes_a_kohya_lora_with_metadata_per_checkpoint(first_run, comfyui):
     steps = [STEPS * k for k in (1, 2, 3, 4)]
-    assert sorted(first_run.loras) == sorted(lora_name(s, state) for s in steps for state in (False, True))
+    assert set(first_run.loras) == set().union(*(checkpoint_files(s) for s in steps))
     init = first_run.prompt[node_ids(first_run.prompt, "FluxLoRA_InitTrainer")[0]]["inputs"]
     for step in steps:
         path = comfyui.models_dir("loras") / lora_name(step)
@@ -273,13 +283,26 @@ def test_first_run_renders_samples_loss_plots_and_the_grid(first_run, comfyui):
     for node in node_ids(prompt, "FluxLoRA_ValidationSample"):
         saved = [k for k, v in prompt.items() if v["inputs"].get("images") == [node, 0]]
         assert [im.size for im in images(comfyui, first_run, saved[0])] == [(CELL, CELL)] * 2
-    plots = [images(comfyui, first_run, n) for n in node_ids(prompt, "FluxLoRA_LossPlot")]
+    plot_nodes = node_ids(prompt, "FluxLoRA_LossPlot")
+    plots = [images(comfyui, first_run, n) for n in plot_nodes]
     assert all(len(p) == 1 and min(p[0].size) >= 200 for p in plots)
+    # each loop's end is scored (raw and EMA); LossPlot draws them as a second line, in green
+    scored = first_run.history["outputs"][plot_nodes[-1]]["validation"]
+    assert [r["step"] for r in scored] == [STEPS * k for k in (1, 2, 3, 4)]
+    assert all(r["raw"] > 0 and r["ema"] > 0 and r["raw"] != r["ema"] for r in scored)
+    pixels = np.asarray(plots[-1][0].convert("RGB"), dtype=np.int16)
+    assert (np.abs(pixels - VALIDATION_GREEN).max(axis=-1) < 30).sum() > 50
 
     (grid_node,) = node_ids(prompt, "FluxLoRA_XYLoraStrengthGrid")
     (save,) = [k for k, v in prompt.items() if v["inputs"].get("images") == [grid_node, 0]]
     (grid,) = images(comfyui, first_run, save)
-    rows, cols = 4, len(prompt[grid_node]["inputs"]["strengths"].split(","))  # checkpoints x strengths
+    # a raw and an EMA row per checkpoint, each with its validation loss; the lowest of them marked best
+    labels = first_run.history["outputs"][grid_node]["rows"]
+    best = min((r[kind], r["step"], kind) for r in scored for kind in ("raw", "ema"))
+    expected = [f"step {r['step']}{' EMA' if kind == 'ema' else ''}  val {r[kind]:.4f}"
+                + ("  * best" if (r[kind], r["step"], kind) == best else "") for r in scored for kind in ("raw", "ema")]
+    assert labels == expected
+    rows, cols = 8, len(prompt[grid_node]["inputs"]["strengths"].split(","))  # checkpoints x (raw, EMA) x strengths
     left, top = grid.width - cols * CELL, grid.height - rows * CELL  # the label margins
     assert left > 0 and top > 0
 
@@ -311,7 +334,7 @@ def test_changing_loop_2_retrains_from_loop_1_and_keeps_its_files(loop2_changed,
     assert executed_nodes(loop2_changed) >= set(loops[1:]) and loops[0] not in executed_nodes(loop2_changed)
     assert node_ids(prompt, "FluxLoRA_InitTrainer")[0] not in executed_nodes(loop2_changed)
     new_steps = [STEPS + LOOP2_CHANGED + STEPS * k for k in (0, 1, 2)]
-    new_files = {lora_name(s, state) for s in new_steps for state in (False, True)}
+    new_files = set().union(*(checkpoint_files(s) for s in new_steps))
     assert set(loop2_changed.loras) == set(first_run.loras) | new_files
     for name, content in first_run.loras.items():  # loop 1's file among them, byte for byte
         assert loop2_changed.loras[name] == content, f"{name} was rewritten"

@@ -11,7 +11,8 @@ Models are built on the meta device and the file's tensors are assigned into the
 is never held twice. Every model is returned frozen in eval mode; LoRA adds the trainable parameters.
 
 One module per concern: `files` (kinds, headers, reading), `convert` (BFL <-> diffusers), `fp8`, `gguf`,
-`transformer`, `vae`, `text_encoders`. The public names are re-exported here, so `models.load_transformer(...)` is the API.
+`transformer`, `vae`, `text_encoders`, `fused` (the fused-projection layout). The public names are re-exported here,
+so `models.load_transformer(...)` is the API.
 """
 from .convert import DOUBLE_BLOCK_LINEARS, SINGLE_BLOCK_LINEARS, bfl_to_diffusers, diffusers_to_bfl, flux_module_map
 from .files import (
@@ -26,6 +27,7 @@ from .files import (
 )
 from .fp8 import Fp8Linear, to_fp8_linears, use_fp8_linears
 from .gguf import GGUFLinear, base_format
+from .fused import FUSIONS, fuse_projections, fuse_state_dict, is_fused, part_sizes, unfuse_state_dict
 from .text_encoders import (
     DEFAULT_MAX_SEQUENCE_LENGTH,
     TextEncoderFiles,

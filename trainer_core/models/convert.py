@@ -5,6 +5,7 @@ import torch
 from torch import Tensor
 
 from .files import count_blocks
+from .fused import unfuse_state_dict
 
 # BFL module -> the diffusers module(s) it holds, stacked along dim 0 in this order (the fused qkv / linear1), for
 # the Linears of one block. Block modulations keep their chunk order (shift, scale, gate); only the final `norm_out`
@@ -118,8 +119,9 @@ def bfl_names(names: set[str]) -> set[str]:
 
 
 def diffusers_to_bfl(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Inverse of `bfl_to_diffusers`: diffusers `FluxTransformer2DModel` names -> original BFL names (no prefix)."""
-    sd = dict(state_dict)
+    """Inverse of `bfl_to_diffusers`: diffusers `FluxTransformer2DModel` names, in diffusers' layout or the fused one
+    (`fuse_projections`), -> original BFL names (no prefix)."""
+    sd = unfuse_state_dict(state_dict)
     modules = flux_module_map(count_blocks(sd, "transformer_blocks"), count_blocks(sd, "single_transformer_blocks"))
     out = {}
     for bfl, targets in modules.items():

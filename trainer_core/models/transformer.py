@@ -27,6 +27,7 @@ from .files import (
 )
 from .fp8 import use_fp8_linears
 from .gguf import gguf_shapes, read_gguf_transformer, use_gguf_linears
+from .fused import fuse_state_dict, is_fused, split_names
 
 logger = logging.getLogger(__name__)
 
@@ -160,10 +161,15 @@ def drop_frozen_weights(model: nn.Module) -> None:
 
 
 def reload_frozen_weights(model: nn.Module, path: str | Path, dtype: torch.dtype, device="cpu") -> None:
-    """Read the frozen weights dropped by `drop_frozen_weights` back from `path`, fp8 where they were fp8."""
+    """Read the frozen weights dropped by `drop_frozen_weights` back from `path`, fp8 where they were fp8, in the
+    model's layout (split, or fused by `fuse_projections`)."""
     frozen = _frozen_weights(model)
     fp8 = {key for key, (module, name) in frozen.items() if getattr(module, name).dtype == torch.float8_e4m3fn}
-    state_dict = read_transformer_weights(check_model_file(path, "transformer"), dtype, device, fp8)
+    fused = is_fused(model)
+    state_dict = read_transformer_weights(check_model_file(path, "transformer"), dtype, device,
+                                          split_names(fp8) if fused else fp8)
+    if fused:
+        state_dict = fuse_state_dict(state_dict)
     for key, (module, name) in frozen.items():
         setattr(module, name, nn.Parameter(state_dict.pop(key), requires_grad=False))
     assert not state_dict, f"{path} has tensors the model has not: {sorted(state_dict)[:5]}"

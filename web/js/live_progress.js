@@ -1,6 +1,7 @@
-// Live view of a running TrainLoop: step / total, s/it, ETA, loss (current and smoothed) and a loss chart that grows
-// as training runs. The server broadcasts "flux_lora_trainer.progress" messages (throttled, numbers only) to every
-// open tab, each naming its node, prompt and the workflow (graph id) it was queued from; a graph shows only its own.
+// Live view of a running TrainLoop: step / total, s/it, ETA, loss (current and smoothed), a loss chart that grows
+// as training runs, and after the loop its validation loss (raw and EMA LoRA) with the best point of the run so far.
+// The server broadcasts "flux_lora_trainer.progress" messages (throttled, numbers only) to every open tab, each
+// naming its node, prompt and the workflow (graph id) it was queued from; a graph shows only its own.
 // A tab that (re)loads a graph asks /flux_lora_trainer/progress?workflow=<id> for the last state of each of its loops
 // (nodes/live_view.py); a loop loaded from the run store, or served from ComfyUI's cache, says so. Nothing is loaded
 // from outside ComfyUI.
@@ -31,6 +32,15 @@ function formatDuration(seconds) {
 
 const formatLoss = (value) => (value == null ? "–" : value.toPrecision(4));
 
+// "validation 0.0941 · EMA 0.0972 · best step 100 raw (0.0941)": the loop's end scored, and the run's best so far
+function validationLine(v) {
+  if (!v) return "";
+  const parts = [`validation ${formatLoss(v.raw)}`];
+  if (v.ema != null) parts.push(`EMA ${formatLoss(v.ema)}`);
+  parts.push(`best step ${v.best.step} ${v.best.kind} (${formatLoss(v.best.loss)})`);
+  return parts.join(" · ");
+}
+
 function statusLine(msg) {
   const parts = [`step ${msg.step} / ${msg.total}`];
   if (msg.s_per_it != null) parts.push(`${msg.s_per_it.toFixed(msg.s_per_it < 10 ? 2 : 1)} s/it`);
@@ -50,10 +60,11 @@ class ProgressView {
       + "color:var(--input-text, #ddd);font-variant-numeric:tabular-nums;overflow:hidden";
     this.status = document.createElement("div");
     this.loss = document.createElement("div");
+    this.validation = document.createElement("div");
     this.canvas = document.createElement("canvas");
     this.canvas.style.cssText = `width:100%;height:${CHART_HEIGHT}px;border-radius:4px;`
       + "background:var(--comfy-input-bg, #222)";
-    this.element.append(this.status, this.loss, this.canvas);
+    this.element.append(this.status, this.loss, this.validation, this.canvas);
     this.status.textContent = "waiting for the first step";
     this.widget = node.addDOMWidget("live_progress", "flux_lora_progress", this.element, {
       serialize: false, // a view, not an input: kept out of the prompt and the saved workflow
@@ -67,6 +78,7 @@ class ProgressView {
     this.message = msg;
     this.status.textContent = statusLine(msg);
     this.loss.textContent = `loss ${formatLoss(msg.loss)} · smoothed ${formatLoss(msg.smoothed_loss)}`;
+    this.validation.textContent = validationLine(msg.validation);
     this.drawChart();
   }
 

@@ -1,0 +1,42 @@
+"""Every check that needs no weights, so a wrong input fails in seconds, before gigabytes load."""
+from __future__ import annotations
+
+import logging
+
+from . import data, dataset_report, lora, models
+from .config import TrainConfig
+from .validation import validation_dir_records
+
+log = logging.getLogger(__name__)
+
+
+def preflight(config: TrainConfig) -> list[data.ImageRecord]:
+    """Each model file's kind from its header, the LoRA settings tried on an empty model of the base's shape, and the
+    dataset scanned (each image decoded to prove it readable, and hashed for the dataset report, whose summary and
+    serious findings are logged), and the validation folder's. Returns the dataset's records, captioned and
+    bucketed."""
+    for role, path in (("transformer", config.transformer_path), ("vae", config.vae_path),
+                       ("clip", config.clip_path), ("t5", config.t5_path)):
+        models.check_model_file(path, role)
+    lora.check_lora_settings(models.transformer_config(config.transformer_path), config.rank, config.alpha,
+                             config.lora_dropout, config.blocks)
+    if config.init_lora:
+        check_init_lora(config)
+    report = dataset_report.report_for_config(config)
+    log.info("%s", report.summary())
+    for serious, finding in report.findings():
+        log.log(logging.WARNING if serious else logging.INFO, "dataset: %s", finding)
+    if config.validation_dir:
+        validation_dir_records(config)
+    return report.records()
+
+
+def check_init_lora(config: TrainConfig) -> None:
+    """The init_lora file exists, is a Flux LoRA, and has the rank the settings ask for (read from its header)."""
+    try:
+        rank = lora.lora_file_rank(config.init_lora)
+    except (ValueError, FileNotFoundError) as e:
+        raise type(e)(f"init_lora: {e}") from e
+    if rank != config.rank:
+        raise ValueError(f"init_lora: {config.init_lora} has rank {rank}, but rank is {config.rank}; set rank to "
+                         f"{rank} to continue that LoRA")
