@@ -26,7 +26,7 @@ import psutil
 import pytest
 
 from cli_process import cli_child
-from trainer_core import cli
+from trainer_core import cli, output_guard
 from trainer_core.config import toml_text
 from trainer_core.demo import demo_config, write_demo_dataset
 from trainer_core.output_guard import LOCK_NAME
@@ -442,3 +442,9 @@ def test_a_run_with_validation_and_ema_ends_with_the_table_and_the_best_checkpoi
     loss, step, kind = min((float(v), int(s), k) for s, raw, ema in rows for v, k in ((raw, "raw"), (ema, "ema")))
     assert f"best: step {step} {kind} (validation loss {loss:.4f})" in result.out
     assert re.search(rf"checkpoint step 6: validation loss .*; best so far: step \d+ (raw|ema)", result.err)
+
+
+def test_the_free_space_check_counts_the_ema_files_and_state():
+    params, saves = 1_000_000, 4
+    plain, ema = (output_guard.planned_bytes(params, "adamw", saves, True, 0, 0, 100, ema=e) for e in (False, True))
+    assert ema - plain >= saves * (2 + 4) * params  # a bf16 EMA LoRA and the fp32 EMA in each state

@@ -109,7 +109,7 @@ def _run(path: Path, config, plan, resume: Path | None, start_over: tuple[bool, 
     saves = -(-max(plan.steps - start, 0) // plan.save_every)
     output_guard.check_free_space(config.output_dir, output_guard.planned_bytes(
         lora_params, config.optimizer, saves, plan.save_state, len(plan.prompts) + len(plan.strengths),
-        plan.sample_width * plan.sample_height, plan.steps))
+        plan.sample_width * plan.sample_height, plan.steps, ema=config.ema_decay > 0))
 
     if earlier:
         aside = output_guard.set_aside(earlier, Path(config.output_dir),

@@ -64,11 +64,13 @@ def set_aside(files: list[Path], folder: Path, name: str) -> Path:
 
 
 def planned_bytes(lora_params: int, optimizer: str, saves: int, save_state: bool, images_per_save: int,
-                  image_pixels: int, steps: int) -> int:
-    """What `saves` saves write at most: a bf16 LoRA, an fp32 LoRA with its optimizer state, uncompressed images."""
+                  image_pixels: int, steps: int, ema: bool = False) -> int:
+    """What `saves` saves write at most: a bf16 LoRA (and its EMA's), an fp32 LoRA with its optimizer state (and the
+    fp32 EMA), uncompressed images."""
     header = (1 << 16) + 32 * steps  # settings, names, and a state's loss and LR history
-    state = state_bytes(lora_params, optimizer) + header if save_state else 0
-    return saves * (2 * lora_params + header + state + images_per_save * 3 * image_pixels) + (1 << 20)  # + loss plot
+    state = state_bytes(lora_params, optimizer) + 4 * lora_params * ema + header if save_state else 0
+    loras = (1 + ema) * (2 * lora_params + header)
+    return saves * (loras + state + images_per_save * 3 * image_pixels) + (1 << 20)  # + loss plot
 
 
 def state_bytes(lora_params: int, optimizer: str) -> int:
