@@ -19,7 +19,7 @@ def preflight(config: TrainConfig) -> list[data.ImageRecord]:
                        ("clip", config.clip_path), ("t5", config.t5_path)):
         models.check_model_file(path, role)
     lora.check_lora_settings(models.transformer_config(config.transformer_path), config.rank, config.alpha,
-                             config.lora_dropout, config.blocks)
+                             config.lora_dropout, config.blocks, config.lora_layout)
     if config.init_lora:
         check_init_lora(config)
     report = dataset_report.report_for_config(config)
