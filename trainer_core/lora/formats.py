@@ -142,12 +142,15 @@ def _split_fused(
     return parts
 
 
-def _module_and_kind(key: str) -> tuple[str, str]:
-    """"transformer.x.attn.to_q.lora_A.weight" -> ("transformer.x.attn.to_q", "lora_A.weight")."""
-    for kind in (".lora_A.weight", ".lora_B.weight", ".alpha", ".dora_scale", ".lora_magnitude_vector.weight"):
-        if key.endswith(kind):
-            return key.removesuffix(kind), kind[1:]
-    return key, ""
+def _key_parts(key: str) -> tuple[str, str, str]:
+    """"transformer.x.attn.to_q.lora_A.weight" -> ("transformer.", "x.attn.to_q", "lora_A.weight")."""
+    module, kind = key, ""
+    for suffix in (".lora_A.weight", ".lora_B.weight", ".alpha", ".dora_scale", ".lora_magnitude_vector.weight"):
+        if key.endswith(suffix):
+            module, kind = key.removesuffix(suffix), suffix[1:]
+            break
+    prefix = DIFFUSERS_PREFIX if module.startswith(DIFFUSERS_PREFIX) else ""
+    return prefix, module.removeprefix(prefix), kind
 
 
 def split_fused_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -156,18 +159,18 @@ def split_fused_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
     (`dora_scale`, DoRA's magnitudes); an alpha is repeated. Other keys pass through."""
     out = {}
     for key, tensor in state.items():
-        module, kind = _module_and_kind(key)
-        prefix = DIFFUSERS_PREFIX if module.startswith(DIFFUSERS_PREFIX) else ""
-        parts = _fused_name(module.removeprefix(prefix))
+        prefix, module, kind = _key_parts(key)
+        parts = _fused_name(module)
         if parts is None:
             out[key] = tensor
             continue
         if kind in ("lora_A.weight", "alpha"):
             out |= {f"{prefix}{p}.{kind}": tensor.clone() for p in parts}  # a file stores each apart
             continue
-        if f"{module}.lora_A.weight" not in state:
-            raise ValueError(f"LoRA state: {key} has no {module}.lora_A.weight beside it")
-        width = state[f"{module}.lora_A.weight"].shape[1]  # the model width: the rows of q, k and v each
+        down = f"{prefix}{module}.lora_A.weight"
+        if down not in state:
+            raise ValueError(f"LoRA state: {key} has no {down} beside it")
+        width = state[down].shape[1]  # the model width: the rows of q, k and v each
         rows = tensor.split(part_sizes(len(parts), len(tensor), width))
         out |= {f"{prefix}{p}.{kind}": t for p, t in zip(parts, rows)}
     return out
@@ -180,15 +183,13 @@ def fuse_split_state(path: Path, state: dict[str, torch.Tensor]) -> dict[str, to
     groups: dict[str, dict[str, list]] = {}  # fused module -> kind -> tensors in part order
     out = {}
     for key, tensor in state.items():
-        module, kind = _module_and_kind(key)
-        prefix = DIFFUSERS_PREFIX if module.startswith(DIFFUSERS_PREFIX) else ""
-        found = _fused_of(module.removeprefix(prefix))
+        prefix, module, kind = _key_parts(key)
+        found = _fused_of(module)
         if found is None:
             out[key] = tensor
             continue
         fused, parts = found
-        groups.setdefault(prefix + fused, {}).setdefault(kind, [None] * len(parts))[
-            parts.index(module.removeprefix(prefix))] = tensor
+        groups.setdefault(prefix + fused, {}).setdefault(kind, [None] * len(parts))[parts.index(module)] = tensor
     for fused, kinds in groups.items():
         incomplete = [k for k, ts in kinds.items() if any(t is None for t in ts)]
         shared = [k for k in ("lora_A.weight", "alpha") if k in kinds and not incomplete
