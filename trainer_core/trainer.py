@@ -5,8 +5,8 @@ which is what lets ComfyUI re-run a loop from any earlier point and what makes s
 """
 from __future__ import annotations
 
-import json
 import dataclasses
+import json
 import logging
 import math
 import time

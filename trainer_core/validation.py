@@ -15,7 +15,6 @@ from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from . import caching, data, lora, models, plots, sampling
 from .config import DatasetEntry, TrainConfig

@@ -9,14 +9,6 @@ from .adapter import ADAPTER, _delta, _is_dora, _kohya_groups, _require_adapter,
 from .formats import DIFFUSERS_PREFIX
 
 
-from peft.tuners.lora import LoraLayer
-import torch
-from torch import nn
-
-from .adapter import ADAPTER, _delta, _is_dora, _kohya_groups, _require_adapter, _row_norms
-from .formats import DIFFUSERS_PREFIX
-
-
 def _comfyui_dora_scale(layer: LoraLayer) -> torch.Tensor:
     """(out, 1) float32 `dora_scale` with which stock ComfyUI's loader reproduces peft's DoRA weight.
 
