@@ -166,6 +166,32 @@ def test_strength_zero_is_the_base_model_exactly(inputs, dtype, layout):
     assert not torch.equal(run(model, inputs, dtype), base)
 
 
+@pytest.mark.parametrize("autocast", [False, True])
+def test_folded_lora_linear_equals_peft_forward_and_backward(inputs, autocast):
+    """The adapter's Linears add the LoRA inside one addmm with the scale on B; the numbers and gradients are peft's
+    own up to summation order, with and without bf16 autocast (mixed precision)."""
+    model = lora_transformer()
+    layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
+    assert layers and all(isinstance(m, lora.FoldedLoraLinear) for m in layers)
+
+    def prediction_and_grads(peft_forward: bool):
+        model.zero_grad()
+        for m in layers:  # peft's forward for the reference pass, ours for the other
+            m.forward = super(lora.FoldedLoraLinear, m).forward if peft_forward else m.__class__.forward.__get__(m)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = forward(model, inputs)
+        out.square().mean().backward()
+        return out.detach(), [p.grad.clone() for p in lora.lora_parameters(model)]
+
+    ours, ours_grads = prediction_and_grads(False)
+    peft, peft_grads = prediction_and_grads(True)
+    # compared at the precision the products were rounded to, over 4 blocks of differently ordered sums
+    dtype, ulps = (torch.bfloat16, 8) if autocast else (torch.float32, 64)
+    assert_ulps(ours.to(dtype), peft.to(dtype), ulps=ulps, what="prediction")
+    for got, want in zip(ours_grads, peft_grads):
+        assert_ulps(got.to(dtype), want.to(dtype), ulps=ulps, what="gradient")
+
+
 def test_strength_scales_the_effect_linearly_and_leaves_weights(inputs):
     model = tiny_transformer()
     base = run(model, inputs)

@@ -39,3 +39,4 @@ from .files import (
     save_lora_file,
 )
 from .formats import fuse_split_state, kohya_from_lora_state, split_fused_state, state_layout
+from .linear import FoldedLoraLinear

@@ -17,10 +17,10 @@ from torch import nn
 from ..config import LORA_LAYOUTS
 from ..models import fuse_projections, is_fused
 from .formats import BLOCK_KINDS, LAYOUT_BLOCKS, _preview
+from .linear import ADAPTER, FoldedLoraLinear
 
 logger = logging.getLogger(__name__)
 
-ADAPTER = "default"
 MODULATION_MODULES = {"img_mod.lin", "txt_mod.lin", "modulation.lin"}
 
 
@@ -151,6 +151,7 @@ def add_lora(
     # Created without init: peft would init, then cast to the base dtype (rounding the init, or fp8).
     config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=target, init_lora_weights=False,
                         use_dora=dora)
+    config._register_custom_module({nn.Linear: FoldedLoraLinear})
     transformer.add_adapter(config, ADAPTER)
     for layer in _lora_layers(transformer).values():
         layer.lora_A[ADAPTER].to(lora_dtype)
