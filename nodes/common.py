@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from PIL import Image
 
 from . import comfy_bridge
 
@@ -33,19 +34,30 @@ SAMPLING_INPUTS = {
 }
 
 
+# Kontext: the picture to edit, an optional input of ValidationSample and the XY grid
+CONTROL_INPUTS = {"control_image": ("IMAGE", {"tooltip": "Kontext runs: the image to edit (e.g. from LoadImage), "
+                                              "fitted to width x height; the first of a batch is used."})}
+
+
 def sampling_kwargs(seed: int, steps: int, guidance: float, width: int, height: int, base: str,
-                    negative_prompt: str = "", true_cfg_scale: float = 1.0) -> dict:
-    """`TrainingRun.sample` keyword arguments from the shared sampling widgets."""
+                    negative_prompt: str = "", true_cfg_scale: float = 1.0, control_image=None) -> dict:
+    """`TrainingRun.sample` keyword arguments from the shared sampling widgets (and a Kontext control IMAGE)."""
     if base not in BASES:
         raise ValueError(f"base: {base!r}; choose one of {', '.join(BASES)}")
     return dict(seed=seed, steps=steps, guidance=guidance, width=width, height=height,
                 validation_base=base == "validation base", negative_prompt=negative_prompt.strip(),
-                true_cfg_scale=true_cfg_scale)
+                true_cfg_scale=true_cfg_scale, control_image=None if control_image is None else from_image(control_image))
 
 
 def to_image(images) -> torch.Tensor:
     """PIL images of one size -> ComfyUI IMAGE, float (B, H, W, C) in [0, 1]."""
     return torch.from_numpy(np.stack([np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0 for im in images]))
+
+
+def from_image(image: torch.Tensor) -> Image.Image:
+    """A ComfyUI IMAGE (B, H, W, C) in [0, 1] -> its first image as an RGB PIL image."""
+    pixels = (image[0, ..., :3].float().clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
+    return Image.fromarray(pixels, "RGB")
 
 
 def image_output(images, **ui) -> dict:

@@ -6,7 +6,7 @@ from trainer_core.plan import GRID_ROWS
 from trainer_core.run_handle import grid_rows
 
 from . import comfy_bridge
-from .common import CATEGORY, HANDLE_INPUT, SAMPLING_INPUTS, image_output, sampling_kwargs
+from .common import CATEGORY, CONTROL_INPUTS, HANDLE_INPUT, SAMPLING_INPUTS, image_output, sampling_kwargs
 
 IMAGE_TOOLTIP = "Shown on the node; connect SaveImage to keep it."
 
@@ -61,7 +61,7 @@ class ValidationSample:
             "strength": ("FLOAT", {"default": 1.0, "min": -2.0, "max": 2.0, "step": 0.05,
                                    "tooltip": "LoRA strength: 0 is the base model exactly, 1 as trained."}),
             **SAMPLING_INPUTS,
-        }}
+        }, "optional": CONTROL_INPUTS}
 
     def sample(self, handle, prompts, strength, **sampling):
         lines = [p.strip() for p in prompts.splitlines() if p.strip()]
@@ -93,7 +93,7 @@ class XYLoraStrengthGrid:
             **SAMPLING_INPUTS,
             "rows": (list(GRID_ROWS), {"default": "raw", "tooltip": "Rows per checkpoint: the raw LoRA, its EMA "
                      "(InitTrainer's ema_decay) or both."}),
-        }}
+        }, "optional": CONTROL_INPUTS}
 
     def grid(self, handle, strengths, prompt, rows="raw", **sampling):
         values = plots.parse_strengths(strengths)

@@ -7,8 +7,8 @@ import os
 from pathlib import Path
 
 from trainer_core.checkpoints import STATE_SUFFIX, TrainingState, latest_state_file, load_training_state
-from trainer_core.config import (LORA_FORMATS, LORA_LAYOUTS, LR_SCHEDULES, MIXED_PRECISIONS, OPTIMIZERS, DatasetEntry,
-                                 TrainConfig)
+from trainer_core.config import (LORA_FORMATS, LORA_LAYOUTS, LR_SCHEDULES, MIXED_PRECISIONS, MODEL_TYPES, OPTIMIZERS,
+                                 DatasetEntry, TrainConfig)
 from trainer_core.flow_matching import TIMESTEP_SAMPLINGS
 from trainer_core.identity import check_resume, dataset_identity
 from trainer_core.models import KIND_DESCRIPTIONS, MODEL_ROLES, base_format, detect_file_kind
@@ -165,8 +165,9 @@ def build_config(transformer: str, validation_transformer: str, vae: str, clip_l
         str(model_path("validation_transformer", validation_transformer))
     if "total_steps" in settings:
         settings["total_steps"] = auto_total_steps(settings["total_steps"], prompt, unique_id)
-    if settings.get("validation_dir"):
-        settings["validation_dir"] = str(dataset_path(settings["validation_dir"], "validation_dir"))
+    for folder in ("validation_dir", "control_dir"):
+        if settings.get(folder):
+            settings[folder] = str(dataset_path(settings[folder], folder))
     config = TrainConfig(
         transformer_path=paths["transformer"], vae_path=paths["vae"], clip_path=paths["clip_l"], t5_path=paths["t5"],
         validation_transformer_path=validation, **dataset_settings(dataset_dir, settings),
@@ -297,14 +298,23 @@ class InitTrainer:
                                     "beside each checkpoint as <name>_ema and scored too; 0 = off."}),
             "ema_on_cpu": ("BOOLEAN", {"default": d["ema_on_cpu"], "tooltip": "Keep the EMA in RAM, not on the GPU "
                                        "(small cards)."}),
+            "model_type": (list(MODEL_TYPES), {"default": d["model_type"], "tooltip": "kontext: train FLUX.1 Kontext "
+                           "[dev] (the transformer input) on control -> target pairs: the edit in the captions, the "
+                           "control images in control_dir. It cannot be told from the file: say so here."}),
+            "control_dir": ("STRING", {"default": d["control_dir"], "tooltip": "Kontext: folder of control images "
+                            "(the pictures to edit), each named as its target in dataset_dir (a.png with a.jpg); "
+                            "absolute or inside ComfyUI's input folder. Empty for Flux."}),
         }, "hidden": {"prompt": "PROMPT", "unique_id": "UNIQUE_ID"}}  # the queued graph: total_steps auto
 
     @classmethod
-    def IS_CHANGED(cls, dataset_dir: str, trigger_word: str = "", resolutions: str = "512", repeats: int = 1, **_):
+    def IS_CHANGED(cls, dataset_dir: str, trigger_word: str = "", resolutions: str = "512", repeats: int = 1,
+                   control_dir: str = "", **_):
         """Re-run when the dataset's identity changes (files or captions edited, added or removed: names, sizes,
-        mtimes, nothing decoded), else cached."""
+        mtimes, nothing decoded; Kontext's control images too), else cached."""
         try:
-            return dataset_identity(parse_datasets(dataset_dir, trigger_word, resolutions, repeats)).key
+            control = str(dataset_path(control_dir, "control_dir")) if control_dir.strip() else None
+            entries = parse_datasets(dataset_dir, trigger_word, resolutions, repeats)
+            return dataset_identity([dataclasses.replace(e, control_dir=control) for e in entries]).key
         except (ValueError, OSError) as e:
             return str(e)  # init raises it, naming the widget
 

@@ -82,7 +82,7 @@ def test_several_datasets_each_with_its_own_settings(tmp_path):
                      {"dataset_dir": "style", "resolutions": "128,256"}],
     }, base_dir=tmp_path)
     entries = config.dataset_entries()
-    assert entries == (DatasetEntry(str(a), "sks", (256,), 3), DatasetEntry(str(b), "top", (128, 256), 1))
+    assert entries == (DatasetEntry(str(a), "sks", (256,), 3, ""), DatasetEntry(str(b), "top", (128, 256), 1, ""))
     records = scan_datasets(entries)
     assert [(r.path.name, r.caption, r.bucket) for r in records] == (
         [("a.png", "sks, a dog", (256, 256))] * 3 + [("b.png", "top, a painting", (128, 128)),

@@ -28,6 +28,7 @@ WEIGHT_FLIPS = dict(
     timestep_sampling="sigmoid", timestep_shift=1.0, guidance=3.5, seed=1, mixed_precision="bf16", fp8_base=True,
     t5_on_cpu=True, lora_layout="split", validation_timesteps=8, validation_split=0.5, validation_dir="held_out",
     validation_every=5, ema_decay=0.9,
+    model_type=dict(model_type="kontext", control_dir="DATASET"),  # Kontext trains on pairs: a control folder with it
 )
 # and for every setting that changes no weight (blocks_to_swap needs checkpointing, so it is flipped with it)
 NO_WEIGHT_FLIPS = dict(
@@ -66,7 +67,9 @@ def test_each_weight_setting_changes_the_identity_and_no_other_does(config, data
     index = ContentIndex(tmp_path / "store")
     base = key(config, index)
     for name, value in WEIGHT_FLIPS.items():
-        assert key(config.replace(**{name: value}), index) != base, name
+        changes = value if isinstance(value, dict) else {name: value}
+        changes = {k: config.dataset_dir if v == "DATASET" else v for k, v in changes.items()}
+        assert key(config.replace(**changes), index) != base, name
     for name, changes in NO_WEIGHT_FLIPS.items():
         assert key(config.replace(**paths_in(changes, tmp_path)), index) == base, name
     # the dataset side: its files and each folder's settings

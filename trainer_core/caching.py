@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Callable, Hashable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple, Protocol, TypeVar
 
@@ -46,6 +46,7 @@ class CachedSample:
     latents: (C, H/8, W/8) float32, (mode of the VAE posterior - shift_factor) * scaling_factor. The mode, not a
         sample, so that the cache is deterministic and a disk cache stays valid.
     prompt_embeds: (L, D) and pooled: (D',) in the text encoders' dtype.
+    control_latents: Kontext: the control image's latents, like `latents` (the same bucket and flip); else None.
     """
 
     latents: torch.Tensor
@@ -53,6 +54,7 @@ class CachedSample:
     pooled: torch.Tensor
     caption: str
     bucket: tuple[int, int]
+    control_latents: torch.Tensor | None = None
 
 
 @dataclass
@@ -120,7 +122,10 @@ def cache_dataset(
     if batch_size < 1:
         raise ValueError(f"batch_size: {batch_size} must be at least 1")
     _check_identity(cache_dir, encoder_identity)
-    record_of = {_ImageKey(r.path, r.bucket, f): r for r in records for f in ((False, True) if flip else (False,))}
+    flips = (False, True) if flip else (False,)
+    record_of = {_ImageKey(r.path, r.bucket, f): r for r in records for f in flips}
+    record_of |= {_ImageKey(r.control, r.bucket, f): replace(r, path=r.control, control=None)
+                  for r in records if r.control is not None for f in flips}  # Kontext: controls encode as images do
     captions = list(dict.fromkeys(["", *(r.caption for r in records)]))
     total = len(record_of) + (0 if isinstance(text_encoders, dict) else len(captions))
     advance = _Progress(total, on_progress)
@@ -143,9 +148,7 @@ def cache_dataset(
 
     def encode_images(keys: list[_ImageKey]) -> list[Tensors]:
         pixels = torch.stack([load_image(record_of[k], flip=k.flip) for k in keys])  # (B, 3, H, W)
-        z = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.mode().float()  # (B, C, H/8, W/8)
-        z = (z - (vae.config.shift_factor or 0.0)) * vae.config.scaling_factor
-        return [{"latents": x} for x in z.cpu()]
+        return [{"latents": x} for x in encode_pixels(vae, pixels)]
 
     # ComfyUI runs nodes under inference_mode, whose tensors the training step could not save for backward
     with torch.inference_mode(False), torch.no_grad():
@@ -156,7 +159,8 @@ def cache_dataset(
     def sample(record: ImageRecord, flipped: bool) -> CachedSample:
         z = latents[_ImageKey(record.path, record.bucket, flipped)]["latents"]
         t = text[record.caption]
-        return CachedSample(z, t["prompt_embeds"], t["pooled"], record.caption, record.bucket)
+        control = None if record.control is None else latents[_ImageKey(record.control, record.bucket, flipped)]["latents"]
+        return CachedSample(z, t["prompt_embeds"], t["pooled"], record.caption, record.bucket, control)
 
     return CachedDataset(
         records=list(records),
@@ -164,6 +168,14 @@ def cache_dataset(
         flipped=[sample(r, True) for r in records] if flip else None,
         empty_prompt=(text[""]["prompt_embeds"], text[""]["pooled"]),
     )
+
+
+def encode_pixels(vae: AutoencoderKL, pixels: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) pixels in [-1, 1] -> (B, C, H/8, W/8) float32 latents on the CPU: the mode of the VAE's
+    posterior, shifted and scaled as Flux takes them."""
+    with torch.inference_mode(False), torch.no_grad():
+        z = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.mode().float()
+    return ((z - (vae.config.shift_factor or 0.0)) * vae.config.scaling_factor).cpu()
 
 
 def _check_identity(cache_dir, encoder_identity: str) -> None:

@@ -27,6 +27,7 @@ MIXED_PRECISIONS = ("bf16", "fp32")
 TIMESTEP_SAMPLINGS = ("shift", "sigmoid", "logit_normal", "uniform")
 LORA_FORMATS = ("kohya", "diffusers")
 LORA_LAYOUTS = ("fused", "split")
+MODEL_TYPES = ("flux", "kontext")
 
 
 def _parse_resolutions(value) -> tuple[int, ...]:
@@ -50,6 +51,7 @@ class DatasetEntry:
     trigger_word: str | None = None
     resolutions: tuple[int, ...] | None = None
     repeats: int | None = None
+    control_dir: str | None = None  # Kontext: the control (input) images, each named as its target image
 
     def __post_init__(self):
         if self.resolutions is not None:
@@ -69,6 +71,7 @@ class TrainConfig:
     t5_tokenizer_dir: str = ""  # T5 tokenizer.json folder; "" = <tokenizer_dir>/t5
     tokenizer_dir: str = ""  # folder holding clip/ and t5/ tokenizer folders
     validation_transformer_path: str = ""  # base to judge samples on (Flux-dev when training on dev2pro); "" = training base
+    model_type: str = "flux"  # flux, or kontext (FLUX.1 Kontext [dev]: learns an edit from control -> target pairs)
 
     # --- data
     trigger_word: str = ""  # prepended to every caption unless already present
@@ -80,6 +83,7 @@ class TrainConfig:
     caption_dropout: float = 0.0  # probability of training a step on the empty caption
     cache_dir: str = ""  # disk cache of latents and text embeddings; "" = memory only
     max_sequence_length: int = 512  # T5 tokens; 512 for dev, 256 for schnell
+    control_dir: str = ""  # Kontext: control images named as their targets in dataset_dir (same stem, any image type)
 
     # --- LoRA
     rank: int = 16  # LoRA rank: capacity and file size; 16 suits a subject or style
@@ -163,9 +167,9 @@ class TrainConfig:
             own = getattr(entry, name)
             return getattr(self, name) if own is None else own
 
-        return tuple(DatasetEntry(e.dataset_dir, *(value(e, n) for n in ("trigger_word", "resolutions", "repeats")))
-                     for e in self.datasets) or (DatasetEntry(self.dataset_dir, self.trigger_word, self.resolutions,
-                                                              self.repeats),)
+        fields = ("trigger_word", "resolutions", "repeats", "control_dir")
+        return tuple(DatasetEntry(e.dataset_dir, *(value(e, n) for n in fields)) for e in self.datasets) or (
+            DatasetEntry(self.dataset_dir, *(getattr(self, n) for n in fields)),)
 
     def _validate(self):
         def need(ok: bool, message: str):
@@ -186,6 +190,17 @@ class TrainConfig:
         for r in self.resolutions:
             need(r >= 64 and r % 64 == 0, f"resolutions: {r} is not a positive multiple of 64; use e.g. 512, 768 or 1024")
         need(self.repeats >= 1, f"repeats: {self.repeats}; use 1 or more")
+        need(self.model_type in MODEL_TYPES, f"model_type: {self.model_type!r}; choose one of {', '.join(MODEL_TYPES)}")
+        for i, entry in enumerate(self.dataset_entries()):
+            where = f"datasets[{i}]." if self.datasets else ""
+            if self.model_type == "kontext":
+                need(bool(entry.control_dir.strip()), f"{where}control_dir: empty; model_type kontext trains on "
+                     "pairs: give the folder of control images, each named as its target in the dataset folder")
+            else:
+                need(not entry.control_dir.strip(), f"{where}control_dir: {entry.control_dir!r} is for Kontext "
+                     "pairs; set model_type to kontext, or leave control_dir empty")
+        need(self.model_type != "kontext" or not self.validation_dir, "validation_dir: held-out images have no "
+             "control images for Kontext; leave it empty and hold out a share of the pairs with validation_split")
         need(self.batch_size >= 1, f"batch_size: {self.batch_size}; use 1 or more")
         need(0.0 <= self.caption_dropout < 1.0, f"caption_dropout: {self.caption_dropout}; use a value in [0, 1)")
         need(self.max_sequence_length >= 1, f"max_sequence_length: {self.max_sequence_length}; use 512 (dev) or 256 (schnell)")
@@ -283,7 +298,7 @@ _REPLACED = {"keep_runs": "the run store is bounded by size now: remove keep_run
 
 _PATH_FIELDS = {"transformer_path", "vae_path", "clip_path", "t5_path", "dataset_dir", "tokenizer_dir", "clip_tokenizer_dir",
                 "t5_tokenizer_dir", "validation_transformer_path", "cache_dir", "output_dir", "init_lora", "store_dir",
-                "validation_dir"}
+                "validation_dir", "control_dir"}
 _MADE_PATH_FIELDS = {"cache_dir", "output_dir", "store_dir"}  # folders a run creates: the others must exist
 _CONTROL_NAMES = {"\n": "newline", "\t": "tab", "\r": "carriage return", "\b": "backspace", "\f": "form feed"}
 
@@ -296,8 +311,9 @@ def _config_paths(values: dict, source: str):
     if isinstance(values.get("datasets"), (list, tuple)):
         values["datasets"] = [dict(e) if isinstance(e, dict) else e for e in values["datasets"]]
         for n, entry in enumerate(values["datasets"], 1):
-            if isinstance(entry, dict) and "dataset_dir" in entry:
-                yield entry, "dataset_dir", entry["dataset_dir"], f"{source} [[datasets]] #{n}"
+            for key in ("dataset_dir", "control_dir"):
+                if isinstance(entry, dict) and entry.get(key):
+                    yield entry, key, entry[key], f"{source} [[datasets]] #{n}"
 
 
 def resolve_config_path(key: str, value, base_dir: str | Path, source: str):

@@ -32,11 +32,13 @@ KOHYA_FOLDER = re.compile(r"(\d+)_(.*)", re.DOTALL)  # kohya's `<repeats>_<name>
 
 @dataclass(frozen=True)
 class ImageRecord:
-    """One training example: an image file, its caption (trigger word included) and its bucket (width, height)."""
+    """One training example: an image file, its caption (trigger word included) and its bucket (width, height); for
+    Kontext, its control image, encoded at the same bucket."""
 
     path: Path
     caption: str
     bucket: tuple[int, int]
+    control: Path | None = None
 
 
 def bucket_sizes(resolution: int) -> list[tuple[int, int]]:
@@ -95,6 +97,8 @@ class ScannedImage:
     buckets: tuple[tuple[int, int], ...]  # one per distinct bucket over its entry's resolutions
     repeats: int
     entry: int  # index of its DatasetEntry
+    control: Path | None = None  # Kontext: its control image (same stem in the entry's control_dir)
+    control_size: tuple[int, int] | None = None  # the control's (width, height)
 
 
 @dataclass
@@ -104,7 +108,7 @@ class DatasetScan:
 
     def records(self) -> list[ImageRecord]:
         """One record per image per bucket, each repeated its image's `repeats` times."""
-        return [ImageRecord(im.path, im.caption, bucket)
+        return [ImageRecord(im.path, im.caption, bucket, im.control)
                 for im in self.images for bucket in im.buckets for _ in range(im.repeats)]
 
 
@@ -153,6 +157,10 @@ def _scan_folder(entry: DatasetEntry, index: int, caption_extension: str, look=N
 
     Images come sorted by path; each gets one bucket per distinct bucket over the entry's resolutions (an image
     smaller than several resolutions gets the bucket they share once).
+
+    Kontext (the entry has a `control_dir`): each image pairs with the control image of the same relative path and
+    stem there (`photo_01.png` with `photo_01.jpg`); an image without one, or whose control cannot be read, and a
+    control without an image are named in `skipped`. A control of another size is fitted to its image's bucket.
     """
     folder = Path(entry.dataset_dir).expanduser()
     resolutions, repeats, trigger_word = entry.resolutions, entry.repeats, entry.trigger_word.strip()
@@ -167,7 +175,9 @@ def _scan_folder(entry: DatasetEntry, index: int, caption_extension: str, look=N
         raise ValueError(f"dataset folder {folder} is a file, not a folder: give the folder that holds the images")
 
     files, skipped = list_files(folder)
-    candidates = [p for p in files if p.suffix.lower() in IMAGE_EXTENSIONS]
+    control_folder = Path(entry.control_dir).expanduser().resolve() if entry.control_dir else None
+    candidates = [p for p in files if p.suffix.lower() in IMAGE_EXTENSIONS  # a control subfolder holds no targets
+                  and (control_folder is None or control_folder not in p.resolve().parents)]
     if not candidates:
         n_captions = sum(p.suffix.lower() == caption_extension.lower() for p in files)
         found = f"only {n_captions} caption ({caption_extension}) files" if n_captions else "no images"
@@ -176,6 +186,7 @@ def _scan_folder(entry: DatasetEntry, index: int, caption_extension: str, look=N
             f" direct subfolders, each beside its same-named caption file"
         )
 
+    controls = _control_images(entry, skipped)
     images = []
     for path in candidates:
         sub = path.relative_to(folder).parts[0] if path.parent != folder else ""
@@ -189,11 +200,26 @@ def _scan_folder(entry: DatasetEntry, index: int, caption_extension: str, look=N
             logger.warning("skipping image %s: %s", path, str(e) or type(e).__name__)
             skipped.append((path, str(e) or type(e).__name__))
             continue
+        control = control_size = None
+        if controls is not None:
+            control = controls.pop(path.relative_to(folder).with_suffix(""), None)
+            problem = f"no control image named {path.stem}.* in {entry.control_dir}" if control is None else ""
+            if control is not None:
+                try:
+                    control_size = _probe_image(control)
+                except Exception as e:  # as for the images: named and left out, never a traceback
+                    problem = f"its control image {control} cannot be read: {str(e) or type(e).__name__}"
+            if problem:
+                logger.warning("skipping image %s: %s", path, problem)
+                skipped.append((path, problem))
+                continue
         trigger = trigger_word or (kohya[2].strip() if kohya else "")
         text, issue = _read_caption(path.with_suffix(caption_extension))
         buckets = tuple(dict.fromkeys(choose_bucket(width, height, r) for r in sorted(resolutions)))
         images.append(ScannedImage(path, (width, height), text, issue, with_trigger(text, trigger), trigger,
-                                   buckets, int(kohya[1]) if kohya else repeats, index))
+                                   buckets, int(kohya[1]) if kohya else repeats, index, control, control_size))
+    for stem, control in sorted((controls or {}).items()):
+        skipped.append((control, f"a control image with no target image named {stem.name}.* in {folder}"))
     if not images:
         raise ValueError(
             f"none of the {len(candidates)} images in dataset folder {folder} could be read (see the warnings"
@@ -202,6 +228,29 @@ def _scan_folder(entry: DatasetEntry, index: int, caption_extension: str, look=N
     logger.info("dataset %s: %d of %d images usable, %d records", folder, len(images), len(candidates),
                 sum(len(im.buckets) * im.repeats for im in images))
     return DatasetScan(images, skipped)
+
+
+def _control_images(entry: DatasetEntry, skipped: list) -> dict[Path, Path] | None:
+    """Kontext: the entry's control images by path relative to `control_dir` without extension (the name they pair
+    on), or None without a control_dir. A second file of the same stem is named in `skipped`."""
+    if not entry.control_dir:
+        return None
+    folder = Path(entry.control_dir).expanduser()
+    if not folder.is_dir():
+        raise FileNotFoundError(f"control_dir {folder} is not a folder: give the folder of control images, each named "
+                                "as its target image")
+    files, links = list_files(folder)
+    skipped += links
+    controls = {}
+    for p in files:
+        if p.suffix.lower() not in IMAGE_EXTENSIONS:
+            continue
+        stem = p.relative_to(folder).with_suffix("")
+        if stem in controls:
+            skipped.append((p, f"a second control image named {stem.name} (using {controls[stem].name})"))
+            continue
+        controls[stem] = p
+    return controls
 
 
 def list_files(folder: Path) -> tuple[list[Path], list[tuple[Path, str]]]:
@@ -300,8 +349,13 @@ def load_image(record: ImageRecord, flip: bool = False) -> torch.Tensor:
     down rather than clipped), then the image is resized with Lanczos to cover the bucket and centre-cropped.
     """
     with Image.open(record.path) as im:
-        rgb = to_rgb(ImageOps.exif_transpose(im))
-    rgb = ImageOps.fit(rgb, record.bucket, method=Image.Resampling.LANCZOS)
+        return fit_pixels(to_rgb(ImageOps.exif_transpose(im)), record.bucket, flip)
+
+
+def fit_pixels(rgb: Image.Image, size: tuple[int, int], flip: bool = False) -> torch.Tensor:
+    """An RGB image resized with Lanczos to cover `size` (W, H) and centre-cropped (then mirrored if `flip`):
+    (3, H, W) float32 in [-1, 1]."""
+    rgb = ImageOps.fit(rgb, size, method=Image.Resampling.LANCZOS)
     if flip:
         rgb = ImageOps.mirror(rgb)
     pixels = torch.from_numpy(np.asarray(rgb, dtype=np.float32))  # (H, W, 3) in [0, 255]

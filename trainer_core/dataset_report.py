@@ -50,6 +50,12 @@ class DatasetReport:
         return [im for im in self.scan.images
                 if math.prod(im.size) < UNDERSIZED_AREA * max(self.entries[im.entry].resolutions) ** 2]
 
+    def cropped_controls(self) -> list[data.ScannedImage]:
+        """Kontext: images whose control image has another aspect ratio (over 2% apart), so fitting it to the image's
+        bucket crops it."""
+        return [im for im in self.scan.images if im.control_size is not None
+                and abs(math.log(im.size[0] * im.control_size[1] / (im.size[1] * im.control_size[0]))) > 0.02]
+
     def caption_issues(self) -> dict[str, list[Path]]:
         """"missing", "empty", "not UTF-8" -> the images whose caption file has that issue."""
         issues: dict[str, list[Path]] = {}
@@ -72,6 +78,10 @@ class DatasetReport:
         if small:
             out.append((True, f"{len(small)} of {len(self.scan.images)} image(s) smaller than their resolution train "
                               f"in a smaller bucket: {_names(im.path for im in small)}"))
+        cropped = self.cropped_controls()
+        if cropped:
+            out.append((True, f"{len(cropped)} control image(s) of another aspect ratio than their image are cropped to "
+                              f"its bucket: {_names(im.control for im in cropped)}"))
         for issue, paths in self.caption_issues().items():
             serious = issue != "not UTF-8"
             out.append((serious, f"{len(paths)} caption file(s) {issue}: {_names(paths)}"))
@@ -105,8 +115,9 @@ class DatasetReport:
                 lines.append(f"  trigger {trigger!r}: already in {have} of {len(group)} caption(s), prepended to the "
                              f"rest" if trigger else f"  no trigger word for {len(group)} image(s)")
             for im in images:
+                control = f"  control {im.control.name} {im.control_size[0]}x{im.control_size[1]}" if im.control else ""
                 lines.append(f"  {_rel(im.path, entry)}  {im.size[0]}x{im.size[1]} -> {_buckets(im)}  "
-                             f"x{im.repeats}{'  caption ' + im.caption_issue if im.caption_issue else ''}")
+                             f"x{im.repeats}{'  caption ' + im.caption_issue if im.caption_issue else ''}{control}")
         if self.scan.skipped:
             lines += ["", "Skipped:"] + [f"  {p}: {why}" for p, why in self.scan.skipped]
         lines += ["", "Caption lengths: " + ("not checked (no T5 tokenizer given)" if self.dropped_tokens is None else
@@ -121,7 +132,7 @@ class DatasetReport:
         """Thumbnails labelled with name, size and bucket; images with a serious finding framed in red."""
         flagged = {p for a, b, _ in self.near_duplicates for p in (a, b)} | {im.path for im in self.undersized()}
         flagged |= {p for issue, ps in self.caption_issues().items() if issue != "not UTF-8" for p in ps}
-        flagged |= set(self.dropped_tokens or ())
+        flagged |= set(self.dropped_tokens or ()) | {im.path for im in self.cropped_controls()}
         shown = [im for im in self.scan.images if im.path in self.thumbnails][:MAX_SHEET_IMAGES]
         cols = max(1, min(10, len(shown)))
         font = ImageFont.load_default(size=11)

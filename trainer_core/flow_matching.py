@@ -26,10 +26,12 @@ def unpack_latents(tokens: torch.Tensor, latent_height: int, latent_width: int) 
     return x.reshape(b, d // 4, latent_height, latent_width)
 
 
-def image_ids(latent_height: int, latent_width: int, device=None, dtype=torch.float32) -> torch.Tensor:
-    """(H/2 * W/2, 3) rotary position ids of the packed image tokens: (0, row, column)."""
+def image_ids(latent_height: int, latent_width: int, device=None, dtype=torch.float32, index: int = 0) -> torch.Tensor:
+    """(H/2 * W/2, 3) rotary position ids of the packed image tokens: (index, row, column); `index` 1 marks
+    Kontext's control-image tokens, appended after the image's."""
     h, w = latent_height // 2, latent_width // 2
     ids = torch.zeros(h, w, 3, device=device, dtype=dtype)
+    ids[..., 0] = index
     ids[..., 1] += torch.arange(h, device=device, dtype=dtype)[:, None]
     ids[..., 2] += torch.arange(w, device=device, dtype=dtype)[None, :]
     return ids.reshape(h * w, 3)

@@ -32,10 +32,10 @@ NO_WEIGHT = "no weight"  # changes no trained number: left out, so changing it t
 SETTING_SIDES = {
     "transformer_path": FILE, "vae_path": FILE, "clip_path": FILE, "t5_path": FILE, "clip_tokenizer_dir": FILE,
     "t5_tokenizer_dir": FILE, "tokenizer_dir": FILE, "init_lora": FILE,
-    "dataset_dir": DATASET, "datasets": DATASET, "trigger_word": DATASET, "resolutions": DATASET, "repeats": DATASET,
+    "dataset_dir": DATASET, "datasets": DATASET, "control_dir": DATASET, "trigger_word": DATASET, "resolutions": DATASET, "repeats": DATASET,
     "batch_size": WEIGHTS, "flip_augment": WEIGHTS, "caption_dropout": WEIGHTS, "max_sequence_length": WEIGHTS,
     "rank": WEIGHTS, "alpha": WEIGHTS, "lora_dropout": WEIGHTS, "blocks": WEIGHTS, "dora": WEIGHTS,
-    "lora_layout": WEIGHTS,
+    "lora_layout": WEIGHTS, "model_type": WEIGHTS,
     "optimizer": WEIGHTS, "learning_rate": WEIGHTS, "weight_decay": WEIGHTS, "lr_schedule": WEIGHTS,
     "warmup_steps": WEIGHTS, "min_lr_ratio": WEIGHTS, "lr_cycles": WEIGHTS, "total_steps": WEIGHTS,
     "gradient_accumulation": WEIGHTS, "max_grad_norm": WEIGHTS, "timestep_sampling": WEIGHTS,
@@ -61,11 +61,12 @@ SETTING_SIDES = {
 # (the store hands them back) and resume unchanged.
 SETTINGS_ADDED: dict[str, object] = {
     "lora_layout": "split", "validation_timesteps": 0, "validation_split": 0.0, "validation_dir": "",
-    "validation_every": 0, "ema_decay": 0.0,
+    "validation_every": 0, "ema_decay": 0.0, "model_type": "flux",
 }
 
 # the settings a saved state must share with the run that continues it (the optimizer state's shapes, the data order)
-RESUME_FIELDS = ("rank", "alpha", "blocks", "lora_layout", "optimizer", "batch_size", "gradient_accumulation", "seed")
+RESUME_FIELDS = ("rank", "alpha", "blocks", "lora_layout", "optimizer", "batch_size", "gradient_accumulation", "seed",
+                 "model_type")
 
 
 def _digest(value) -> str:
@@ -81,15 +82,17 @@ class DatasetIdentity:
 
 def dataset_identity(entries: Sequence[DatasetEntry]) -> DatasetIdentity:
     """The identity of a run's data (`TrainConfig.dataset_entries()`): every visible file of each folder and its
-    direct subfolders by name and `_stamp`, and the folder's trigger word, resolutions and repeats. No image is
-    read, so ComfyUI can ask on every queue. The folders' own paths are left out: a dataset moved elsewhere (with
-    its mtimes) keeps its identity."""
+    direct subfolders by name and `_stamp` (and of its Kontext control folder, as "control/<name>"), and the folder's
+    trigger word, resolutions and repeats. No image is read, so ComfyUI can ask on every queue. The folders' own paths
+    are left out: a dataset moved elsewhere (with its mtimes) keeps its identity."""
     listing = []
     for entry in entries:
         folder = Path(entry.dataset_dir).expanduser()
         files = {}
-        for p in list_files(folder)[0] if folder.is_dir() else ():
-            files[p.relative_to(folder).as_posix()] = _stamp(p)
+        folders = [(folder, "")] + ([(Path(entry.control_dir).expanduser(), "control/")] if entry.control_dir else [])
+        for where, prefix in folders:
+            for p in list_files(where)[0] if where.is_dir() else ():
+                files[prefix + p.relative_to(where).as_posix()] = _stamp(p)
         settings = f"trigger word {entry.trigger_word!r}, resolutions {list(entry.resolutions)}, repeats {entry.repeats}"
         listing.append({"folder": str(folder), "settings": settings, "files": files})
     return DatasetIdentity(_digest([[f["settings"], f["files"]] for f in listing]), listing)

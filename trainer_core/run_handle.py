@@ -20,6 +20,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import gc
+import hashlib
 import logging
 import sys
 import time
@@ -543,7 +544,12 @@ def _scored(metadata: dict[str, str], record: dict | None, kind: str) -> dict[st
 
 
 def _settings(sample_kwargs: dict) -> dict:
-    return {k: v for k, v in sample_kwargs.items() if k != "callback"}
+    """The sampling settings as a JSON-able part of an image key: a control image by its pixels' digest."""
+    settings = {k: v for k, v in sample_kwargs.items() if k != "callback" and not (k == "control_image" and v is None)}
+    if "control_image" in settings:
+        image = settings["control_image"].convert("RGB")
+        settings["control_image"] = hashlib.sha256(repr(image.size).encode() + image.tobytes()).hexdigest()[:16]
+    return settings
 
 
 def lora_run(path: Path) -> str | None:

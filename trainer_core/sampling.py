@@ -71,6 +71,7 @@ def sample_latents(
     callback: Callable[[int, int], None] | None = None,
     negative: tuple[torch.Tensor, torch.Tensor] | None = None,
     true_cfg_scale: float = 1.0,
+    control_latents: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Denoise seeded noise into latents with `steps` Euler steps of the flow x_{i+1} = x_i + (σ_{i+1} − σ_i)·v.
 
@@ -81,6 +82,9 @@ def sample_latents(
     True classifier-free guidance (for de-distilled bases such as Flux-dev2pro, whose guidance embedding does not
     work): when `true_cfg_scale` is not 1, `negative` = (embeds, pooled) of the negative prompt, shaped like the
     prompts', and each step takes v = v_neg + true_cfg_scale (v − v_neg), a second forward pass, as FluxPipeline does.
+
+    Kontext: `control_latents` (B or 1, 16, h', w'), the control image encoded like `caching.encode_pixels`, are packed
+    and appended to the image tokens with position index 1 at every step, as FluxKontextPipeline does.
     """
     _check_request(prompt_embeds, pooled, width, height, steps)
     cfg = true_cfg_scale != 1.0
@@ -95,6 +99,10 @@ def sample_latents(
     x = fm.pack_latents(noise).to(device)  # (B, N, 64), kept in float32 between steps like the scheduler's update
     sigmas = fm.sampling_sigmas(steps, x.shape[1]).tolist()
     img_ids = fm.image_ids(lat_h, lat_w, device=device, dtype=dtype)
+    control = None
+    if control_latents is not None:
+        control = fm.pack_latents(control_latents.float()).to(device, dtype).expand(b, -1, -1)
+        img_ids = torch.cat([img_ids, fm.image_ids(*control_latents.shape[-2:], device=device, dtype=dtype, index=1)])
     txt_ids = fm.text_ids(prompt_embeds.shape[1], device=device, dtype=dtype)
     prompt_embeds, pooled = prompt_embeds.to(device, dtype), pooled.to(device, dtype)
     guidance_vec = (torch.full((b,), guidance, device=device, dtype=torch.float32)
@@ -105,7 +113,7 @@ def sample_latents(
 
     def velocity(sigma: float, embeds: torch.Tensor, pooled: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         return transformer(
-            hidden_states=x.to(dtype),
+            hidden_states=x.to(dtype) if control is None else torch.cat([x.to(dtype), control], dim=1),
             timestep=torch.full((b,), sigma, device=device, dtype=dtype),  # the model scales it by 1000 itself
             guidance=guidance_vec,
             pooled_projections=pooled,
@@ -113,7 +121,7 @@ def sample_latents(
             txt_ids=ids,
             img_ids=img_ids,
             return_dict=False,
-        )[0]
+        )[0][:, :x.shape[1]]
 
     with _eval_mode(transformer):
         for i, (sigma, sigma_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
@@ -151,6 +159,7 @@ def sample_images(
     callback: Callable[[int, int], None] | None = None,
     negative: tuple[torch.Tensor, torch.Tensor] | None = None,
     true_cfg_scale: float = 1.0,
+    control_latents: torch.Tensor | None = None,
 ) -> list[Image.Image]:
     """One image per prompt: `sample_latents` (true CFG with `negative` when `true_cfg_scale` is not 1), then the VAE.
 
@@ -161,6 +170,6 @@ def sample_images(
         set_lora_strength(transformer, strength)
     latents = sample_latents(transformer, prompt_embeds, pooled, width=width, height=height, steps=steps,
                              guidance=guidance, seed=seed, callback=callback, negative=negative,
-                             true_cfg_scale=true_cfg_scale)
+                             true_cfg_scale=true_cfg_scale, control_latents=control_latents)
     logger.debug("sampled %d image(s) of %dx%d in %d steps", latents.shape[0], width, height, steps)
     return decode_latents(vae, latents)

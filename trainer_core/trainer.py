@@ -316,17 +316,25 @@ class Trainer:
         # x_t and the target are made where the model runs
         x0, noise, sigmas = (_pinned_to(t, self.device) for t in (pack_latents(latents.float()), noise, sigmas))
         x_t, target = noisy_input_and_target(x0, noise, sigmas)  # x0: (B, h/2 * w/2, C*4)
-        pred = self.predict(x_t, prompt_embeds, pooled, sigmas, latents.shape[-2:])
+        control = None if samples[0].control_latents is None else torch.stack([s.control_latents for s in samples])
+        pred = self.predict(x_t, prompt_embeds, pooled, sigmas, latents.shape[-2:], control)
         loss = F.mse_loss(pred.float(), target.float())
         return loss if n_mine == n else loss * (n_mine / n)
 
     def predict(self, x_t: torch.Tensor, prompt_embeds: torch.Tensor, pooled: torch.Tensor, sigmas: torch.Tensor,
-                latent_size: tuple[int, int]) -> torch.Tensor:
+                latent_size: tuple[int, int], control: torch.Tensor | None = None) -> torch.Tensor:
         """The transformer's velocity for packed noisy latents x_t (B, h/2 * w/2, C*4) of latents `latent_size`
-        (h, w), with the captions' (B, L, D) and (B, D') embeddings, at noise levels `sigmas` (B,)."""
+        (h, w), with the captions' (B, L, D) and (B, D') embeddings, at noise levels `sigmas` (B,).
+
+        Kontext: `control` (B, C, h', w') latents of the control images, packed and appended to the image tokens with
+        position index 1 (as FluxKontextPipeline does); the velocity is that of the image tokens only."""
         dev, dt = self.device, self.dtype
         h, w = latent_size
-        n = x_t.shape[0]
+        n, tokens = x_t.shape[:2]
+        ids = image_ids(h, w, device=dev)
+        if control is not None:
+            x_t = torch.cat([x_t.to(dev), pack_latents(control.float()).to(dev)], dim=1)
+            ids = torch.cat([ids, image_ids(*control.shape[-2:], device=dev, index=1)])
         guidance = torch.full((n,), self.config.guidance, device=dev) if self.transformer.config.guidance_embeds \
             else None
         with torch.autocast(dev.type, dtype=dt, enabled=dt != torch.float32):
@@ -335,11 +343,11 @@ class Trainer:
                 encoder_hidden_states=prompt_embeds.to(dev, dt),
                 pooled_projections=pooled.to(dev, dt),
                 timestep=sigmas.to(dev, dt),
-                img_ids=image_ids(h, w, device=dev),
+                img_ids=ids,
                 txt_ids=text_ids(prompt_embeds.shape[1], device=dev),
                 guidance=guidance,
                 return_dict=False,
-            )[0]
+            )[0][:, :tokens]
 
     # ------------------------------------------------------------------ state
     def _position(self) -> tuple:

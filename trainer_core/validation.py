@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 import torch
+from PIL import Image, ImageOps
 
 from . import caching, data, lora, models, plots, sampling
 from .config import DatasetEntry, TrainConfig
@@ -102,7 +103,9 @@ def validation_loss(trainer: "Trainer", samples: Sequence[caching.CachedSample])
                     embeds = torch.stack([s.prompt_embeds for *_, s in part])
                     pooled = torch.stack([s.pooled for *_, s in part])
                     x_t, target = noisy_input_and_target(x0, noise, sig)
-                    pred = trainer.predict(x_t, embeds, pooled, sig, part[0][-1].latents.shape[-2:])
+                    controls = [s.control_latents for *_, s in part]
+                    pred = trainer.predict(x_t, embeds, pooled, sig, part[0][-1].latents.shape[-2:],
+                                           None if controls[0] is None else torch.stack(controls))
                     err = (pred.float() - target.to(pred.device).float()).pow(2)
                     losses.append(err.mean(dim=tuple(range(1, err.dim()))))
     finally:
@@ -168,7 +171,8 @@ def sampling_session(trainer: "Trainer", base_path: str | None = None):
     """Set sampling up once, for any number of images, and put the run back as it was afterwards.
 
     Yields `render(prompts, *, strength=1.0, lora_state=None, seed=0, steps=20, guidance=3.5, width=512,
-    height=512, callback=None, negative_prompt="", true_cfg_scale=1.0) -> images`. `lora_state` renders another
+    height=512, callback=None, negative_prompt="", true_cfg_scale=1.0, control_image=None) -> images`; Kontext
+    runs take a control image (an RGB PIL image, fitted to width x height) to edit. `lora_state` renders another
     checkpoint's LoRA (the XY grid); `true_cfg_scale` other than 1 turns true CFG with `negative_prompt` on.
     `base_path` judges the LoRA on another base (train on Flux-dev2pro, look at it on Flux-dev): the training
     base's frozen weights are dropped and re-read from its file afterwards (its LoRA and optimizer stay), so
@@ -188,8 +192,14 @@ def sampling_session(trainer: "Trainer", base_path: str | None = None):
 
     def render(prompts: Sequence[str], *, strength: float = 1.0, lora_state: dict | None = None, seed: int = 0,
                steps: int = 20, guidance: float = 3.5, width: int = 512, height: int = 512, callback=None,
-               negative_prompt: str = "", true_cfg_scale: float = 1.0) -> list:
+               negative_prompt: str = "", true_cfg_scale: float = 1.0, control_image=None) -> list:
         nonlocal loaded_other
+        control = None
+        if control_image is not None:
+            if cfg.model_type != "kontext":
+                raise ValueError(f"control_image: this run trains model_type {cfg.model_type}; a control image is for "
+                                 "Kontext runs (InitTrainer's model_type kontext); disconnect it")
+            control = caching.encode_pixels(trainer.vae, data.fit_pixels(data.to_rgb(control_image), (width, height))[None])
         embeds, pooled = trainer.encode_prompts(list(prompts))
         negative = None
         if true_cfg_scale != 1.0:
@@ -202,7 +212,7 @@ def sampling_session(trainer: "Trainer", base_path: str | None = None):
             return sampling.sample_images(
                 model, trainer.vae, embeds.to(trainer.device, trainer.dtype), pooled.to(trainer.device, trainer.dtype),
                 width=width, height=height, steps=steps, guidance=guidance, seed=seed, strength=strength,
-                callback=callback, negative=negative, true_cfg_scale=true_cfg_scale,
+                callback=callback, negative=negative, true_cfg_scale=true_cfg_scale, control_latents=control,
             )
 
     try:
@@ -242,7 +252,8 @@ def strength_grid(trainer: "Trainer", checkpoints: Sequence[tuple[int, dict]], s
     """The LoRA-strength x training-step comparison: rows are (step, LoRA state) checkpoints, columns strengths;
     `labels` name the rows (default "step N")."""
     cells = strength_cells(trainer, checkpoints, strengths, prompt, base_path, **sample_kwargs)
-    return label_grid(trainer, cells, [step for step, _ in checkpoints], strengths, prompt, labels)
+    return label_grid(trainer, cells, [step for step, _ in checkpoints], strengths, prompt, labels,
+                      sample_kwargs.get("control_image"))
 
 
 def strength_cells(trainer: "Trainer", checkpoints: Sequence[tuple[int, dict]], strengths: Sequence[float],
@@ -258,9 +269,13 @@ def strength_cells(trainer: "Trainer", checkpoints: Sequence[tuple[int, dict]], 
 
 
 def label_grid(trainer: "Trainer", cells: Sequence[Sequence], steps: Sequence[int], strengths: Sequence[float],
-               prompt: str, labels: Sequence[str] | None = None):
-    """The cells as one labelled picture (rows: checkpoints, columns: strengths), also sent to TensorBoard."""
-    grid = plots.xy_grid(cells, list(labels or [row_label(step) for step in steps]), [f"{s:g}" for s in strengths],
-                         title=prompt)
+               prompt: str, labels: Sequence[str] | None = None, control_image=None):
+    """The cells as one labelled picture (rows: checkpoints, columns: strengths; Kontext: the control image first in
+    every row, so each edit sits beside what it edits), also sent to TensorBoard."""
+    columns = [f"{s:g}" for s in strengths]
+    if control_image is not None:
+        control = ImageOps.fit(data.to_rgb(control_image), cells[0][0].size, method=Image.Resampling.LANCZOS)
+        cells, columns = [[control, *row] for row in cells], ["control", *columns]
+    grid = plots.xy_grid(cells, list(labels or [row_label(step) for step in steps]), columns, title=prompt)
     trainer.tensorboard.images("xy_grid", [grid], max(steps))
     return grid

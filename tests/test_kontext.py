@@ -1,0 +1,159 @@
+"""Kontext: control -> target pairs found by name, control latents cached beside the targets', the control tokens in
+training and sampling as FluxKontextPipeline builds them."""
+import dataclasses
+
+import pytest
+import torch
+from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxKontextPipeline, FluxTransformer2DModel
+from PIL import Image
+
+from trainer_core import caching, data, dataset_report, lora, sampling
+from trainer_core import flow_matching as fm
+from trainer_core.config import DatasetEntry, TrainConfig
+from trainer_core.demo import demo_config
+from trainer_core.trainer import Trainer
+from tests.test_sampling_plots import SCHEDULER, TRANSFORMER, VAE
+
+SIZE = dict(width=32, height=48)
+
+
+@pytest.fixture(scope="module")
+def model() -> FluxTransformer2DModel:
+    torch.manual_seed(0)
+    return FluxTransformer2DModel(**TRANSFORMER, guidance_embeds=True).eval()
+
+
+@pytest.mark.parametrize("control_size", [(6, 4), (4, 8)])  # the image's own latent size, and another
+def test_sampling_with_a_control_image_matches_diffusers_kontext_pipeline(model, control_size):
+    torch.manual_seed(0)
+    pipe = FluxKontextPipeline(scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULER), vae=AutoencoderKL(**VAE),
+                               text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None,
+                               transformer=model)
+    pipe.set_progress_bar_config(disable=True)
+    g = torch.Generator().manual_seed(1)
+    embeds, pooled = torch.randn(1, 8, 32, generator=g), torch.randn(1, 32, generator=g)
+    control = torch.randn(1, 16, *control_size, generator=g)  # latents: the pipeline takes them as they are
+    packed = pipe(image=control, generator=torch.Generator().manual_seed(5), output_type="latent",
+                  num_inference_steps=4, guidance_scale=2.5, prompt_embeds=embeds, pooled_prompt_embeds=pooled,
+                  max_area=SIZE["width"] * SIZE["height"], **SIZE).images
+    ours = sampling.sample_latents(model, embeds, pooled, **SIZE, steps=4, guidance=2.5, seed=5,
+                                   control_latents=control)
+    torch.testing.assert_close(fm.pack_latents(ours), packed, rtol=0, atol=1e-4)
+    plain = sampling.sample_latents(model, embeds, pooled, **SIZE, steps=4, guidance=2.5, seed=5)
+    assert (plain - ours).abs().max() > 1e-3  # the control image is really seen
+
+
+# ------------------------------------------------------------------------------------------------ pairs and caching
+def write_pairs(folder, names=("a", "b"), size=(64, 64), control_size=(64, 64), extra_controls=()) -> tuple:
+    """Targets with captions in folder/targets, controls of the same names (as .jpg) in folder/controls."""
+    targets, controls = folder / "targets", folder / "controls"
+    targets.mkdir(parents=True, exist_ok=True)
+    controls.mkdir(exist_ok=True)
+    for i, name in enumerate(names):
+        Image.new("RGB", size, (40 * i, 200, 90)).save(targets / f"{name}.png")
+        (targets / f"{name}.txt").write_text(f"put the glyph on picture {name}")
+    for i, name in enumerate([*names, *extra_controls]):
+        Image.new("RGB", control_size, (200, 30 * i, 60)).save(controls / f"{name}.jpg")
+    return targets, controls
+
+
+def kontext_entry(targets, controls, resolutions=(64,)) -> DatasetEntry:
+    return DatasetEntry(str(targets), "", resolutions, 1, str(controls))
+
+
+def test_pairs_by_name_and_every_unpaired_file_is_named(tmp_path):
+    targets, controls = write_pairs(tmp_path, names=("a", "b", "c"), extra_controls=("orphan",))
+    (controls / "c.jpg").unlink()  # c has no control
+    (controls / "b.jpg").write_bytes(b"not an image")  # b's control cannot be read
+    scan = data.inspect_datasets([kontext_entry(targets, controls)])
+    assert [(im.path.name, im.control.name) for im in scan.images] == [("a.png", "a.jpg")]
+    assert [r.control for r in scan.records()] == [controls / "a.jpg"]
+    reasons = {p.name: why for p, why in scan.skipped}
+    assert "no control image named c.*" in reasons["c.png"]
+    assert "control image" in reasons["b.png"] and "cannot be read" in reasons["b.png"]
+    assert "no target image named orphan.*" in reasons["orphan.jpg"]
+    report = dataset_report.build_report([kontext_entry(targets, controls)])
+    assert "3 skipped" in report.summary() and "orphan.jpg" in report.text()
+
+
+def test_a_control_of_another_aspect_is_fitted_to_the_bucket_and_reported(tmp_path):
+    targets, controls = write_pairs(tmp_path, names=("a",), size=(64, 64), control_size=(128, 64))
+    report = dataset_report.build_report([kontext_entry(targets, controls)])
+    assert any("cropped to its bucket" in line and "a.jpg" in line for _, line in report.findings())
+    assert "control a.jpg 128x64" in report.text()
+
+
+def test_control_folder_inside_the_dataset_holds_no_targets(tmp_path):
+    targets, _ = write_pairs(tmp_path, names=("a",))
+    inner = targets / "control"
+    inner.mkdir()
+    Image.new("RGB", (64, 64), "red").save(inner / "a.png")
+    scan = data.inspect_datasets([kontext_entry(targets, inner)])
+    assert [(im.path, im.control) for im in scan.images] == [(targets / "a.png", inner / "a.png")]
+
+
+def test_control_latents_are_cached_with_the_targets_and_flip_with_them(tmp_path):
+    targets, controls = write_pairs(tmp_path, names=("a",))
+    torch.manual_seed(0)
+    vae = AutoencoderKL(**VAE).eval()
+    records = data.scan_datasets([kontext_entry(targets, controls)])
+    text = {c: {"prompt_embeds": torch.zeros(4, 32), "pooled": torch.zeros(32)} for c in ["", records[0].caption]}
+    cached = caching.cache_dataset(records, vae, text, flip=True)
+    sample, flipped = cached.samples[0], cached.flipped[0]
+    control_pixels = data.load_image(dataclasses.replace(records[0], path=controls / "a.jpg"))
+    torch.testing.assert_close(sample.control_latents, caching.encode_pixels(vae, control_pixels[None])[0])
+    torch.testing.assert_close(flipped.control_latents,
+                               caching.encode_pixels(vae, control_pixels.flip(-1)[None])[0])
+    assert not torch.equal(sample.control_latents, sample.latents)
+
+
+def test_config_asks_for_pairs_only_with_kontext(tmp_path):
+    paths = dict(transformer_path="t", vae_path="v", clip_path="c", t5_path="t5", dataset_dir=str(tmp_path))
+    with pytest.raises(ValueError, match="control_dir: empty; model_type kontext"):
+        TrainConfig(**paths, model_type="kontext")
+    with pytest.raises(ValueError, match="control_dir: .* is for Kontext pairs"):
+        TrainConfig(**paths, control_dir=str(tmp_path))
+    with pytest.raises(ValueError, match="model_type: 'sd3'"):
+        TrainConfig(**paths, model_type="sd3")
+    with pytest.raises(ValueError, match="validation_dir: held-out images have no control images"):
+        TrainConfig(**paths, model_type="kontext", control_dir=str(tmp_path), validation_dir=str(tmp_path))
+    entries = TrainConfig(**{**paths, "dataset_dir": ""}, model_type="kontext", datasets=(
+        {"dataset_dir": "a", "control_dir": "ca"}, {"dataset_dir": "b"}), control_dir="top").dataset_entries()
+    assert [e.control_dir for e in entries] == ["ca", "top"]
+
+
+# ------------------------------------------------------------------------------------------------ training
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory):
+    return write_pairs(tmp_path_factory.mktemp("pairs"))
+
+
+def kontext_trainer(tiny_flux, pairs, tmp_path, **changes) -> Trainer:
+    targets, controls = pairs
+    config = demo_config(tiny_flux, targets, tmp_path / "out", steps=20).replace(
+        resolutions=(64,), model_type="kontext", control_dir=str(controls), **changes)
+    return Trainer.from_config(config)
+
+
+def test_training_sees_the_control_tokens_and_resumes_exactly(tiny_flux, pairs, tmp_path):
+    trainer = kontext_trainer(tiny_flux, pairs, tmp_path)
+    sample = trainer.dataset.samples[0]
+    assert sample.control_latents is not None and sample.control_latents.shape == sample.latents.shape
+    x_t = fm.pack_latents(torch.randn(1, *sample.latents.shape))
+    args = (x_t, sample.prompt_embeds[None], sample.pooled[None], torch.tensor([0.7]), sample.latents.shape[-2:])
+    with torch.no_grad():
+        with_control = trainer.predict(*args, sample.control_latents[None])
+        without = trainer.predict(*args)
+        other = trainer.predict(*args, torch.randn_like(sample.control_latents)[None])
+    assert with_control.shape == without.shape == x_t.shape
+    assert not torch.allclose(with_control, other)  # the velocity depends on the control image
+
+    trainer.train(4)
+    state = trainer.snapshot()
+    trainer.train(3)
+    resumed = kontext_trainer(tiny_flux, pairs, tmp_path)
+    resumed.restore(state)
+    resumed.train(3)
+    assert resumed.losses == trainer.losses
+    for k, v in lora.lora_state(trainer.transformer).items():
+        assert torch.equal(lora.lora_state(resumed.transformer)[k], v), k
