@@ -1,7 +1,9 @@
 """Kontext: control -> target pairs found by name, control latents cached beside the targets', the control tokens in
 training and sampling as FluxKontextPipeline builds them."""
 import dataclasses
+import sys
 
+import numpy as np
 import pytest
 import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxKontextPipeline, FluxTransformer2DModel
@@ -11,10 +13,14 @@ from trainer_core import caching, data, dataset_report, lora, sampling
 from trainer_core import flow_matching as fm
 from trainer_core.config import DatasetEntry, TrainConfig
 from trainer_core.demo import demo_config
+from trainer_core.run_handle import _settings
 from trainer_core.trainer import Trainer
+from trainer_core.validation import strength_grid
+from pack import load_pack
 from tests.test_sampling_plots import SCHEDULER, TRANSFORMER, VAE
 
 SIZE = dict(width=32, height=48)
+common = sys.modules[f"{load_pack().__name__}.nodes.common"]
 
 
 @pytest.fixture(scope="module")
@@ -157,3 +163,37 @@ def test_training_sees_the_control_tokens_and_resumes_exactly(tiny_flux, pairs, 
     assert resumed.losses == trainer.losses
     for k, v in lora.lora_state(trainer.transformer).items():
         assert torch.equal(lora.lora_state(resumed.transformer)[k], v), k
+
+
+# ------------------------------------------------------------------------------------------------ judging
+def test_samples_and_the_grid_take_a_control_image_and_a_flux_run_refuses_one(tiny_flux, pairs, tmp_path):
+    trainer = kontext_trainer(tiny_flux, pairs, tmp_path)
+    trainer.train(2)
+    control = Image.new("RGB", (96, 64), (10, 200, 30))  # another size: fitted to the sample's
+    kwargs = dict(steps=2, width=64, height=64, seed=3)
+    plain = np.asarray(trainer.sample(["put the glyph"], **kwargs)[0])
+    edited = np.asarray(trainer.sample(["put the glyph"], control_image=control, **kwargs)[0])
+    assert edited.shape == plain.shape and not np.array_equal(edited, plain)
+    state = lora.lora_state(trainer.transformer)
+    with_control = strength_grid(trainer, [(2, state)], [0.0, 1.0], "put the glyph", control_image=control, **kwargs)
+    without = strength_grid(trainer, [(2, state)], [0.0, 1.0], "put the glyph", **kwargs)
+    assert with_control.width == without.width + 64 and with_control.height == without.height  # a control column
+    flux = Trainer.from_config(demo_config(tiny_flux, pairs[0], tmp_path / "flux", steps=20).replace(resolutions=(64,)))
+    with pytest.raises(ValueError, match="control_image: this run trains model_type flux"):
+        flux.sample(["x"], control_image=control, **kwargs)
+
+
+def test_the_nodes_pass_a_comfyui_image_as_the_control(tmp_path):
+    image = torch.rand(2, 40, 56, 3)  # a ComfyUI IMAGE batch: the first is used
+    kwargs = common.sampling_kwargs(seed=1, steps=2, guidance=2.5, width=64, height=64, base="training base",
+                                    control_image=image)
+    control = kwargs["control_image"]
+    assert control.size == (56, 40) and control.mode == "RGB"
+    assert np.abs(np.asarray(control, dtype=np.float32) / 255 - image[0].numpy()).max() <= 0.5 / 255 + 1e-6
+    assert common.sampling_kwargs(seed=1, steps=2, guidance=2.5, width=64, height=64,
+                                  base="training base")["control_image"] is None
+    # the run store keys images by the control's pixels: another picture renders anew, the same one is found again
+    first = _settings({"seed": 1, "control_image": control})
+    assert first == _settings({"seed": 1, "control_image": control.copy()})
+    assert first != _settings({"seed": 1, "control_image": Image.new("RGB", (56, 40))})
+    assert _settings({"seed": 1, "control_image": None}) == {"seed": 1}  # keys of earlier images unchanged

@@ -12,14 +12,16 @@ from pack import ROOT, load_pack
 
 WORKFLOWS = sorted((ROOT / "example_workflows").glob("*.json"))
 WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN")
-# core nodes the workflows use: (socket inputs, widgets)
+# core nodes the workflows use: (socket inputs, widgets, output types)
 CORE_NODES = {
-    "PreviewImage": ({"images": "IMAGE"}, {}),
-    "SaveImage": ({"images": "IMAGE"}, {"filename_prefix": ("STRING", {})}),
-    "Note": ({}, {"text": ("STRING", {})}),
+    "PreviewImage": ({"images": "IMAGE"}, {}, []),
+    "SaveImage": ({"images": "IMAGE"}, {"filename_prefix": ("STRING", {})}, []),
+    "Note": ({}, {"text": ("STRING", {})}, []),
+    "LoadImage": ({}, {"image": ("STRING", {}), "upload": ("STRING", {})}, ["IMAGE", "MASK"]),
 }
 # the real model files the Flux-dev2pro workflow names, as a user's folders would list them
 REAL_FILES = ("diffusion_models/flux-dev2pro-fp8.safetensors", "diffusion_models/flux1-dev-fp8.safetensors",
+              "diffusion_models/flux1-kontext-dev.safetensors",
               "vae/ae.safetensors", "text_encoders/clip_l.safetensors", "text_encoders/t5xxl_fp16.safetensors")
 
 
@@ -42,8 +44,7 @@ def comfy_base(tmp_path_factory):
 def node_spec(node_type: str) -> tuple[dict[str, str], dict[str, tuple], list[str]]:
     """(socket inputs name -> type, widgets name -> (type or combo list, options), output types)."""
     if node_type in CORE_NODES:
-        sockets, widgets = CORE_NODES[node_type]
-        return sockets, widgets, []
+        return CORE_NODES[node_type]
     cls = pack.NODE_CLASS_MAPPINGS[node_type]
     declared = cls.INPUT_TYPES()
     inputs = {**declared.get("required", {}), **declared.get("optional", {})}
@@ -75,8 +76,9 @@ def load(path: Path) -> dict:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
-def test_there_are_the_two_example_workflows():
-    assert {p.name for p in WORKFLOWS} >= {"flux_dev2pro_lora_4x750.json", "flux_tiny_demo.json"}
+def test_there_are_the_three_example_workflows():
+    assert {p.name for p in WORKFLOWS} >= {"flux_dev2pro_lora_4x750.json", "flux_tiny_demo.json",
+                                           "flux_kontext_lora.json"}
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.name)
@@ -153,6 +155,28 @@ def test_dev2pro_workflow_trains_at_guidance_1_and_judges_on_flux_dev():
     assert len(on_dev) == 5 and all(w["guidance"] == 3.5 and w["true_cfg_scale"] == 1.0 for w in on_dev)
     assert on_dev2pro and all(w["guidance"] == 1.0 and w["true_cfg_scale"] > 1 and w["negative_prompt"]
                               for w in on_dev2pro)
+
+
+def test_kontext_workflow_trains_on_pairs_and_judges_the_edit_of_a_loaded_image(comfy_base):
+    workflow = load(ROOT / "example_workflows" / "flux_kontext_lora.json")
+    widgets = init_widgets(workflow)
+    assert widgets["model_type"] == "kontext" and widgets["control_dir"] and widgets["guidance"] == 1.0
+    assert widgets["transformer"] == "flux1-kontext-dev.safetensors"
+    nodes = {n["id"]: n for n in workflow["nodes"]}
+    links = {link[0]: link for link in workflow["links"]}
+    samplers = [n for n in workflow["nodes"] if n["type"] in ("FluxLoRA_ValidationSample", "FluxLoRA_XYLoraStrengthGrid")]
+    assert len(samplers) == 5
+    for node in samplers:  # each renders the edit of the stock LoadImage's picture, on Kontext at its guidance
+        (control,) = [i for i in node["inputs"] if i["name"] == "control_image"]
+        assert nodes[links[control["link"]][1]]["type"] == "LoadImage"
+        assert sampler_widgets(node)["guidance"] == 2.5 and sampler_widgets(node)["base"] == "training base"
+    # with the model files as empty stand-ins, InitTrainer names the transformer widget and its file
+    base, _ = comfy_base
+    for folder in ("target", "control"):
+        (base / "input" / "my_kontext_dataset" / folder).mkdir(parents=True, exist_ok=True)
+    init_trainer = sys.modules[f"{pack.__name__}.nodes.init_trainer"]
+    with pytest.raises(ValueError, match=r"flux1-kontext-dev.safetensors is truncated or corrupt .*: download it again"):
+        init_trainer.build_config(**widgets)
 
 
 def sampler_widgets(node: dict) -> dict:
