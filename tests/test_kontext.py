@@ -1,6 +1,8 @@
 """Kontext: control -> target pairs found by name, control latents cached beside the targets', the control tokens in
 training and sampling as FluxKontextPipeline builds them."""
 import dataclasses
+from dataclasses import replace
+import shutil
 import sys
 
 import numpy as np
@@ -13,6 +15,8 @@ from trainer_core import caching, data, dataset_report, lora, sampling
 from trainer_core import flow_matching as fm
 from trainer_core.config import DatasetEntry, TrainConfig
 from trainer_core.demo import demo_config
+from trainer_core.identity import dataset_changes, dataset_identity
+from trainer_core.plan import RunPlan, execute, sample_control
 from trainer_core.run_handle import _settings
 from trainer_core.trainer import Trainer
 from trainer_core.validation import strength_grid
@@ -197,3 +201,30 @@ def test_the_nodes_pass_a_comfyui_image_as_the_control(tmp_path):
     assert first == _settings({"seed": 1, "control_image": control.copy()})
     assert first != _settings({"seed": 1, "control_image": Image.new("RGB", (56, 40))})
     assert _settings({"seed": 1, "control_image": None}) == {"seed": 1}  # keys of earlier images unchanged
+
+
+def test_the_control_images_are_part_of_the_dataset_identity(tmp_path):
+    targets, controls = write_pairs(tmp_path)
+    before = dataset_identity([kontext_entry(targets, controls)])
+    assert before.key != dataset_identity([DatasetEntry(str(targets), "", (64,), 1)]).key
+    moved = shutil.copytree(controls, tmp_path / "moved")  # the same files (and mtimes) elsewhere: the same data
+    assert dataset_identity([kontext_entry(targets, moved)]).key == before.key
+    Image.new("RGB", (64, 64), "white").save(moved / "a.jpg")
+    after = dataset_identity([kontext_entry(targets, moved)])
+    assert after.key != before.key and "edited control/a.jpg" in dataset_changes(before.listing, after.listing)
+
+
+def test_a_cli_plan_edits_the_first_pairs_control_or_the_one_it_names(tiny_flux, pairs, tmp_path):
+    trainer = kontext_trainer(tiny_flux, pairs, tmp_path)
+    plan = RunPlan(steps=2, save_every=1, save_state=False, prompts=("put the glyph",), strengths=(0.0, 1.0),
+                   sample_steps=2, sample_width=64, sample_height=64)
+    assert sample_control(plan, trainer.dataset.records).getpixel((0, 0)) == Image.open(pairs[1] / "a.jpg").getpixel((0, 0))
+    result = execute(trainer, plan)
+    assert len(result.samples) == 2 and Image.open(result.grid).width > 3 * 64  # a control column and two strengths
+    named = Image.new("RGB", (64, 64), "blue")
+    named.save(tmp_path / "edit_me.png")
+    own = sample_control(replace(plan, sample_control=str(tmp_path / "edit_me.png")), trainer.dataset.records)
+    assert own.getpixel((5, 5)) == named.getpixel((5, 5))
+    (tmp_path / "broken.png").write_bytes(b"no image")
+    with pytest.raises(ValueError, match="plan.sample_control: .*broken.png cannot be read as an image"):
+        sample_control(replace(plan, sample_control=str(tmp_path / "broken.png")), trainer.dataset.records)

@@ -10,9 +10,10 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
+from PIL import Image, ImageOps
 from tqdm import tqdm
 
-from . import plots, validation
+from . import data, plots, validation
 from .checkpoints import STATE_SUFFIX, checkpoint_stem, save_png
 from .config import TrainConfig, check_fields
 from .run_handle import Checkpoint, TrainingHandle, TrainingInterrupted, TrainingRun, grid_rows
@@ -20,6 +21,16 @@ from .trainer import StepInfo, Trainer
 
 
 GRID_ROWS = {"raw": (validation.RAW,), "ema": (validation.EMA,), "both": (validation.RAW, validation.EMA)}
+
+
+def sample_control(plan: "RunPlan", records) -> Image.Image:
+    """Kontext: the control image the plan's samples edit (`plan.sample_control`, else the first pair's), as RGB."""
+    path = Path(plan.sample_control) if plan.sample_control else next(r.control for r in records if r.control)
+    try:
+        with Image.open(path) as im:
+            return data.to_rgb(ImageOps.exif_transpose(im))
+    except OSError as e:
+        raise ValueError(f"plan.sample_control: {path} cannot be read as an image ({e}); give a PNG or JPEG") from e
 
 
 @dataclass(frozen=True)
@@ -38,6 +49,7 @@ class RunPlan:
     sample_true_cfg_scale: float = 1.0  # true classifier-free guidance (de-distilled bases such as dev2pro); 1.0 = off
     validation_base: str = ""  # "" = the training base
     grid_rows: str = "raw"  # the XY grid's rows per checkpoint: raw, ema (with ema_decay set) or both
+    sample_control: str = ""  # Kontext: the picture the samples and the grid edit; "" = the first pair's control image
 
     def __post_init__(self):
         check_fields(self, "plan.")
@@ -98,6 +110,8 @@ def execute(trainer: Trainer, plan: RunPlan, should_stop: Callable[[], bool] | N
     sample = dict(seed=plan.sample_seed, steps=plan.sample_steps, guidance=plan.sample_guidance,
                   width=plan.sample_width, height=plan.sample_height, base_path=plan.validation_base or None,
                   negative_prompt=plan.sample_negative_prompt, true_cfg_scale=plan.sample_true_cfg_scale)
+    if cfg.model_type == "kontext":
+        sample["control_image"] = sample_control(plan, trainer.dataset.records)
     handle = TrainingRun.around(trainer)
     run = handle.run
     done = [run.stored(handle.chain[:i]) for i in range(1, len(handle.chain))]
@@ -153,7 +167,7 @@ def execute(trainer: Trainer, plan: RunPlan, should_stop: Callable[[], bool] | N
         cells = validation.strength_cells(trainer, rows, plan.strengths, plan.prompts[0], **sample)
         result.cells = dict(zip([(c.step, kind) for c in checkpoints for kind, _ in c.rows(kinds)], cells))
         grid = validation.label_grid(trainer, cells, [step for step, _ in rows], plan.strengths, plan.prompts[0],
-                                     labels)
+                                     labels, sample.get("control_image"))
         result.grid = save_png(grid, out / f"{cfg.output_name}_xy_grid.png")
     return result
 
