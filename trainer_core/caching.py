@@ -57,6 +57,11 @@ class CachedSample:
     control_latents: torch.Tensor | None = None
 
 
+def control_batch(samples: Sequence[CachedSample]) -> torch.Tensor | None:
+    """Kontext: the samples' control latents stacked (B, C, h, w) (one bucket per batch); None for Flux."""
+    return None if samples[0].control_latents is None else torch.stack([s.control_latents for s in samples])
+
+
 @dataclass
 class CachedDataset:
     records: list[ImageRecord]  # what was encoded, for `data.batches`

@@ -202,9 +202,10 @@ def _scan_folder(entry: DatasetEntry, index: int, caption_extension: str, look=N
             continue
         control = control_size = None
         if controls is not None:
-            control = controls.pop(path.relative_to(folder).with_suffix(""), None)
-            problem = f"no control image named {path.stem}.* in {entry.control_dir}" if control is None else ""
-            if control is not None:
+            control, problem = controls.pop(path.relative_to(folder).with_suffix(""), None), ""
+            if control is None:
+                problem = f"no control image named {path.stem}.* in {entry.control_dir}"
+            else:
                 try:
                     control_size = _probe_image(control)
                 except Exception as e:  # as for the images: named and left out, never a traceback

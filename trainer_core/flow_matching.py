@@ -37,6 +37,14 @@ def image_ids(latent_height: int, latent_width: int, device=None, dtype=torch.fl
     return ids.reshape(h * w, 3)
 
 
+def append_control(tokens: torch.Tensor, ids: torch.Tensor, control_latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Kontext: packed image tokens (B, N, C*4) and their ids (N, 3) with the control image's latents (B or 1, C, h, w)
+    packed and appended, their ids at position index 1, as FluxKontextPipeline builds them."""
+    control = pack_latents(control_latents.float()).to(tokens.device, tokens.dtype).expand(tokens.shape[0], -1, -1)
+    control_ids = image_ids(*control_latents.shape[-2:], device=ids.device, dtype=ids.dtype, index=1)
+    return torch.cat([tokens, control], dim=1), torch.cat([ids, control_ids])
+
+
 def text_ids(sequence_length: int, device=None, dtype=torch.float32) -> torch.Tensor:
     """(L, 3) position ids of the text tokens: all zero in Flux."""
     return torch.zeros(sequence_length, 3, device=device, dtype=dtype)

@@ -99,10 +99,6 @@ def sample_latents(
     x = fm.pack_latents(noise).to(device)  # (B, N, 64), kept in float32 between steps like the scheduler's update
     sigmas = fm.sampling_sigmas(steps, x.shape[1]).tolist()
     img_ids = fm.image_ids(lat_h, lat_w, device=device, dtype=dtype)
-    control = None
-    if control_latents is not None:
-        control = fm.pack_latents(control_latents.float()).to(device, dtype).expand(b, -1, -1)
-        img_ids = torch.cat([img_ids, fm.image_ids(*control_latents.shape[-2:], device=device, dtype=dtype, index=1)])
     txt_ids = fm.text_ids(prompt_embeds.shape[1], device=device, dtype=dtype)
     prompt_embeds, pooled = prompt_embeds.to(device, dtype), pooled.to(device, dtype)
     guidance_vec = (torch.full((b,), guidance, device=device, dtype=torch.float32)
@@ -112,14 +108,17 @@ def sample_latents(
         neg_txt_ids = fm.text_ids(neg_embeds.shape[1], device=device, dtype=dtype)
 
     def velocity(sigma: float, embeds: torch.Tensor, pooled: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        tokens, positions = x.to(dtype), img_ids
+        if control_latents is not None:
+            tokens, positions = fm.append_control(tokens, img_ids, control_latents)
         return transformer(
-            hidden_states=x.to(dtype) if control is None else torch.cat([x.to(dtype), control], dim=1),
+            hidden_states=tokens,
             timestep=torch.full((b,), sigma, device=device, dtype=dtype),  # the model scales it by 1000 itself
             guidance=guidance_vec,
             pooled_projections=pooled,
             encoder_hidden_states=embeds,
             txt_ids=ids,
-            img_ids=img_ids,
+            img_ids=positions,
             return_dict=False,
         )[0][:, :x.shape[1]]
 

@@ -24,7 +24,7 @@ from .config import TrainConfig
 from .content_hash import content_identity
 from .distributed import SINGLE, Processes, process_device
 from .ema import LoraEma
-from .flow_matching import image_ids, noisy_input_and_target, pack_latents, sample_sigmas, text_ids
+from .flow_matching import append_control, image_ids, noisy_input_and_target, pack_latents, sample_sigmas, text_ids
 from .identity import RESUME_FIELDS, DatasetIdentity, dataset_identity, settings_mismatches
 from .optim import check_schedule_covers, learning_rate, make_optimizer, set_learning_rate
 from .preflight import preflight
@@ -316,8 +316,7 @@ class Trainer:
         # x_t and the target are made where the model runs
         x0, noise, sigmas = (_pinned_to(t, self.device) for t in (pack_latents(latents.float()), noise, sigmas))
         x_t, target = noisy_input_and_target(x0, noise, sigmas)  # x0: (B, h/2 * w/2, C*4)
-        control = None if samples[0].control_latents is None else torch.stack([s.control_latents for s in samples])
-        pred = self.predict(x_t, prompt_embeds, pooled, sigmas, latents.shape[-2:], control)
+        pred = self.predict(x_t, prompt_embeds, pooled, sigmas, latents.shape[-2:], caching.control_batch(samples))
         loss = F.mse_loss(pred.float(), target.float())
         return loss if n_mine == n else loss * (n_mine / n)
 
@@ -333,8 +332,7 @@ class Trainer:
         n, tokens = x_t.shape[:2]
         ids = image_ids(h, w, device=dev)
         if control is not None:
-            x_t = torch.cat([x_t.to(dev), pack_latents(control.float()).to(dev)], dim=1)
-            ids = torch.cat([ids, image_ids(*control.shape[-2:], device=dev, index=1)])
+            x_t, ids = append_control(x_t.to(dev), ids, control)
         guidance = torch.full((n,), self.config.guidance, device=dev) if self.transformer.config.guidance_embeds \
             else None
         with torch.autocast(dev.type, dtype=dt, enabled=dt != torch.float32):

@@ -103,9 +103,8 @@ def validation_loss(trainer: "Trainer", samples: Sequence[caching.CachedSample])
                     embeds = torch.stack([s.prompt_embeds for *_, s in part])
                     pooled = torch.stack([s.pooled for *_, s in part])
                     x_t, target = noisy_input_and_target(x0, noise, sig)
-                    controls = [s.control_latents for *_, s in part]
                     pred = trainer.predict(x_t, embeds, pooled, sig, part[0][-1].latents.shape[-2:],
-                                           None if controls[0] is None else torch.stack(controls))
+                                           caching.control_batch([s for *_, s in part]))
                     err = (pred.float() - target.to(pred.device).float()).pow(2)
                     losses.append(err.mean(dim=tuple(range(1, err.dim()))))
     finally:
