@@ -253,3 +253,15 @@ def test_resumes_bit_identically_and_continues_from_its_own_file(tiny_flux, data
     assert metadata["network"] == network and metadata["ss_network_module"] == "lycoris.kohya"
     assert metadata["block_ranks"] == "single:1=2" and metadata["block_lrs"] == "double=2e-3"
     assert f'"algo": "{network}"' in metadata["ss_network_args"]
+
+
+@pytest.mark.parametrize("network", ["lora", "lokr", "loha"])
+def test_the_settings_check_counts_the_networks_parameters(tiny_flux, network):
+    """What preflight and the CLI's free-space projection count: the adapter of these settings on this base."""
+    from trainer_core.models import load_transformer, transformer_config
+
+    settings = dict(network=network, block_ranks="single:1=2")
+    count = lora.check_lora_settings(transformer_config(tiny_flux.transformer_bf16), RANK, ALPHA, **settings)
+    real = load_transformer(tiny_flux.transformer_bf16, dtype=torch.float32)
+    lora.add_lora(real, RANK, ALPHA, **settings)
+    assert count == sum(p.numel() for p in lora.lora_parameters(real))

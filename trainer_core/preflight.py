@@ -18,7 +18,9 @@ def preflight(config: TrainConfig) -> list[data.ImageRecord]:
     for role, path in (("transformer", config.transformer_path), ("vae", config.vae_path),
                        ("clip", config.clip_path), ("t5", config.t5_path)):
         models.check_model_file(path, role)
-    lora.check_lora_settings(models.transformer_config(config.transformer_path), **lora.adapter_settings(config))
+    params = lora.check_lora_settings(models.transformer_config(config.transformer_path),
+                                      **lora.adapter_settings(config))
+    log.info("adapter: %s; %.2f M parameters", lora.describe_network(config), params / 1e6)
     if config.init_lora:
         check_init_lora(config)
     report = dataset_report.report_for_config(config)

@@ -239,6 +239,19 @@ def network_metadata(config) -> dict[str, str]:
     return out
 
 
+def describe_network(config) -> str:
+    """One line for the run's log: the network, its rank (per block too), and what sets the learning rates."""
+    parts = [f"{config.network} rank {config.rank} alpha {config.alpha:g}"]
+    if config.network == "lokr":
+        parts.append(f"lokr_factor {config.lokr_factor}")
+    parts += [f"{name} {getattr(config, name)}" for name in ("block_ranks", "block_lrs") if getattr(config, name)]
+    if config.loraplus_lr_ratio != 1.0:
+        parts.append(f"LoRA+ ratio {config.loraplus_lr_ratio:g}")
+    if not config.train_modulation:
+        parts.append("modulation not trained")
+    return ", ".join(parts)
+
+
 def _file_metadata(rank: int, alpha: float, metadata: dict[str, str]) -> dict[str, str]:
     bad = [k for k, v in metadata.items() if not isinstance(k, str) or not isinstance(v, str)]
     if bad:
