@@ -10,7 +10,8 @@ from trainer_core.demo import demo_config, write_demo_dataset
 from trainer_core.optim import set_learning_rate
 from trainer_core.plan import mean_losses
 from trainer_core.trainer import Trainer
-from tests.test_lora import ALPHA, RANK, forward, inputs, tiny_transformer  # noqa: F401 (inputs: a fixture)
+from tests.test_lora import (  # noqa: F401 (inputs: a fixture)
+    ALPHA, RANK, forward, fp8_transformer, inputs, run, tiny_transformer)
 
 NETWORKS = pytest.mark.parametrize("network", ["lokr", "loha"])
 
@@ -85,6 +86,19 @@ def test_strength_zero_is_the_base_exactly_and_scales_the_effect(inputs, network
 
 
 @NETWORKS
+def test_trains_on_an_fp8_storage_base(inputs, network):
+    model = fp8_transformer()
+    base = run(model, inputs, torch.bfloat16)
+    lora.add_lora(model, RANK, ALPHA, network=network)
+    assert all(p.dtype == torch.float32 and p.requires_grad for p in lora.lora_parameters(model))
+    assert torch.equal(run(model, inputs, torch.bfloat16), base)  # one factor starts at zero
+    forward(model, inputs, torch.bfloat16).square().mean().backward()
+    grads = {k: p.grad for k, p in lora.lora_parameters_by_name(model).items()}
+    zero_start = "lokr_w1" if network == "lokr" else "hada_w2_b"  # the only ones a zero factor lets learn at first
+    assert all(g is not None and g.abs().sum() > 0 for k, g in grads.items() if k.endswith(zero_start))
+
+
+@NETWORKS
 @pytest.mark.parametrize("alpha", [float(RANK), ALPHA])
 def test_file_round_trip(tmp_path, inputs, network, alpha):
     """alpha = rank: the adapter takes exactly the file's tensors. Otherwise a LoKr's full factors carry the scale in
@@ -138,6 +152,7 @@ def test_wrong_files_and_settings_are_refused_by_name(tmp_path, network):
     (dict(network="loha", lora_dropout=0.1), "lora_dropout: peft's LoHa"),
     (dict(network="lokr", loraplus_lr_ratio=16.0), "loraplus_lr_ratio: LoRA\\+"),
     (dict(network="boft"), "network: 'boft'"),
+    (dict(network="lokr", transformer_path="flux-Q8_0.gguf"), "network lokr cannot train on a GGUF base"),
     (dict(lokr_factor=0), "lokr_factor: 0"),
     (dict(loraplus_lr_ratio=0.0), "loraplus_lr_ratio: 0.0"),
 ])
@@ -265,3 +280,24 @@ def test_the_settings_check_counts_the_networks_parameters(tiny_flux, network):
     real = load_transformer(tiny_flux.transformer_bf16, dtype=torch.float32)
     lora.add_lora(real, RANK, ALPHA, **settings)
     assert count == sum(p.numel() for p in lora.lora_parameters(real))
+
+
+@NETWORKS
+def test_strength_in_the_xy_grid_on_a_validation_base(tiny_flux, dataset, tmp_path, network):
+    """The grid's cells (ValidationSample renders the same way): strength 0 of the trained adapter is the base image
+    exactly, as is strength 1 of the fresh one (a factor starts at zero); on a validation base it is added with the
+    run's own settings."""
+    import numpy as np
+
+    from trainer_core.validation import strength_cells
+
+    trainer = make_trainer(tiny_flux, dataset, tmp_path, network=network, learning_rate=1e-2,
+                           validation_transformer_path=str(tiny_flux.transformer_fp8))
+    fresh = trainer.snapshot().lora
+    trainer.train(2)
+    own = lora.lora_state(trainer.transformer)
+    cells = strength_cells(trainer, [(0, fresh), (2, own)], [0.0, 1.0], "fltglyph",
+                           base_path=str(tiny_flux.transformer_fp8), steps=2, width=64, height=64)
+    pixels = [[np.asarray(image) for image in row] for row in cells]
+    assert np.array_equal(pixels[1][0], pixels[0][1]) and np.array_equal(pixels[1][0], pixels[0][0])
+    assert not np.array_equal(pixels[1][1], pixels[1][0])

@@ -278,6 +278,9 @@ class TrainConfig:
             (self.lora_format == "kohya", f"lora_format: diffusers has no {name} format for Flux; use kohya (the "
              "LyCORIS keys ComfyUI loads)"),
             (self.lora_dropout == 0, f"lora_dropout: peft's {name} has no input dropout; set it to 0"),
+            (not self.transformer_path.lower().endswith(".gguf"), f"network {self.network} cannot train on a GGUF "
+             f"base (peft's {name} shapes its update as the base weight, which stays quantized blocks); give the bf16 "
+             "or fp8 transformer_path or use network lora"),
             (self.loraplus_lr_ratio == 1.0, f"loraplus_lr_ratio: LoRA+ speeds up LoRA's up-projection (lora_B); a "
              f"{name} has no such factor, set it to 1"),
         ):

@@ -262,14 +262,14 @@ def load_lora_state(transformer: nn.Module, state: dict[str, torch.Tensor]) -> N
     if missing or unexpected:
         raise ValueError(
             f"LoRA state does not match the adapter (missing: {_preview(missing) or 'none'}; unexpected: "
-            f"{_preview(unexpected) or 'none'}); create the adapter with the rank, blocks, include_modulation, "
-            "dora and lora_layout the state was saved with"
+            f"{_preview(unexpected) or 'none'}); create the adapter with the network, rank, block_ranks, blocks, "
+            "train_modulation, dora and lora_layout the state was saved with"
         )
     wrong = [k for k, p in params.items() if state[k].shape != p.shape]
     if wrong:
         raise ValueError(
             f"LoRA state shapes differ from the adapter's for {_preview(wrong)}; create the adapter with the rank "
-            "the state was saved with"
+            "(block_ranks, lokr_factor) the state was saved with"
         )
     with torch.no_grad():
         for key, param in params.items():
