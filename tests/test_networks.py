@@ -7,6 +7,7 @@ from safetensors.torch import load_file, save_file
 from trainer_core import lora
 from trainer_core.checkpoints import load_training_state
 from trainer_core.demo import demo_config, write_demo_dataset
+from trainer_core.models import detect_file_kind
 from trainer_core.optim import set_learning_rate
 from trainer_core.plan import mean_losses
 from trainer_core.trainer import Trainer
@@ -119,6 +120,7 @@ def test_file_round_trip(tmp_path, inputs, network, alpha):
             want = model_layers[name].get_delta_weight("default")
             torch.testing.assert_close(layer.get_delta_weight("default"), want, rtol=2e-2, atol=1e-3, msg=name)
     assert lora.lora_file_rank(path) == RANK
+    assert detect_file_kind(path) == "lora"  # a model widget given it says so
 
 
 @NETWORKS
