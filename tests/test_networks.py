@@ -17,7 +17,7 @@ from tests.test_lora import (  # noqa: F401 (inputs: a fixture)
 NETWORKS = pytest.mark.parametrize("network", ["lokr", "loha"])
 
 
-def lycoris_transformer(network: str, alpha: float = ALPHA, seed: int = 1, **settings):
+def lycoris_transformer(network: str = "lokr", alpha: float = ALPHA, seed: int = 1, **settings):
     """A LoKr / LoHa on the tiny model with every tensor random (peft starts one at zero: a no-op)."""
     model = tiny_transformer()
     lora.add_lora(model, RANK, alpha, network=network, **settings)
@@ -165,10 +165,18 @@ def test_config_refuses_what_a_network_cannot_do(tiny_flux, tmp_path, changes, f
 
 
 @pytest.mark.parametrize("network", ["lora", "loha"])
-def test_block_ranks_show_in_the_file_shapes(network):
-    model = tiny_transformer()
-    lora.add_lora(model, RANK, ALPHA, network=network, block_ranks="double:1=2,single=8,single:1=3")
+def test_block_ranks_show_in_the_file_shapes_and_load_back(tmp_path, network):
+    settings = dict(network=network, block_ranks="double:1=2,single=8,single:1=3")
+    model = lycoris_transformer(**settings) if network != "lora" else tiny_transformer()
+    if network == "lora":
+        lora.add_lora(model, RANK, ALPHA, **settings)
     state = lora.kohya_state_dict(model, dtype=torch.float32)
+    lora.save_lora_file(tmp_path / "blocks.safetensors", model, {})
+    other = tiny_transformer()
+    lora.add_lora(other, RANK, ALPHA, **settings)
+    lora.load_lora_file(tmp_path / "blocks.safetensors", other)
+    rounded = {k: v.bfloat16().float() for k, v in lora.lora_state(model).items()}
+    assert all(torch.equal(v, rounded[k]) for k, v in lora.lora_state(other).items())
     down = "lora_down.weight" if network == "lora" else "hada_w1_b"
     rank = {k.split(".")[0]: v.shape[0] for k, v in state.items() if k.endswith(down)}
     assert rank["lora_unet_double_blocks_0_img_attn_proj"] == RANK
