@@ -1,5 +1,6 @@
-"""Gated: our LoRA files (kohya and diffusers format, LoRA and DoRA; LoKr and LoHa in kohya format), applied by ComfyUI's own LoRA loader to
-ComfyUI's own Flux model, give exactly the BFL weights of our transformer with the LoRA merged by peft.
+"""Gated: our LoRA files (kohya and diffusers format, LoRA and DoRA; LoKr and LoHa in kohya format), applied by
+ComfyUI's own LoRA loader to ComfyUI's own Flux model, give exactly the BFL weights of our transformer with the LoRA
+merged by peft.
 
 ComfyUI runs in its own Python (`comfy_apply_lora.py`, a subprocess), our code in this one; they meet only through
 the files, as they do for users. ComfyUI skips LoRA keys it does not recognise with nothing but a log line, so the
@@ -22,8 +23,8 @@ STRENGTHS = (1.0, 0.5)
 RANK, ALPHA = 4, 2.0  # alpha != rank: a lost .alpha would change the scale
 PROBE = Path(__file__).with_name("comfy_apply_lora.py")
 # (lora_format, dora, network)
-VARIANTS = [("kohya", False, "lora"), ("diffusers", False, "lora"), ("kohya", True, "lora"), ("diffusers", True, "lora"),
-            ("kohya", False, "lokr"), ("kohya", False, "loha")]
+VARIANTS = [("kohya", False, "lora"), ("diffusers", False, "lora"), ("kohya", True, "lora"),
+            ("diffusers", True, "lora"), ("kohya", False, "lokr"), ("kohya", False, "loha")]
 
 
 @dataclass
