@@ -240,10 +240,10 @@ def make_trainer(tiny_flux, dataset, tmp_path, **changes):
 @NETWORKS
 def test_each_network_trains(tiny_flux, dataset, tmp_path, network):
     """The overfit check of tests/test_training.py: the same noise every step, so the adapter can memorise. LoKr and
-    LoHa hold fewer numbers than a LoRA of the same rank and take a higher rate, as LyCORIS advises."""
-    trainer = make_trainer(tiny_flux, dataset, tmp_path, network=network, rank=16, alpha=16.0, learning_rate=1e-2,
-                           lr_schedule="constant", warmup_steps=0)
-    trainer.train(100, on_step=lambda info: trainer.generator.manual_seed(0))
+    LoHa take a higher rate than a LoRA (3e-3 there), as LyCORIS advises."""
+    trainer = make_trainer(tiny_flux, dataset, tmp_path, network=network, learning_rate=2e-2, lr_schedule="constant",
+                           warmup_steps=0)
+    trainer.train(80, on_step=lambda info: trainer.generator.manual_seed(0))
     first, last = mean_losses(trainer.losses)
     assert last < 0.6 * first, (first, last)
 
