@@ -311,3 +311,19 @@ def test_strength_in_the_xy_grid_on_a_validation_base(tiny_flux, dataset, tmp_pa
     pixels = [[np.asarray(image) for image in row] for row in cells]
     assert np.array_equal(pixels[1][0], pixels[0][1]) and np.array_equal(pixels[1][0], pixels[0][0])
     assert not np.array_equal(pixels[1][1], pixels[1][0])
+
+
+def test_a_planned_run_writes_its_checkpoints_and_ema_as_lokr_files(tiny_flux, dataset, tmp_path):
+    """The run store's checkpoint writer (`TrainingRun.save_checkpoint`): the LoRA and its EMA of each checkpoint in
+    the network's LyCORIS keys, each the adapter's state of that step."""
+    from trainer_core.plan import RunPlan, execute
+
+    trainer = make_trainer(tiny_flux, dataset, tmp_path, network="lokr", ema_decay=0.5, total_steps=4)
+    result = execute(trainer, RunPlan(steps=4, save_every=2, save_state=False))
+    assert len(result.loras) == len(result.ema_loras) == 2
+    for path, state in ((result.loras[-1], lora.lora_state(trainer.transformer)), (result.ema_loras[-1],
+                                                                                  trainer.ema.state())):
+        assert all(".lokr_" in k or k.endswith(".alpha") for k in load_file(path))
+        model = make_trainer(tiny_flux, dataset, tmp_path, network="lokr", init_lora=str(path)).transformer
+        rounded = {k: v.bfloat16().float() for k, v in state.items()}
+        assert all(torch.equal(v, rounded[k]) for k, v in lora.lora_state(model).items()), path
