@@ -46,7 +46,6 @@ from typing import Callable, Iterable
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, FluxTransformer2DModel
-from peft.tuners.lora import LoraLayer
 from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -58,6 +57,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere: make trainer_core importable
 
 from trainer_core import lora, models  # noqa: E402
+from trainer_core.config import NETWORKS  # noqa: E402
 from trainer_core.models.text_encoders import T5_FP8  # noqa: E402
 from trainer_core.presets import PRESETS, MemoryPreset, split_blocks_to_swap  # noqa: E402
 
@@ -228,9 +228,10 @@ def meta_flux(config: dict) -> FluxTransformer2DModel:
         return FluxTransformer2DModel.from_config(config)
 
 
-def lora_flux(config: dict, fp8_base: bool, lora_dtype: str, device: str = "meta") -> FluxTransformer2DModel:
-    """`config`'s Flux cut to one double and one single block in the fused layout, LoRA rank 16 on every block
-    Linear, base frozen.
+def lora_flux(config: dict, fp8_base: bool, lora_dtype: str, device: str = "meta", network: str = "lora"
+              ) -> FluxTransformer2DModel:
+    """`config`'s Flux cut to one double and one single block in the fused layout, LoRA (or the `network`'s
+    adapter) rank 16 on every block Linear, base frozen.
 
     With `fp8_base` the block Linears are the trainer's own `models.Fp8Linear`, so what they save for backward
     (the dequantized weight) is measured, not assumed; those are made on the meta device only.
@@ -245,8 +246,8 @@ def lora_flux(config: dict, fp8_base: bool, lora_dtype: str, device: str = "meta
     models.fuse_projections(model)  # the default lora_layout's model, as the trainer builds it
     linears = sum(isinstance(m, nn.Linear) for blocks in (model.transformer_blocks, model.single_transformer_blocks)
                   for m in blocks.modules())
-    lora.add_lora(model, LORA_RANK, LORA_RANK, lora_dtype=LORA_DTYPES[lora_dtype])  # the trainer's own targeting
-    layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
+    lora.add_lora(model, LORA_RANK, LORA_RANK, lora_dtype=LORA_DTYPES[lora_dtype], network=network)  # the trainer's
+    layers = lora._lora_layers(model)
     assert len(layers) == linears, f"LoRA on {len(layers)} of {linears} block Linears"
     return model
 
@@ -269,15 +270,17 @@ class ModelSizes:
     lora_factored: int  # rows + columns of every LoRA matrix: the size of Adafactor's factored second moment
 
 
-def count_sizes(full: FluxTransformer2DModel, lora: FluxTransformer2DModel) -> ModelSizes:
-    """Count `full` (no LoRA) and the LoRA of `lora` (one block of each kind, `lora_flux`) scaled to `full`'s blocks."""
+def count_sizes(full: FluxTransformer2DModel, adapted: FluxTransformer2DModel) -> ModelSizes:
+    """Count `full` (no LoRA) and the adapter of `adapted` (one block of each kind, `lora_flux`) scaled to `full`'s
+    blocks."""
     nd, ns = len(full.transformer_blocks), len(full.single_transformer_blocks)
+    adapter = lora.lora_parameters_by_name(adapted)
 
-    def lora_params(block: nn.Module) -> list[torch.Tensor]:
-        return [p for name, p in block.named_parameters() if "lora_" in name]
+    def lora_params(prefix: str) -> list[torch.Tensor]:
+        return [p for name, p in adapter.items() if name.startswith(prefix)]
 
     double, single = full.transformer_blocks[0], full.single_transformer_blocks[0]
-    lora_double, lora_single = lora_params(lora.transformer_blocks[0]), lora_params(lora.single_transformer_blocks[0])
+    lora_double, lora_single = lora_params("transformer_blocks.0."), lora_params("single_transformer_blocks.0.")
     return ModelSizes(
         num_double=nd,
         num_single=ns,
@@ -378,15 +381,15 @@ def project(preset: MemoryPreset, sizes: ModelSizes, act: Activations) -> Projec
 class Bench:
     """Meta-device Flux-dev and its 1+1-block LoRA variants, with activations measured once per setting."""
 
-    def __init__(self, config: dict):
-        self.config = config
+    def __init__(self, config: dict, network: str = "lora"):
+        self.config, self.network = config, network
         self._blocks: dict[tuple[bool, str], FluxTransformer2DModel] = {}
         self.measured: dict[tuple[int, int, bool, str], Activations] = {}
         self.sizes = count_sizes(meta_flux(config), self.blocks(False, "fp32"))
 
     def blocks(self, fp8_base: bool, lora_dtype: str) -> FluxTransformer2DModel:
         if (fp8_base, lora_dtype) not in self._blocks:
-            self._blocks[fp8_base, lora_dtype] = lora_flux(self.config, fp8_base, lora_dtype)
+            self._blocks[fp8_base, lora_dtype] = lora_flux(self.config, fp8_base, lora_dtype, network=self.network)
         return self._blocks[fp8_base, lora_dtype]
 
     def activations(self, resolution: int, batch_size: int, fp8_base: bool, lora_dtype: str) -> Activations:
@@ -606,7 +609,8 @@ def report(bench: Bench, projections: list[Projection], resolutions: Iterable[in
     s = bench.sizes
     lines = [
         f"Flux-dev: {s.params / 1e9:.2f} B params ({s.num_double} double, {s.num_single} single blocks; "
-        f"{s.double[0] / 1e6:.0f} M / {s.single[0] / 1e6:.0f} M each); LoRA rank {LORA_RANK}: {s.lora / 1e6:.1f} M",
+        f"{s.double[0] / 1e6:.0f} M / {s.single[0] / 1e6:.0f} M each); {bench.network} rank {LORA_RANK}: "
+        f"{s.lora / 1e6:.1f} M",
         f"assumed: CUDA context {gib(CUDA_CONTEXT)} GiB, fragmentation {FRAGMENTATION:.0%} of allocated; "
         f"required headroom {HEADROOM:.0%}",
         "",
@@ -654,12 +658,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="measure 512² only, and project every preset at 512²")
     parser.add_argument("--json", type=Path, help="also write the numbers to this JSON file")
+    parser.add_argument("--network", choices=NETWORKS, default="lora", help="the adapter (TrainConfig.network)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     config = flux_dev_config()
     log.info("config: %s", CONFIG_PATH if CONFIG_PATH.is_file() else "diffusers defaults, guidance_embeds=True")
-    bench = Bench(config)
+    bench = Bench(config, args.network)
     resolutions = (512,) if args.quick else RESOLUTIONS
     presets = list(PRESETS.values())
     if args.quick:

@@ -7,8 +7,8 @@ import os
 from pathlib import Path
 
 from trainer_core.checkpoints import STATE_SUFFIX, TrainingState, latest_state_file, load_training_state
-from trainer_core.config import (LORA_FORMATS, LORA_LAYOUTS, LR_SCHEDULES, MIXED_PRECISIONS, MODEL_TYPES, OPTIMIZERS,
-                                 DatasetEntry, TrainConfig)
+from trainer_core.config import (LORA_FORMATS, LORA_LAYOUTS, LR_SCHEDULES, MIXED_PRECISIONS, MODEL_TYPES, NETWORKS,
+                                 OPTIMIZERS, DatasetEntry, TrainConfig)
 from trainer_core.flow_matching import TIMESTEP_SAMPLINGS
 from trainer_core.identity import check_resume, dataset_identity
 from trainer_core.models import KIND_DESCRIPTIONS, MODEL_ROLES, base_format, detect_file_kind
@@ -304,6 +304,22 @@ class InitTrainer:
             "control_dir": ("STRING", {"default": d["control_dir"], "tooltip": "Kontext: folder of control images "
                             "(the pictures to edit), each named as its target in dataset_dir (a.png with a.jpg); "
                             "absolute or inside ComfyUI's input folder. Empty for Flux."}),
+            # the adapter's kind and per-block settings (issue 26)
+            "network": (list(NETWORKS), {"default": d["network"], "tooltip": "lora; lokr (Kronecker product) or "
+                        "loha (Hadamard product): LyCORIS adapters with smaller files, saved in the keys ComfyUI "
+                        "loads. lokr / loha: kohya format, fused layout, no DoRA, no lora_dropout, often a higher "
+                        "learning rate."}),
+            "lokr_factor": ("INT", {"default": d["lokr_factor"], "min": -1, "max": 256, "tooltip": "lokr: each "
+                            "dimension is split near this factor; -1 = near its square root (the smallest file)."}),
+            "block_ranks": ("STRING", {"default": d["block_ranks"], "tooltip": "Rank per block range, e.g. "
+                            "double:0-9=32,single:0-37=8; blocks not named take rank. alpha is the same for all."}),
+            "block_lrs": ("STRING", {"default": d["block_lrs"], "tooltip": "Learning rate per block range, e.g. "
+                          "double=2e-4,single:20-37=5e-5; the schedule scales them like learning_rate."}),
+            "train_modulation": ("BOOLEAN", {"default": d["train_modulation"], "tooltip": "Also adapt the blocks' "
+                                 "modulation Linears (img_mod, txt_mod, modulation); musubi-tuner leaves them out."}),
+            "loraplus_lr_ratio": ("FLOAT", {"default": d["loraplus_lr_ratio"], "min": 0.01, "max": 1000.0,
+                                  "step": 0.5, "tooltip": "LoRA+: the up-projections (lora_B) learn this many times "
+                                  "faster (16 is common); 1 = off. LoRA only."}),
         }, "hidden": {"prompt": "PROMPT", "unique_id": "UNIQUE_ID"}}  # the queued graph: total_steps auto
 
     @classmethod

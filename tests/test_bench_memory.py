@@ -12,6 +12,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from bench import memory
+from trainer_core import lora
 from trainer_core.block_swap import BlockSwap
 from trainer_core.config import TrainConfig
 from trainer_core.optim import make_optimizer
@@ -115,6 +116,13 @@ def test_optimizer_state_matches_the_trainers_optimizer(optimizer):
     # Prodigy keeps no starting copy of an all-zero tensor (LoRA B at init); the projection counts one: an upper bound
     unkept = 4 * sum(p.numel() for n, p in model.named_parameters() if "lora_B" in n) if optimizer == "prodigy" else 0
     assert memory.training_state_bytes(sizes, optimizer, "fp32") == weights_and_grads + state + unkept
+
+
+@pytest.mark.parametrize("network", ["lora", "lokr", "loha"])
+def test_the_adapter_counted_is_the_networks(network):
+    """One block of each kind scaled to the model's blocks: the count the trainer's settings check makes."""
+    sizes = memory.count_sizes(memory.meta_flux(TINY), memory.lora_flux(TINY, False, "fp32", network=network))
+    assert sizes.lora == lora.check_lora_settings(TINY, memory.LORA_RANK, memory.LORA_RANK, network=network)
 
 
 @pytest.fixture(scope="module")

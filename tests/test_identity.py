@@ -27,7 +27,8 @@ WEIGHT_FLIPS = dict(
     warmup_steps=0, min_lr_ratio=0.5, lr_cycles=2, total_steps=21, gradient_accumulation=2, max_grad_norm=0.5,
     timestep_sampling="sigmoid", timestep_shift=1.0, guidance=3.5, seed=1, mixed_precision="bf16", fp8_base=True,
     t5_on_cpu=True, lora_layout="split", validation_timesteps=8, validation_split=0.5, validation_dir="held_out",
-    validation_every=5, ema_decay=0.9,
+    validation_every=5, ema_decay=0.9, network="lokr", lokr_factor=4, block_ranks="double:0=8", block_lrs="single=1e-3",
+    train_modulation=False, loraplus_lr_ratio=16.0,
     model_type=dict(model_type="kontext", control_dir="DATASET"),  # Kontext trains on pairs: a control folder with it
 )
 # and for every setting that changes no weight (blocks_to_swap needs checkpointing, so it is flipped with it)

@@ -401,16 +401,22 @@ def test_save_rejects_non_string_metadata(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------- fp8 storage base
-@LAYOUTS
-def test_lora_trains_on_an_fp8_storage_base(inputs, layout):
+def fp8_transformer() -> FluxTransformer2DModel:
+    """The tiny model with its block Linears in float8 storage, as models.load_transformer(..., fp8_base=True)."""
     model = tiny_transformer(torch.bfloat16)
-    for name in block_linear_names(model):  # as models.load_transformer(..., fp8_base=True) builds it
+    for name in block_linear_names(model):
         old = model.get_submodule(name)
         new = Fp8Linear(old.in_features, old.out_features, bias=True, compute_dtype=torch.bfloat16)
         new.weight = torch.nn.Parameter(old.weight.to(torch.float8_e4m3fn), requires_grad=False)
         new.bias = old.bias
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, new)
+    return model
+
+
+@LAYOUTS
+def test_lora_trains_on_an_fp8_storage_base(inputs, layout):
+    model = fp8_transformer()
     if layout == "fused":
         fuse_projections(model)
         assert all(isinstance(model.get_submodule(n), Fp8Linear) for n in block_linear_names(model))

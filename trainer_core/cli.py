@@ -104,8 +104,8 @@ def _run(path: Path, config, plan, resume: Path | None, start_over: tuple[bool, 
             log.info("settings changed since %s: %s", resume.name, ", ".join(changed))
         log.info("resuming from %s at step %d", resume, state.step)
     start = state.step if state is not None else 0
-    lora_params = lora.check_lora_settings(models.transformer_config(config.transformer_path), config.rank,
-                                           config.alpha, config.lora_dropout, config.blocks, config.lora_layout)
+    lora_params = lora.check_lora_settings(models.transformer_config(config.transformer_path),
+                                           **lora.adapter_settings(config))
     saves = -(-max(plan.steps - start, 0) // plan.save_every)
     output_guard.check_free_space(config.output_dir, output_guard.planned_bytes(
         lora_params, config.optimizer, saves, plan.save_state, len(plan.prompts) + len(plan.strengths),

@@ -28,6 +28,7 @@ TIMESTEP_SAMPLINGS = ("shift", "sigmoid", "logit_normal", "uniform")
 LORA_FORMATS = ("kohya", "diffusers")
 LORA_LAYOUTS = ("fused", "split")
 MODEL_TYPES = ("flux", "kontext")
+NETWORKS = ("lora", "lokr", "loha")
 
 
 def _parse_resolutions(value) -> tuple[int, ...]:
@@ -93,6 +94,12 @@ class TrainConfig:
     init_lora: str = ""  # a kohya or diffusers-format Flux LoRA file to start from (its rank); "" = a fresh LoRA
     dora: bool = False  # DoRA (peft's use_dora): a trained magnitude per output row on top of the LoRA
     lora_layout: str = "fused"  # fused: one LoRA per fused qkv / linear1, as kohya; split: q, k, v apart (older runs)
+    network: str = "lora"  # lora; lokr (Kronecker product) or loha (Hadamard product): LyCORIS, smaller files
+    lokr_factor: int = -1  # lokr: each dimension split near this factor (-1 = near its square root: the smallest)
+    block_ranks: str = ""  # rank per block range, e.g. "double:0-9=32,single:0-37=8"; blocks not named take rank
+    block_lrs: str = ""  # learning rate per block range, e.g. "double=2e-4,single:20-37=5e-5"; others learning_rate
+    train_modulation: bool = True  # adapt the blocks' modulation Linears too (musubi-tuner leaves them out)
+    loraplus_lr_ratio: float = 1.0  # LoRA+: the up-projections (lora_B) learn this many times faster; 1 = off
 
     # --- optimisation
     optimizer: str = "adamw"  # adamw, adamw8bit (bitsandbytes), adafactor, prodigy
@@ -246,6 +253,7 @@ class TrainConfig:
         )
         need(self.lora_layout in LORA_LAYOUTS, f"lora_layout: {self.lora_layout!r}; choose one of "
              f"{', '.join(LORA_LAYOUTS)} (split: the layout of runs made before the fused one)")
+        self._validate_network()
         need(self.lora_format in LORA_FORMATS, f"lora_format: {self.lora_format!r}; choose one of {', '.join(LORA_FORMATS)}")
         need(not (self.dora and self.fp8_base), "dora cannot train on an fp8 base (peft's DoRA adds the LoRA to the "
              "float8 weight to measure its norms); turn fp8_base off (memory_preset custom) or dora off")
@@ -265,6 +273,34 @@ class TrainConfig:
         need(0.0 <= self.ema_decay < 1.0, f"ema_decay: {self.ema_decay}; use 0 (off) or a value in (0, 1) such as 0.99")
         need(bool(self.output_name.strip()), "output_name: empty; give a file name stem such as my_lora")
         check_output_name(self.output_name)
+
+    def _validate_network(self):
+        """`network` and the settings it constrains; the block ranges are read against the model in `add_lora`."""
+        if self.network not in NETWORKS:
+            raise ValueError(f"network: {self.network!r}; choose one of {', '.join(NETWORKS)}")
+        if self.lokr_factor != -1 and self.lokr_factor < 1:
+            raise ValueError(f"lokr_factor: {self.lokr_factor}; use -1 (near the square root) or a factor such as 8")
+        if not (math.isfinite(self.loraplus_lr_ratio) and self.loraplus_lr_ratio > 0):
+            raise ValueError(f"loraplus_lr_ratio: {self.loraplus_lr_ratio}; use 1 (off) or a ratio such as 16")
+        if self.network == "lora":
+            return
+        name = {"lokr": "LoKr", "loha": "LoHa"}[self.network]
+        for ok, message in (
+            (not self.dora, f"dora: peft's {name} has no DoRA; turn dora off or set network to lora"),
+            (self.lora_layout == "fused", f"lora_layout: 'split' with network {self.network}: a {name} per q, k and v "
+             "cannot be written as the one fused qkv / linear1 module ComfyUI loads (a stack of such products is not "
+             "one); use lora_layout fused"),
+            (self.lora_format == "kohya", f"lora_format: diffusers has no {name} format for Flux; use kohya (the "
+             "LyCORIS keys ComfyUI loads)"),
+            (self.lora_dropout == 0, f"lora_dropout: peft's {name} has no input dropout; set it to 0"),
+            (not self.transformer_path.lower().endswith(".gguf"), f"network {self.network} cannot train on a GGUF "
+             f"base (peft's {name} shapes its update as the base weight, which stays quantized blocks); give the bf16 "
+             "or fp8 transformer_path or use network lora"),
+            (self.loraplus_lr_ratio == 1.0, f"loraplus_lr_ratio: LoRA+ speeds up LoRA's up-projection (lora_B); a "
+             f"{name} has no such factor, set it to 1"),
+        ):
+            if not ok:
+                raise ValueError(message)
 
     @classmethod
     def from_dict(cls, values: dict, source: str = "config", base_dir: str | Path | None = None) -> "TrainConfig":

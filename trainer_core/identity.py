@@ -35,7 +35,8 @@ SETTING_SIDES = {
     "dataset_dir": DATASET, "datasets": DATASET, "control_dir": DATASET, "trigger_word": DATASET, "resolutions": DATASET, "repeats": DATASET,
     "batch_size": WEIGHTS, "flip_augment": WEIGHTS, "caption_dropout": WEIGHTS, "max_sequence_length": WEIGHTS,
     "rank": WEIGHTS, "alpha": WEIGHTS, "lora_dropout": WEIGHTS, "blocks": WEIGHTS, "dora": WEIGHTS,
-    "lora_layout": WEIGHTS, "model_type": WEIGHTS,
+    "lora_layout": WEIGHTS, "model_type": WEIGHTS, "network": WEIGHTS, "lokr_factor": WEIGHTS, "block_ranks": WEIGHTS,
+    "block_lrs": WEIGHTS, "train_modulation": WEIGHTS, "loraplus_lr_ratio": WEIGHTS,
     "optimizer": WEIGHTS, "learning_rate": WEIGHTS, "weight_decay": WEIGHTS, "lr_schedule": WEIGHTS,
     "warmup_steps": WEIGHTS, "min_lr_ratio": WEIGHTS, "lr_cycles": WEIGHTS, "total_steps": WEIGHTS,
     "gradient_accumulation": WEIGHTS, "max_grad_norm": WEIGHTS, "timestep_sampling": WEIGHTS,
@@ -62,11 +63,14 @@ SETTING_SIDES = {
 SETTINGS_ADDED: dict[str, object] = {
     "lora_layout": "split", "validation_timesteps": 0, "validation_split": 0.0, "validation_dir": "",
     "validation_every": 0, "ema_decay": 0.0, "model_type": "flux",
+    "network": "lora", "lokr_factor": -1, "block_ranks": "", "block_lrs": "", "train_modulation": True,
+    "loraplus_lr_ratio": 1.0,
 }
 
 # the settings a saved state must share with the run that continues it (the optimizer state's shapes, the data order)
 RESUME_FIELDS = ("rank", "alpha", "blocks", "lora_layout", "optimizer", "batch_size", "gradient_accumulation", "seed",
-                 "model_type")
+                 "model_type", "network", "lokr_factor", "block_ranks", "block_lrs", "train_modulation",
+                 "loraplus_lr_ratio")
 
 
 def _digest(value) -> str:

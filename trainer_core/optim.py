@@ -53,12 +53,15 @@ def check_schedule_covers(end: int, config: TrainConfig) -> None:
         raise PastScheduleError(end, config)
 
 
-def make_optimizer(params: Iterable[torch.nn.Parameter], config: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+def make_optimizer(params: Iterable[torch.nn.Parameter] | list[dict], config: TrainConfig, device: torch.device
+                   ) -> torch.optim.Optimizer:
+    """`params`: tensors, or parameter groups whose `lr_scale` multiplies the scheduled rate (`set_learning_rate`)."""
     params = list(params)
     lr, wd = config.learning_rate, config.weight_decay
     if config.optimizer == "adamw":
         # the fused kernel is one launch for all parameters; it exists for CUDA and CPU alike in torch >= 2.4
-        fused = all(p.dtype in (torch.float32, torch.bfloat16, torch.float16) for p in params)
+        tensors = [p for g in params for p in g["params"]] if params and isinstance(params[0], dict) else params
+        fused = all(p.dtype in (torch.float32, torch.bfloat16, torch.float16) for p in tensors)
         return torch.optim.AdamW(params, lr=lr, weight_decay=wd, fused=fused)
     if config.optimizer == "adamw8bit":
         try:
@@ -83,4 +86,4 @@ def make_optimizer(params: Iterable[torch.nn.Parameter], config: TrainConfig, de
 
 def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)

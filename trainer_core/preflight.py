@@ -18,8 +18,9 @@ def preflight(config: TrainConfig) -> list[data.ImageRecord]:
     for role, path in (("transformer", config.transformer_path), ("vae", config.vae_path),
                        ("clip", config.clip_path), ("t5", config.t5_path)):
         models.check_model_file(path, role)
-    lora.check_lora_settings(models.transformer_config(config.transformer_path), config.rank, config.alpha,
-                             config.lora_dropout, config.blocks, config.lora_layout)
+    params = lora.check_lora_settings(models.transformer_config(config.transformer_path),
+                                      **lora.adapter_settings(config))
+    log.info("adapter: %s; %.2f M parameters", lora.describe_network(config), params / 1e6)
     if config.init_lora:
         check_init_lora(config)
     report = dataset_report.report_for_config(config)
@@ -32,11 +33,16 @@ def preflight(config: TrainConfig) -> list[data.ImageRecord]:
 
 
 def check_init_lora(config: TrainConfig) -> None:
-    """The init_lora file exists, is a Flux LoRA, and has the rank the settings ask for (read from its header)."""
+    """The init_lora file exists, is a Flux LoRA of the settings' network, and has the rank they ask for (read from
+    its header; with block_ranks, loading it checks each module's)."""
     try:
         rank = lora.lora_file_rank(config.init_lora)
+        network = lora.file_network(list(models.read_safetensors_header(config.init_lora).shapes))
     except (ValueError, FileNotFoundError) as e:
         raise type(e)(f"init_lora: {e}") from e
-    if rank != config.rank:
+    if network != config.network:
+        raise ValueError(f"init_lora: {config.init_lora} is a {network} file, but network is {config.network}; set "
+                         f"network to {network} to continue it")
+    if rank is not None and not config.block_ranks and rank != config.rank:
         raise ValueError(f"init_lora: {config.init_lora} has rank {rank}, but rank is {config.rank}; set rank to "
                          f"{rank} to continue that LoRA")

@@ -441,10 +441,10 @@ class TrainingRun:
     def _write_lora(self, path: Path, handle: TrainingHandle, weights: dict, metadata: dict[str, str]) -> None:
         """`weights` (the handle's LoRA or its EMA, a LoRA state) as a LoRA file in the config's format."""
         cfg = self.config
-        if cfg.lora_format == "kohya" and not cfg.dora:
+        if cfg.lora_format == "kohya" and not cfg.dora and cfg.network == "lora":
             lora.save_kohya_state(path, weights, cfg.rank, cfg.alpha, metadata)
             return
-        # written from the adapter: DoRA's scales are measured on the base weights
+        # written from the adapter: DoRA's scales are measured on the base weights, a LoKr's rank read from its layers
         transformer = self._bring_to(handle).transformer
         with validation.lora_weights(transformer, weights):
             lora.save_lora_file(path, transformer, metadata, cfg.lora_format)

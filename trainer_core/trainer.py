@@ -79,6 +79,7 @@ def lora_metadata(config: TrainConfig, step: int, records: Sequence[data.ImageRe
         "training_guidance": str(config.guidance),
         "dora": str(config.dora),
         "lora_format": config.lora_format,
+        **lora.network_metadata(config),
     }
 
 
@@ -121,8 +122,7 @@ class Trainer:
 
         torch.manual_seed(config.seed)  # LoRA dropout draws on the device's own generator
         # the LoRA's init from a CPU generator of the run's seed: the same numbers on any device, swapped or not
-        lora.add_lora(transformer, config.rank, config.alpha, dropout=config.lora_dropout, blocks=config.blocks,
-                      dora=config.dora, generator=torch.Generator().manual_seed(config.seed), layout=config.lora_layout)
+        lora.add_lora(transformer, **lora.adapter_settings(config), generator=torch.Generator().manual_seed(config.seed))
         if config.init_lora:
             lora.load_lora_file(config.init_lora, transformer)
             log.info("LoRA initialised from %s", config.init_lora)
@@ -139,7 +139,8 @@ class Trainer:
             if config.ema_decay else None
         self.validation_samples = validation.validation_samples(held_out if held_out is not None else dataset)
         self.validation: list[dict] = []  # validation.validation_record of each point scored, oldest first
-        self.optimizer = make_optimizer(self.params, config, self.device)
+        self.optimizer = make_optimizer(lora.optimizer_groups(transformer, config.block_lrs, config.learning_rate,
+                                                              config.loraplus_lr_ratio), config, self.device)
         # one CPU generator for noise, timesteps, flips and caption dropout: device-independent and saved with the state
         self.generator = torch.Generator().manual_seed(config.seed)
         self.step, self.epoch, self.cursor = 0, 0, 0

@@ -233,7 +233,7 @@ def _validation_model(trainer: "Trainer", path: str):
     """The other base with an adapter shaped like ours, read from its file (streamed, fp8 as read)."""
     cfg = trainer.config
     model = models.load_transformer(path, dtype=trainer.dtype, device=trainer.load_device(), fp8_base=cfg.fp8_base)
-    lora.add_lora(model, cfg.rank, cfg.alpha, blocks=cfg.blocks, dora=cfg.dora, layout=cfg.lora_layout)
+    lora.add_lora(model, **(lora.adapter_settings(cfg) | {"dropout": 0.0}))  # it only samples
     return model.requires_grad_(False)
 
 

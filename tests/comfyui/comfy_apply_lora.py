@@ -63,7 +63,9 @@ def main() -> None:
 
     lora = comfy.utils.load_torch_file(str(a.lora), safe_load=True)
     key_map = comfy.lora.model_lora_keys_unet(model, {})
-    suffixes = (".lora_up.weight", ".lora_down.weight", ".lora_A.weight", ".lora_B.weight", ".alpha", ".dora_scale")
+    suffixes = (".lora_up.weight", ".lora_down.weight", ".lora_A.weight", ".lora_B.weight", ".alpha", ".dora_scale",
+                *(f".lokr_{w}" for w in ("w1", "w1_a", "w1_b", "w2", "w2_a", "w2_b", "t2")),
+                *(f".hada_{w}" for w in ("w1_a", "w1_b", "w2_a", "w2_b", "t1", "t2")))
     modules = sorted({next((k.removesuffix(x) for x in suffixes if k.endswith(x)), k) for k in lora})
     a.out_dir.mkdir(parents=True, exist_ok=True)
     patched_keys = {}

@@ -1,5 +1,6 @@
-"""Gated: our LoRA files (kohya and diffusers format, LoRA and DoRA), applied by ComfyUI's own LoRA loader to
-ComfyUI's own Flux model, give exactly the BFL weights of our transformer with the LoRA merged by peft.
+"""Gated: our LoRA files (kohya and diffusers format, LoRA and DoRA; LoKr and LoHa in kohya format), applied by
+ComfyUI's own LoRA loader to ComfyUI's own Flux model, give exactly the BFL weights of our transformer with the LoRA
+merged by peft.
 
 ComfyUI runs in its own Python (`comfy_apply_lora.py`, a subprocess), our code in this one; they meet only through
 the files, as they do for users. ComfyUI skips LoRA keys it does not recognise with nothing but a log line, so the
@@ -21,7 +22,9 @@ from trainer_core.models import diffusers_to_bfl, load_transformer
 STRENGTHS = (1.0, 0.5)
 RANK, ALPHA = 4, 2.0  # alpha != rank: a lost .alpha would change the scale
 PROBE = Path(__file__).with_name("comfy_apply_lora.py")
-VARIANTS = [("kohya", False), ("diffusers", False), ("kohya", True), ("diffusers", True)]  # (lora_format, dora)
+# (lora_format, dora, network)
+VARIANTS = [("kohya", False, "lora"), ("diffusers", False, "lora"), ("kohya", True, "lora"),
+            ("diffusers", True, "lora"), ("kohya", False, "lokr"), ("kohya", False, "loha")]
 
 
 @dataclass
@@ -61,15 +64,19 @@ def comfyui_widths(transformer: torch.nn.Module) -> dict:
     }
 
 
-@pytest.fixture(scope="module", params=VARIANTS, ids=lambda v: f"{v[0]}-{'dora' if v[1] else 'lora'}")
+@pytest.fixture(scope="module", params=VARIANTS, ids=lambda v: f"{v[0]}-{'dora' if v[1] else v[2]}")
 def applied(request, tiny_flux, comfyui_dir, comfyui_python, tmp_path_factory):
     """Our LoRA saved, merged by peft, and applied by ComfyUI."""
-    lora_format, dora = request.param
+    lora_format, dora, network = request.param
     folder = tmp_path_factory.mktemp("lora_in_comfyui")
     transformer = load_transformer(tiny_flux.transformer_bf16, dtype=torch.float32)
-    add_lora(transformer, RANK, ALPHA, dora=dora)
+    add_lora(transformer, RANK, ALPHA, dora=dora, network=network)
+    if network == "lokr":  # both of ComfyUI's LoKr rules: a decomposed w2 (alpha / rank) and full factors (scale 1)
+        shapes = {k.rpartition(".")[2] for k in lora_state(transformer)}
+        assert {"lokr_w2", "lokr_w2_a"} <= shapes, shapes
     # peft starts B at zero (a no-op LoRA); random bf16-exact values make every part count and survive the bf16 file
-    # (alpha / rank = 0.5 keeps them exact in the diffusers file, which folds it into B); magnitudes off the norms
+    # (alpha / rank = 0.5 keeps them exact in the diffusers file, which folds it into B, and in a LoKr's full w2);
+    # magnitudes off the norms
     g = torch.Generator().manual_seed(0)
     state = lora_state(transformer)
     load_lora_state(transformer, {

@@ -6,8 +6,9 @@ The adapter lives on diffusers' `FluxTransformer2DModel` (adapter name "default"
 - "split" (diffusers'): one LoRA per diffusers Linear; the kohya file fuses the per-part LoRAs exactly (stacked down,
   block-diagonal up) and `load_kohya_lora` splits them back. Runs made before the fused layout used it.
 
-One module per concern: `adapter` (peft injection, strength, state), `dora`, `formats` (pure state-dict conversions,
-no model) and `files` (save / load). The names other modules use are re-exported here: `lora.add_lora(...)`.
+One module per concern: `adapter` (peft injection, strength, state), `dora`, `lycoris` (LoKr / LoHa layers),
+`per_block` (block ranges: ranks, learning rates), `formats` (pure state-dict conversions, no model) and `files`
+(save / load). The names other modules use are re-exported here: `lora.add_lora(...)`.
 """
 from ..config import LORA_FORMATS, LORA_LAYOUTS
 from .adapter import (
@@ -15,6 +16,7 @@ from .adapter import (
     _kohya_groups,
     _lora_layers,
     _scale,
+    adapter_settings,
     add_lora,
     check_lora_settings,
     load_lora_state,
@@ -22,11 +24,13 @@ from .adapter import (
     lora_parameters_by_name,
     lora_state,
     model_layout,
-    parse_blocks,
+    network_of,
+    optimizer_groups,
     set_lora_strength,
     target_regex,
 )
 from .dora import kohya_dora_scales
+from .per_block import param_groups, parse_block_values, parse_blocks
 from .files import (
     diffusers_state_dict,
     kohya_state_dict,
@@ -38,5 +42,6 @@ from .files import (
     save_kohya_state,
     save_lora_file,
 )
-from .formats import fuse_split_state, kohya_from_lora_state, split_fused_state, state_layout
+from .formats import (describe_network, file_network, fuse_split_state, kohya_from_lora_state, network_metadata,
+                      split_fused_state, state_layout)
 from .linear import FoldedLoraLinear

@@ -12,18 +12,24 @@ from torch import nn
 from ..checkpoints import save_safetensors
 from ..config import LORA_FORMATS
 from ..models import read_safetensors_header
+from . import lycoris
 from .adapter import (ADAPTER, _is_dora, _kohya_groups, _rank_alpha, _require_adapter, _scale, lora_state,
-                      model_layout)
+                      model_layout, network_of)
 from .dora import _comfyui_dora_scale, _magnitude_from_dora_scale, dora_scales_by_linear, kohya_dora_scales
-from .formats import (DIFFUSERS_PREFIX, KOHYA_SUFFIXES, _file_metadata, _preview, _split_fused, fuse_split_state,
-                      kohya_from_lora_state, lora_file_format, split_fused_state)
+from .formats import (DIFFUSERS_PREFIX, KOHYA_SUFFIXES, LYCORIS_KEYS, _file_metadata, _preview, _split_fused,
+                      file_network, fuse_split_state, kohya_from_lora_state, lora_file_format, split_fused_state)
 
 logger = logging.getLogger(__name__)
 
 
 def kohya_state_dict(transformer: nn.Module, dtype: torch.dtype = torch.bfloat16) -> dict[str, torch.Tensor]:
     """The adapter at strength 1 in the kohya layout ComfyUI loads (`kohya_from_lora_state` of its tensors; a DoRA's
-    magnitudes are saved apart, as `kohya_dora_scales`)."""
+    magnitudes are saved apart, as `kohya_dora_scales`). A LoKr / LoHa: its LyCORIS keys (`lycoris.file_tensors`)
+    under the same module names."""
+    if network_of(transformer) != "lora":
+        layers = _require_adapter(transformer)
+        return {f"{key}.{suffix}": tensor for key, (module,) in _kohya_groups(transformer) if module in layers
+                for suffix, tensor in lycoris.file_tensors(layers[module], dtype).items()}
     state = {k: v for k, v in lora_state(transformer).items() if ".lora_magnitude_vector." not in k}
     return kohya_from_lora_state(state, _rank_alpha(transformer)[1], dtype,
                                  out_features=lambda name: transformer.get_submodule(name).out_features)
@@ -114,6 +120,38 @@ def load_kohya_lora(path: str | os.PathLike, transformer: nn.Module) -> dict[str
     return metadata
 
 
+def load_kohya_lycoris(path: Path, state: dict[str, torch.Tensor], transformer: nn.Module) -> None:
+    """A LoKr / LoHa file's tensors (kohya module names, LyCORIS suffixes) into the adapter of that network, which
+    then equals the file (`lycoris.from_file_tensors`); adapter modules the file lacks are zeroed. All is checked
+    before anything is written."""
+    layers = _require_adapter(transformer)
+    groups = dict(_kohya_groups(transformer))
+    suffixes = (*LYCORIS_KEYS[network_of(transformer)], "alpha")
+    modules: dict[str, dict[str, torch.Tensor]] = {}
+    for k, v in state.items():
+        key, _, suffix = k.partition(".")
+        if key not in groups or suffix not in suffixes:
+            raise ValueError(f"{path}: {k} is not a {network_of(transformer)} key of this Flux model's blocks")
+        modules.setdefault(key, {})[suffix] = v
+    new = {}
+    for key, tensors in modules.items():
+        (module,) = groups[key]
+        if module not in layers:
+            raise ValueError(f"{path}: {key} adapts {module}, which the adapter does not cover; set blocks and "
+                             "train_modulation to cover it")
+        new[module] = lycoris.from_file_tensors(layers[module], tensors, f"{path}: {key}")
+    uncovered = sorted(layers.keys() - new.keys())
+    if uncovered:
+        logger.warning("%s has nothing for %d adapter Linears; zeroed: %s", path, len(uncovered), _preview(uncovered))
+    with torch.no_grad():
+        for module, layer in layers.items():
+            if module not in new:
+                lycoris.zero(layer)
+                continue
+            for name, param in lycoris.tensors(layer).items():
+                param.copy_(new[module][name])
+
+
 def diffusers_state_dict(transformer: nn.Module, dtype: torch.dtype = torch.bfloat16) -> dict[str, torch.Tensor]:
     """The adapter at strength 1 as a diffusers/peft Flux LoRA: `transformer.<module>.lora_A.weight` / `.lora_B.weight`
     for every LoRA Linear (q, k, v separate, so r per part instead of the kohya layout's fused k*r), plus
@@ -140,20 +178,28 @@ def save_lora_file(path: str | os.PathLike, transformer: nn.Module, metadata: di
         return
     if lora_format != "diffusers":
         raise ValueError(f"lora_format: {lora_format!r}; choose one of {', '.join(LORA_FORMATS)}")
+    if network_of(transformer) != "lora":
+        raise ValueError(f"lora_format: diffusers has no {network_of(transformer)} format for Flux; use kohya")
     save_safetensors(path, diffusers_state_dict(transformer, dtype),
                      _file_metadata(*_rank_alpha(transformer), metadata))
 
 
-def lora_file_rank(path: str | os.PathLike) -> int:
-    """The LoRA rank of a kohya or diffusers Flux LoRA file, from its header only.
+def lora_file_rank(path: str | os.PathLike) -> int | None:
+    """The LoRA rank of a kohya or diffusers Flux LoRA file, from its header only (None: a LoKr whose factors are all
+    full, in a file that does not say its rank).
 
     The narrowest down / A matrix: kohya files hold the fused qkv / linear1 at rank r (dense) or k*r (ours), every
     other module at r."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"LoRA file {path} does not exist; check the path")
-    shapes = read_safetensors_header(path).shapes  # a pickle, empty, truncated or corrupt file is named and refused
+    header = read_safetensors_header(path)  # a pickle, empty, truncated or corrupt file is named and refused
+    shapes = header.shapes
     lora_format = lora_file_format(path, list(shapes))
+    network = file_network(list(shapes))
+    if network != "lora":  # LoKr: the rank of the decomposed factor; both factors full: the header's ss_network_dim
+        ranks = [shapes[k][0] for k in shapes if k.endswith((".lokr_w2_b", ".hada_w1_b"))]
+        return min(ranks) if ranks else int(header.metadata.get("ss_network_dim", 0)) or None
     downs = [k for k in shapes if k.endswith(".lora_down.weight" if lora_format == "kohya" else ".lora_A.weight")]
     return min(shapes[k][0] for k in downs)
 
@@ -196,6 +242,12 @@ def load_lora_file(path: str | os.PathLike, transformer: nn.Module) -> dict[str,
     that LoRA."""
     path = Path(path)
     state, metadata = _read_lora_file(path)
+    network, ours = file_network(list(state)), network_of(transformer)
+    if network != ours:
+        raise ValueError(f"{path} is a {network} file, the adapter a {ours}; set network to {network} to continue it")
+    if network != "lora":
+        load_kohya_lycoris(path, state, transformer)
+        return metadata
     if lora_file_format(path, list(state)) == "kohya":
         load_kohya_lora(path, transformer)
     else:

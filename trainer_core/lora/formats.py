@@ -2,6 +2,7 @@
 linear1), diffusers' keys, and the fused / split LoRA layouts (`split_fused_state`, `fuse_split_state`)."""
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -31,6 +32,15 @@ LAYOUT_BLOCKS = {
 
 
 KOHYA_SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".alpha", ".dora_scale")
+# LyCORIS' key suffixes per network, as stock ComfyUI reads them (besides `.alpha`)
+LYCORIS_KEYS = {"lokr": ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2"),
+                "loha": ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")}
+
+
+def file_network(keys: Sequence[str]) -> str:
+    """"lora", "lokr" or "loha": the network of a LoRA file, from its keys' suffixes."""
+    suffixes = {k.rpartition(".")[2] for k in keys}
+    return next((n for n, names in LYCORIS_KEYS.items() if suffixes & set(names)), "lora")
 
 
 DIFFUSERS_PREFIX = "transformer."  # diffusers' LoRA files prefix the transformer's module names with it
@@ -211,6 +221,35 @@ def lora_file_format(path: Path, keys: Sequence[str]) -> str:
         return "diffusers"
     raise ValueError(f"{path}: not a Flux LoRA file this trainer reads (kohya lora_unet_* keys, or diffusers "
                      f"<module>.lora_A/lora_B keys); its keys begin {_preview(sorted(keys), 3)}")
+
+
+def network_metadata(config) -> dict[str, str]:
+    """A TrainConfig's network and per-block settings as a LoRA file's header records them: LyCORIS' keys for a
+    LoKr / LoHa (`ss_network_module` lycoris.kohya, `ss_network_args` {"algo": ...}), ours for the rest."""
+    args = {"algo": config.network, "train_modulation": config.train_modulation}
+    if config.network == "lokr":
+        args["factor"] = config.lokr_factor
+    if config.block_ranks:
+        args["block_ranks"] = config.block_ranks
+    out = {"network": config.network, "ss_network_args": json.dumps(args), "block_ranks": config.block_ranks,
+           "block_lrs": config.block_lrs, "train_modulation": str(config.train_modulation),
+           "loraplus_lr_ratio": str(config.loraplus_lr_ratio)}
+    if config.network != "lora":
+        out["ss_network_module"] = "lycoris.kohya"
+    return out
+
+
+def describe_network(config) -> str:
+    """One line for the run's log: the network, its rank (per block too), and what sets the learning rates."""
+    parts = [f"{config.network} rank {config.rank} alpha {config.alpha:g}"]
+    if config.network == "lokr":
+        parts.append(f"lokr_factor {config.lokr_factor}")
+    parts += [f"{name} {getattr(config, name)}" for name in ("block_ranks", "block_lrs") if getattr(config, name)]
+    if config.loraplus_lr_ratio != 1.0:
+        parts.append(f"LoRA+ ratio {config.loraplus_lr_ratio:g}")
+    if not config.train_modulation:
+        parts.append("modulation not trained")
+    return ", ".join(parts)
 
 
 def _file_metadata(rank: int, alpha: float, metadata: dict[str, str]) -> dict[str, str]:

@@ -142,7 +142,7 @@ def detect_file_kind(path: str | Path) -> str:
 
     if metadata.get("format") == STATE_FORMAT:
         return "training_state"
-    if has(".lora_down.") or has(".lora_A.") or has(".lora_B."):
+    if has(".lora_down.") or has(".lora_A.") or has(".lora_B.") or has(".lokr_w") or has(".hada_w"):  # LyCORIS too
         return "lora"
     if has(".quant_state.bitsandbytes__"):
         return "bnb_quantized"

@@ -1,0 +1,116 @@
+"""LoKr and LoHa, peft's LyCORIS layers, per layer: their peft config, a seeded init, and the scale each file key
+carries in the LyCORIS/kohya layout stock ComfyUI loads (`comfy/weight_adapter/lokr.py`, `loha.py`).
+
+peft (like LyCORIS) scales every LoKr / LoHa delta by alpha / r:
+- LoKr: ΔW = (alpha / r) kron(w1, w2), w2 = lokr_w2_a @ lokr_w2_b when r is below half its size, else a full
+  lokr_w2. ComfyUI applies alpha / r only when a factor is decomposed (r = lokr_w2_b's rows); with both factors
+  full it takes scale 1, so such a file carries the scale in lokr_w2.
+- LoHa: ΔW = (alpha / r) (hada_w1_a @ hada_w1_b) * (hada_w2_a @ hada_w2_b); ComfyUI: alpha / hada_w1_b's rows.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from peft import LoHaConfig, LoKrConfig
+from peft.tuners.loha import LoHaLayer
+from peft.tuners.lokr import LoKrLayer
+from peft.tuners.lycoris_utils import LycorisLayer
+from torch import nn
+
+from .linear import ADAPTER
+# network -> (peft layer, the tensors peft starts at zero so that the adapter starts as the base, the tensor whose
+# scale a file's alpha is folded into: the delta is linear in it)
+LYCORIS = {
+    "lokr": (LoKrLayer, ("lokr_w1", "lokr_w1_a"), ("lokr_w2_b", "lokr_w2")),
+    "loha": (LoHaLayer, ("hada_w2_b",), ("hada_w2_b",)),
+}
+NAMES = {"lokr": "LoKr", "loha": "LoHa"}
+
+
+def lycoris_config(network: str, rank: int, alpha: float, target: str, rank_pattern: dict[str, int],
+                   lokr_factor: int = -1):
+    """peft's config of `network` ("lokr" or "loha"): no dropout, w1 of a LoKr full (LyCORIS' default)."""
+    if network == "lokr":
+        return LoKrConfig(r=rank, alpha=alpha, target_modules=target, rank_pattern=rank_pattern,
+                          decompose_factor=lokr_factor)
+    return LoHaConfig(r=rank, alpha=alpha, target_modules=target, rank_pattern=rank_pattern)
+
+
+def layer_network(layer: nn.Module) -> str:
+    """"lokr" or "loha" for a peft LyCORIS layer."""
+    return next(n for n, (cls, _, _) in LYCORIS.items() if isinstance(layer, cls))
+
+
+def tensors(layer: LycorisLayer) -> dict[str, nn.Parameter]:
+    """The layer's trainable tensors by their LyCORIS key suffix (`lokr_w1`, `hada_w2_b`, ...), in peft's order."""
+    return {name: getattr(layer, name)[ADAPTER] for name in layer.adapter_layer_names
+            if ADAPTER in getattr(layer, name)}
+
+
+def init_lycoris(layer: LycorisLayer, dtype: torch.dtype, generator: torch.Generator | None) -> None:
+    """peft's init (the zero tensors zero, the others Kaiming-uniform) in `dtype`, drawn from `generator` (the same
+    numbers on any device) in peft's tensor order; the global torch RNG when None."""
+    zeros = LYCORIS[layer_network(layer)][1]
+    for name, param in tensors(layer).items():
+        value = torch.zeros(param.shape, dtype=dtype)
+        if name not in zeros:
+            nn.init.kaiming_uniform_(value, a=math.sqrt(5), generator=generator)
+        param.data = value.to(param.device)
+
+
+def scale(layer: LycorisLayer) -> float:
+    """The layer's scale at strength 1 (peft's `scaling` also carries the current strength)."""
+    return layer.alpha[ADAPTER] / layer.r[ADAPTER]
+
+
+def comfyui_rank(network: str, keys: dict[str, torch.Tensor]) -> int | None:
+    """The r ComfyUI divides a module's alpha by, from its tensors; None where it applies no alpha (a LoKr with
+    both factors full)."""
+    if network == "loha":
+        return keys["hada_w1_b"].shape[0]
+    decomposed = next((k for k in ("lokr_w2_b", "lokr_w1_b") if k in keys), None)
+    return None if decomposed is None else keys[decomposed].shape[0]
+
+
+def file_tensors(layer: LycorisLayer, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The layer as one module of a LyCORIS file (key suffix -> tensor) that ComfyUI applies as peft's delta at
+    strength 1: its tensors, and `alpha` (float32) where ComfyUI reads one, else the scale folded in."""
+    network = layer_network(layer)
+    out = {name: p.detach().float().cpu() for name, p in tensors(layer).items()}
+    if comfyui_rank(network, out) is None:
+        folded = next(k for k in LYCORIS[network][2] if k in out)
+        out[folded] = out[folded] * scale(layer)
+    else:
+        out["alpha"] = torch.tensor(float(layer.alpha[ADAPTER]), dtype=torch.float32)
+    return {k: v if k == "alpha" else v.to(dtype).contiguous() for k, v in out.items()}
+
+
+def from_file_tensors(layer: LycorisLayer, keys: dict[str, torch.Tensor], where: str) -> dict[str, torch.Tensor]:
+    """Inverse of `file_tensors` for one module of a LyCORIS file (ours or another tool's): the layer's tensors
+    (float32) that make peft's delta equal ComfyUI's at strength 1. Raises naming `where` when the file's factors
+    are not the layer's (another rank or lokr_factor)."""
+    network = layer_network(layer)
+    own = tensors(layer)
+    given = {k: v for k, v in keys.items() if k != "alpha"}
+    shapes = {k: tuple(v.shape) for k, v in given.items()}
+    if shapes != {k: tuple(p.shape) for k, p in own.items()}:
+        raise ValueError(f"{where} has {NAMES[network]} tensors {shapes}, but the adapter's are "
+                         f"{ {k: tuple(p.shape) for k, p in own.items()} }; set rank (and lokr_factor) as the file was "
+                         "trained (ss_network_dim and ss_network_args in its metadata)")
+    rank = comfyui_rank(network, given)
+    file_scale = keys["alpha"].item() / rank if "alpha" in keys and rank is not None else 1.0
+    out = {k: v.float() for k, v in given.items()}
+    if file_scale != scale(layer):
+        folded = next(k for k in LYCORIS[network][2] if k in out)
+        out[folded] = out[folded] * (file_scale / scale(layer))
+    return out
+
+
+def zero(layer: LycorisLayer) -> None:
+    """Make the layer's delta zero (a module a file does not cover), as its init does."""
+    zeros = LYCORIS[layer_network(layer)][1]
+    with torch.no_grad():
+        for name, param in tensors(layer).items():
+            if name in zeros:
+                param.zero_()
