@@ -28,6 +28,9 @@ WEIGHT_FLIPS = dict(
     timestep_sampling="sigmoid", timestep_shift=1.0, guidance=3.5, seed=1, mixed_precision="bf16", fp8_base=True,
     t5_on_cpu=True, lora_layout="split", validation_timesteps=8, validation_split=0.5, validation_dir="held_out",
     validation_every=5, ema_decay=0.9,
+    alpha_mask=True, mask_floor=0.1, prior_loss_weight=0.5, shuffle_caption=True, keep_tokens=2, caption_variants=3,
+    color_jitter=0.5, color_jitter_strength=(0.2, 0.1, 0.1, 0.02), random_crop=0.5, random_crop_scale=0.5,
+    augment_variants=2,
 )
 # and for every setting that changes no weight (blocks_to_swap needs checkpointing, so it is flipped with it)
 NO_WEIGHT_FLIPS = dict(

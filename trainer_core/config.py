@@ -50,6 +50,7 @@ class DatasetEntry:
     trigger_word: str | None = None
     resolutions: tuple[int, ...] | None = None
     repeats: int | None = None
+    is_reg: bool = False  # regularization images (prior preservation): their loss is weighted by prior_loss_weight
 
     def __post_init__(self):
         if self.resolutions is not None:
@@ -80,6 +81,19 @@ class TrainConfig:
     caption_dropout: float = 0.0  # probability of training a step on the empty caption
     cache_dir: str = ""  # disk cache of latents and text embeddings; "" = memory only
     max_sequence_length: int = 512  # T5 tokens; 512 for dev, 256 for schnell
+
+    # --- masks, regularization, caption tags, augmentations
+    alpha_mask: bool = False  # each image's alpha channel is its loss mask (else <stem>_mask.png beside it, or masks/)
+    mask_floor: float = 0.0  # loss weight outside a mask: 0 learns nothing there, e.g. 0.1 keeps a little
+    prior_loss_weight: float = 1.0  # loss weight of regularization images ([[datasets]] entries with is_reg = true)
+    shuffle_caption: bool = False  # shuffle each caption's comma-separated tags at every step
+    keep_tokens: int = 1  # with shuffle_caption: the first N tags stay in place (1: the trigger word stays first)
+    caption_variants: int = 8  # with shuffle_caption: shuffled orders per caption, each encoded once (T5 time, RAM)
+    color_jitter: float = 0.0  # probability that a step sees an image colour-jittered
+    color_jitter_strength: tuple[float, ...] = (0.1, 0.1, 0.1, 0.02)  # brightness, contrast, saturation, hue: largest change
+    random_crop: float = 0.0  # probability that a step sees an image randomly cropped and scaled back to its bucket
+    random_crop_scale: float = 0.8  # smallest crop side as a share of the bucket's side
+    augment_variants: int = 4  # with color_jitter or random_crop: augmented copies per image, each encoded once
 
     # --- LoRA
     rank: int = 16  # LoRA rank: capacity and file size; 16 suits a subject or style
@@ -163,8 +177,8 @@ class TrainConfig:
             own = getattr(entry, name)
             return getattr(self, name) if own is None else own
 
-        return tuple(DatasetEntry(e.dataset_dir, *(value(e, n) for n in ("trigger_word", "resolutions", "repeats")))
-                     for e in self.datasets) or (DatasetEntry(self.dataset_dir, self.trigger_word, self.resolutions,
+        return tuple(DatasetEntry(e.dataset_dir, *(value(e, n) for n in ("trigger_word", "resolutions", "repeats")),
+                                  is_reg=e.is_reg) for e in self.datasets) or (DatasetEntry(self.dataset_dir, self.trigger_word, self.resolutions,
                                                               self.repeats),)
 
     def _validate(self):
@@ -188,6 +202,7 @@ class TrainConfig:
         need(self.repeats >= 1, f"repeats: {self.repeats}; use 1 or more")
         need(self.batch_size >= 1, f"batch_size: {self.batch_size}; use 1 or more")
         need(0.0 <= self.caption_dropout < 1.0, f"caption_dropout: {self.caption_dropout}; use a value in [0, 1)")
+        self._validate_dataset_extras(need)
         need(self.max_sequence_length >= 1, f"max_sequence_length: {self.max_sequence_length}; use 512 (dev) or 256 (schnell)")
         need(self.rank >= 1, f"rank: {self.rank}; use a rank of 1 or more (16 is typical)")
         need(math.isfinite(self.alpha) and self.alpha > 0, f"alpha: {self.alpha}; use a positive number (often equal to rank)")
@@ -250,6 +265,22 @@ class TrainConfig:
         need(0.0 <= self.ema_decay < 1.0, f"ema_decay: {self.ema_decay}; use 0 (off) or a value in (0, 1) such as 0.99")
         need(bool(self.output_name.strip()), "output_name: empty; give a file name stem such as my_lora")
         check_output_name(self.output_name)
+
+    def _validate_dataset_extras(self, need) -> None:
+        need(0.0 <= self.mask_floor <= 1.0, f"mask_floor: {self.mask_floor}; use a weight in [0, 1], e.g. 0.1")
+        need(math.isfinite(self.prior_loss_weight) and self.prior_loss_weight >= 0,
+             f"prior_loss_weight: {self.prior_loss_weight}; use 0 or more (1.0 weighs regularization images as the rest)")
+        need(self.keep_tokens >= 0, f"keep_tokens: {self.keep_tokens}; use 0 or more (1 keeps the trigger word first)")
+        need(self.caption_variants >= 1, f"caption_variants: {self.caption_variants}; use 1 or more, e.g. 8")
+        for name in ("color_jitter", "random_crop"):
+            need(0.0 <= getattr(self, name) <= 1.0, f"{name}: {getattr(self, name)}; use a probability in [0, 1]")
+        strength = self.color_jitter_strength
+        need(len(strength) == 4 and all(0.0 <= v < 1.0 for v in strength) and strength[3] <= 0.5,
+             f"color_jitter_strength: {list(strength)}; give 4 values in [0, 1): brightness, contrast, saturation "
+             "and hue (at most 0.5), e.g. [0.1, 0.1, 0.1, 0.02]")
+        need(0.0 < self.random_crop_scale <= 1.0,
+             f"random_crop_scale: {self.random_crop_scale}; use a share in (0, 1], e.g. 0.8")
+        need(self.augment_variants >= 1, f"augment_variants: {self.augment_variants}; use 1 or more, e.g. 4")
 
     @classmethod
     def from_dict(cls, values: dict, source: str = "config", base_dir: str | Path | None = None) -> "TrainConfig":

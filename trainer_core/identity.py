@@ -54,6 +54,10 @@ SETTING_SIDES = {
     "validation_timesteps": WEIGHTS, "validation_split": WEIGHTS, "validation_dir": WEIGHTS,
     "validation_every": WEIGHTS, "ema_decay": WEIGHTS,
     "ema_on_cpu": NO_WEIGHT,  # where the EMA lives; its numbers are the same fp32 operations
+    # masks, regularization, caption tags, augmentations (masks' and regularization images' files: the dataset side)
+    "alpha_mask": WEIGHTS, "mask_floor": WEIGHTS, "prior_loss_weight": WEIGHTS, "shuffle_caption": WEIGHTS,
+    "keep_tokens": WEIGHTS, "caption_variants": WEIGHTS, "color_jitter": WEIGHTS, "color_jitter_strength": WEIGHTS,
+    "random_crop": WEIGHTS, "random_crop_scale": WEIGHTS, "augment_variants": WEIGHTS,
 }
 
 # Settings added after runs were stored -> the value that reproduces the code before them. At that value a setting is
@@ -62,6 +66,9 @@ SETTING_SIDES = {
 SETTINGS_ADDED: dict[str, object] = {
     "lora_layout": "split", "validation_timesteps": 0, "validation_split": 0.0, "validation_dir": "",
     "validation_every": 0, "ema_decay": 0.0,
+    "alpha_mask": False, "mask_floor": 0.0, "prior_loss_weight": 1.0, "shuffle_caption": False, "keep_tokens": 1,
+    "caption_variants": 8, "color_jitter": 0.0, "color_jitter_strength": (0.1, 0.1, 0.1, 0.02), "random_crop": 0.0,
+    "random_crop_scale": 0.8, "augment_variants": 4,
 }
 
 # the settings a saved state must share with the run that continues it (the optimizer state's shapes, the data order)
