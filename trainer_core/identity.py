@@ -17,6 +17,7 @@ from typing import Sequence
 from .config import DatasetEntry, TrainConfig
 from .content_hash import ContentIndex, content_identity
 from .data import list_files
+from .masks import MASK_FOLDER
 
 # Bump when a change to the code changes the numbers a run trains for the same settings and files (the loss, the
 # optimizer, the LoRA's init or layout, sampling of noise or timesteps, the data order, caching): stored loops of
@@ -88,16 +89,20 @@ class DatasetIdentity:
 
 def dataset_identity(entries: Sequence[DatasetEntry]) -> DatasetIdentity:
     """The identity of a run's data (`TrainConfig.dataset_entries()`): every visible file of each folder and its
-    direct subfolders by name and `_stamp`, and the folder's trigger word, resolutions and repeats. No image is
-    read, so ComfyUI can ask on every queue. The folders' own paths are left out: a dataset moved elsewhere (with
-    its mtimes) keeps its identity."""
+    direct subfolders by name and `_stamp` (and every file of its masks/ folder, however deep), and the folder's
+    trigger word, resolutions, repeats and whether it holds regularization images. No image is read, so ComfyUI
+    can ask on every queue. The folders' own paths are left out: a dataset moved elsewhere (with its mtimes) keeps
+    its identity."""
     listing = []
     for entry in entries:
         folder = Path(entry.dataset_dir).expanduser()
         files = {}
-        for p in list_files(folder)[0] if folder.is_dir() else ():
+        masks = folder / MASK_FOLDER
+        deep = sorted(p for p in masks.rglob("*") if p.is_file()) if masks.is_dir() else []
+        for p in [*(list_files(folder)[0] if folder.is_dir() else ()), *deep]:
             files[p.relative_to(folder).as_posix()] = _stamp(p)
         settings = f"trigger word {entry.trigger_word!r}, resolutions {list(entry.resolutions)}, repeats {entry.repeats}"
+        settings += ", regularization" if entry.is_reg else ""  # only then: earlier runs keep their identity
         listing.append({"folder": str(folder), "settings": settings, "files": files})
     return DatasetIdentity(_digest([[f["settings"], f["files"]] for f in listing]), listing)
 
