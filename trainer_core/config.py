@@ -29,16 +29,23 @@ LORA_FORMATS = ("kohya", "diffusers")
 LORA_LAYOUTS = ("fused", "split")
 
 
-def _parse_resolutions(value) -> tuple[int, ...]:
+def _parse_list(value, name: str, convert: type, example: str):
+    """A list setting given as text ("512,768", "0.1 0.1") or one number -> a list; its items are then checked to be
+    of the field's type by `check_fields`."""
     if isinstance(value, str):
         parts = [p for p in value.replace(";", ",").replace(" ", ",").split(",") if p]
         try:
-            value = [int(p) for p in parts]
+            value = [convert(p) for p in parts]
         except ValueError:
-            raise ValueError(f"resolutions: {value!r} is not a list of whole numbers; write e.g. '512' or '512,768,1024'")
-    if isinstance(value, int):
+            kind = "whole numbers" if convert is int else "numbers"
+            raise ValueError(f"{name}: {value!r} is not a list of {kind}; write e.g. {example}")
+    if isinstance(value, (int, float)):
         value = [value]
-    return value  # each entry is then checked to be a whole number by `check_fields`
+    return value
+
+
+def _parse_resolutions(value) -> tuple[int, ...]:
+    return _parse_list(value, "resolutions", int, "'512' or '512,768,1024'")
 
 
 @dataclass(frozen=True)
@@ -150,6 +157,8 @@ class TrainConfig:
 
     def __post_init__(self):
         object.__setattr__(self, "resolutions", _parse_resolutions(self.resolutions))
+        object.__setattr__(self, "color_jitter_strength", _parse_list(self.color_jitter_strength,
+                                                                      "color_jitter_strength", float, "'0.1,0.1,0.1,0.02'"))
         object.__setattr__(self, "datasets", tuple(self._dataset_entry(i, e) for i, e in enumerate(self.datasets)))
         check_fields(self)
         self._validate()
