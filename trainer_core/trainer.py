@@ -58,6 +58,7 @@ class StepInfo:
 def lora_metadata(config: TrainConfig, step: int, records: Sequence[data.ImageRecord], base_fingerprint: str
                   ) -> dict[str, str]:
     """The settings a LoRA file carries in its header (kohya's `ss_*` keys, which tools and ComfyUI show)."""
+    reg = {r.path for r in records if r.is_reg}
     return {
         "ss_base_model_version": "flux1",
         "ss_network_module": "networks.lora_flux",
@@ -65,7 +66,8 @@ def lora_metadata(config: TrainConfig, step: int, records: Sequence[data.ImageRe
         "ss_network_alpha": str(config.alpha),
         "ss_steps": str(step),
         "ss_resolution": ",".join(dict.fromkeys(str(r) for e in config.dataset_entries() for r in e.resolutions)),
-        "ss_num_train_images": str(len({r.path for r in records})),
+        "ss_num_train_images": str(len({r.path for r in records} - reg)),
+        **({"ss_num_reg_images": str(len(reg))} if reg else {}),
         "ss_learning_rate": str(config.learning_rate),
         "ss_optimizer": config.optimizer,
         "ss_seed": str(config.seed),
