@@ -328,3 +328,31 @@ def test_resume_is_exact_with_regularization_shuffled_captions_augmentations_and
     assert split.losses == straight.losses
     assert len(straight.dataset.caption_variants) == 2
     assert all(len(v) == 3 for c, v in straight.dataset.caption_variants.items() if c.count(",") > 2)
+
+
+# --- settings ----------------------------------------------------------------------------------------------------
+
+
+def test_the_toml_and_the_node_mark_regularization_folders_and_settings_are_checked(tmp_path, monkeypatch):
+    paths = {"transformer_path": "t", "vae_path": "v", "clip_path": "c", "t5_path": "t5"}
+    config = TrainConfig.from_dict({**paths, "trigger_word": "sks", "datasets": [
+        {"dataset_dir": "a"}, {"dataset_dir": "b", "trigger_word": "", "is_reg": True}],
+        "color_jitter_strength": "0.2, 0.1, 0.1, 0.05"})
+    assert [(e.trigger_word, e.is_reg) for e in config.dataset_entries()] == [("sks", False), ("", True)]
+    assert config.color_jitter_strength == (0.2, 0.1, 0.1, 0.05)
+    for values, match in ((dict(mask_floor=1.5), "mask_floor: 1.5"), (dict(prior_loss_weight=-1.0), "prior_loss_w"),
+                          (dict(color_jitter=2.0), "color_jitter: 2.0"), (dict(caption_variants=0), "caption_vari"),
+                          (dict(color_jitter_strength=[0.1, 0.1]), "color_jitter_strength: \\[0.1, 0.1\\]"),
+                          (dict(random_crop_scale=0.0), "random_crop_scale"), (dict(augment_variants=0), "augment_v"),
+                          (dict(datasets=[{"dataset_dir": "a", "is_reg": "maybe"}]), "datasets\\[0\\].is_reg")):
+        with pytest.raises(ValueError, match=match):
+            TrainConfig.from_dict({**paths, "dataset_dir": "" if "datasets" in values else "a", **values})
+
+    from nodes.init_trainer import parse_datasets
+
+    monkeypatch.setenv("FLUX_LORA_TRAINER_BASE_DIR", str(tmp_path))
+    (tmp_path / "input" / "cats").mkdir(parents=True)
+    entries = parse_datasets("cats\ncats | | | | reg", "sks", "512", 1)
+    assert [e.is_reg for e in entries] == [False, True]
+    with pytest.raises(ValueError, match="line 1: .* has 5 parts"):
+        parse_datasets("cats|a|512|1|extra\ncats", "", "512", 1)
