@@ -127,7 +127,7 @@ def background(image: Image.Image) -> np.ndarray:
     return pixels[np.hypot(yy - h / 2 + 0.5, xx - w / 2 + 0.5) > 0.4 * min(h, w)].mean(axis=0)
 
 
-def background_shift(cells: dict[float, Image.Image]) -> float:
+def background_shift(cells: dict) -> float:
     """How far the background colour moves from strength 0 (the base) to strength 1 (RGB distance, of 441)."""
     return float(np.linalg.norm(background(cells[1.0]) - background(cells[0.0])))
 
@@ -135,25 +135,26 @@ def background_shift(cells: dict[float, Image.Image]) -> float:
 @pytest.fixture(scope="module")
 def masked_demo(tmp_path_factory) -> dict[float, Image.Image]:
     """The demo's run on the demo's pictures, each with a mask on the subject's disc (mask_floor 0): the prompt
-    sampled at strength 0 and 1 as the demo's grid samples it."""
+    sampled at strength 0 and 1 as the demo's grid samples it, and the training pictures' mean subject score."""
     out = tmp_path_factory.mktemp("masked_demo")
     dataset = write_demo_dataset(out / "dataset")
     for picture in sorted(dataset.glob("glyph_??.png")):
         mask = Image.new("L", (SIZE, SIZE), 0)
         draw_shape(ImageDraw.Draw(mask), "circle", 255, SIZE / 2, SIZE / 2, SIZE * 0.3)
         mask.save(picture.with_name(f"{picture.stem}_mask.png"))
-    config = demo_config(demo_stack(), dataset, out / "loras", 200).replace(lora_layout="split", tensorboard=False)
+    # half the demo's steps: with masks the subject comes in sooner (the whole loss is on it)
+    config = demo_config(demo_stack(), dataset, out / "loras", 100).replace(lora_layout="split", tensorboard=False)
     trainer = Trainer.from_config(config)
     assert all(s.mask is not None for s in trainer.dataset.samples)
-    trainer.train(200)
+    trainer.train(100)
     cells = {s: trainer.sample([PROMPT], strength=s, steps=12, width=SIZE, height=SIZE, seed=1)[0] for s in (0.0, 1.0)}
+    cells["dataset_score"] = float(np.mean([subject_score(Image.open(p)) for p in sorted(dataset.glob("glyph_??.png"))]))
     trainer.release()
     return cells
 
 
-def test_with_masks_on_the_subject_the_subject_is_learned(demo, masked_demo):
-    _, _, summary = demo
-    target = float(np.mean(summary["dataset_scores"]))
+def test_with_masks_on_the_subject_the_subject_is_learned(masked_demo):
+    target = masked_demo["dataset_score"]  # as in the unmasked demo's test: the training pictures' own score
     assert subject_score(masked_demo[0.0]) < 0.01 * target
     assert subject_score(masked_demo[1.0]) >= 0.5 * target, (subject_score(masked_demo[1.0]), target)
 
