@@ -15,7 +15,8 @@ from .init_trainer import DATASET_DIR_TOOLTIP, dataset_path, parse_datasets
 class DatasetReport:
     DESCRIPTION = ("The dataset as training will see it, without loading a model: images used and skipped, buckets "
                    "and upscaling, near-duplicates, missing / empty / over-long captions, trigger-word coverage, "
-                   "caption words; and a contact sheet with the problem images framed in red.")
+                   "masks and regularization images, caption words; and a contact sheet with the problem images "
+                   "framed in red.")
     CATEGORY = CATEGORY
     RETURN_TYPES = ("STRING", "IMAGE")
     RETURN_NAMES = ("report", "contact_sheet")
@@ -32,13 +33,15 @@ class DatasetReport:
             "repeats": ("INT", {"default": 1, "min": 1, "max": 1000, "tooltip": "Times each image is seen per epoch."}),
             "max_sequence_length": ("INT", {"default": 512, "min": 1, "max": 512, "tooltip": "T5 tokens a caption "
                                             "may use (512 for Flux-dev); longer captions are named."}),
+            "alpha_mask": ("BOOLEAN", {"default": False, "tooltip": "Each image's alpha channel is its loss mask, "
+                           "as InitTrainer's alpha_mask."}),
         }}
 
-    def report(self, dataset_dir, trigger_word, resolutions, repeats, max_sequence_length):
+    def report(self, dataset_dir, trigger_word, resolutions, repeats, max_sequence_length, alpha_mask=False):
         tokenizers = comfy_bridge.tokenizer_dirs()  # ComfyUI's own T5 tokenizer files count the caption tokens
         report = build_report(parse_datasets(dataset_dir, trigger_word, resolutions, repeats),
                               t5_tokenizer=load_t5_tokenizer(tokenizers[1] if tokenizers else ""),
-                              token_limit=max_sequence_length)
+                              token_limit=max_sequence_length, alpha_mask=alpha_mask)
         out = image_output([report.contact_sheet()])
         return {"ui": {**out["ui"], "text": [report.summary()]}, "result": (report.text(), *out["result"])}
 

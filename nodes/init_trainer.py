@@ -73,21 +73,22 @@ def dataset_path(value: str, widget: str = "dataset_dir") -> Path:
 
 def parse_datasets(dataset_dir: str, trigger_word: str, resolutions: str, repeats: int) -> list[DatasetEntry]:
     """The dataset_dir widget: one folder, or one entry per line `folder | trigger word | resolutions | repeats`,
-    where a part left out (or empty) takes its widget's value."""
+    where a part left out (or empty) takes its widget's value; a fifth part `reg` marks regularization images."""
     lines = [line for line in dataset_dir.splitlines() if line.strip()] or [""]
     entries = []
     for n, line in enumerate(lines, 1):
         where = f"dataset_dir line {n}" if len(lines) > 1 else "dataset_dir"
         parts = [p.strip() for p in line.split("|")]
-        if len(parts) > 4:
+        if len(parts) > 5 or (len(parts) == 5 and parts[4].lower() not in ("reg", "")):
             raise ValueError(f"{where}: {line!r} has {len(parts)} parts; write folder | trigger word | resolutions "
-                             "| repeats")
-        folder, trigger, res, reps = parts + [""] * (4 - len(parts))
+                             "| repeats, and | reg for regularization images")
+        folder, trigger, res, reps, reg = parts + [""] * (5 - len(parts))
         if reps and not reps.isdigit():
             raise ValueError(f"{where}: repeats {reps!r} is not a whole number; write e.g. 10")
         path = str(dataset_path(folder))  # its errors name the folder
         try:
-            entries.append(DatasetEntry(path, trigger or trigger_word, res or resolutions, int(reps) if reps else repeats))
+            entries.append(DatasetEntry(path, trigger or trigger_word, res or resolutions, int(reps) if reps else repeats,
+                                        is_reg=reg.lower() == "reg"))
         except ValueError as e:  # resolutions that are not numbers
             raise ValueError(f"{where}: {e}") from e
     return entries
@@ -190,7 +191,7 @@ DATASET_DIR_TOOLTIP = (
     "Folder of images with same-name .txt captions: an absolute path, or a folder name inside ComfyUI's input folder. "
     "Kohya subfolders '10_ohwx woman' repeat their images 10 times (and give the trigger word when it is empty). "
     "Several datasets: one per line, 'folder | trigger word | resolutions | repeats'; parts left out take the "
-    "widgets' values.")
+    "widgets' values. Regularization images: end the line with '| reg'.")
 
 
 class InitTrainer:
@@ -320,6 +321,30 @@ class InitTrainer:
             "loraplus_lr_ratio": ("FLOAT", {"default": d["loraplus_lr_ratio"], "min": 0.01, "max": 1000.0,
                                   "step": 0.5, "tooltip": "LoRA+: the up-projections (lora_B) learn this many times "
                                   "faster (16 is common); 1 = off. LoRA only."}),
+            # masks, regularization, caption tags, augmentations
+            "alpha_mask": ("BOOLEAN", {"default": d["alpha_mask"], "tooltip": "Use each image's alpha channel as its "
+                           "loss mask (else a <name>_mask.png beside it, or masks/<name>.png, is used if present)."}),
+            "mask_floor": ("FLOAT", {"default": d["mask_floor"], "min": 0.0, "max": 1.0, "step": 0.01, "tooltip":
+                           "Loss weight outside a mask: 0 learns nothing there, 0.1 keeps a little."}),
+            "prior_loss_weight": ("FLOAT", {"default": d["prior_loss_weight"], "min": 0.0, "max": 10.0, "step": 0.05,
+                                  "tooltip": "Loss weight of regularization images (a dataset_dir line ending in "
+                                  "'| reg')."}),
+            "shuffle_caption": ("BOOLEAN", {"default": d["shuffle_caption"], "tooltip": "Shuffle each caption's "
+                                "comma-separated tags at every step (keep_tokens stay first)."}),
+            "keep_tokens": ("INT", {"default": d["keep_tokens"], "min": 0, "max": 100, "tooltip": "Tags that stay "
+                            "in place when shuffling; 1 keeps the trigger word first."}),
+            "caption_variants": ("INT", {"default": d["caption_variants"], "min": 1, "max": 256, "tooltip":
+                                 "Shuffled tag orders per caption, each encoded once (more: more T5 time and RAM)."}),
+            "color_jitter": ("FLOAT", {"default": d["color_jitter"], "min": 0.0, "max": 1.0, "step": 0.05, "tooltip":
+                             "Probability that a step sees an image colour-jittered; 0 = off."}),
+            "color_jitter_strength": ("STRING", {"default": ",".join(map(str, d["color_jitter_strength"])),
+                                      "tooltip": "Largest change of brightness, contrast, saturation and hue."}),
+            "random_crop": ("FLOAT", {"default": d["random_crop"], "min": 0.0, "max": 1.0, "step": 0.05, "tooltip":
+                            "Probability that a step sees an image randomly cropped (and scaled back); 0 = off."}),
+            "random_crop_scale": ("FLOAT", {"default": d["random_crop_scale"], "min": 0.1, "max": 1.0, "step": 0.05,
+                                  "tooltip": "Smallest crop side as a share of the image's bucket."}),
+            "augment_variants": ("INT", {"default": d["augment_variants"], "min": 1, "max": 64, "tooltip":
+                                 "Jittered / cropped copies of each image, each encoded once (RAM, disk cache)."}),
         }, "hidden": {"prompt": "PROMPT", "unique_id": "UNIQUE_ID"}}  # the queued graph: total_steps auto
 
     @classmethod

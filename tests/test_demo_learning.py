@@ -8,12 +8,14 @@ import random
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from numerics import assert_ulps
 from trainer_core import models
-from trainer_core.demo import DEMO_BACKGROUNDS, STRENGTHS, run_demo, subject_score, write_demo_dataset
-from trainer_core.demo_stack import COLOURS, SIZE, SUBJECT_COLOURS, demo_stack, demo_vae, world_picture
+from trainer_core.demo import (DEMO_BACKGROUNDS, PROMPT, STRENGTHS, demo_config, run_demo, subject_score,
+                               write_demo_dataset)
+from trainer_core.demo_stack import COLOURS, SIZE, SUBJECT_COLOURS, demo_stack, demo_vae, draw_shape, world_picture
+from trainer_core.trainer import Trainer
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
@@ -111,3 +113,58 @@ def test_writing_the_demo_dataset_again_keeps_its_files_and_so_its_identity(tmp_
     (folder / "glyph_00.txt").write_text("edited")
     write_demo_dataset(tmp_path)
     assert (folder / "glyph_00.txt").read_text() == "a glyph on a teal background"
+
+
+# --- masked training on the demo ---------------------------------------------------------------------------------
+
+
+def background(image: Image.Image) -> np.ndarray:
+    """The mean RGB of a picture's border: the pixels farther from the centre than 0.4 of its side (the subject's
+    disc has radius 0.3)."""
+    pixels = np.asarray(image.convert("RGB"), dtype=np.float32)
+    h, w = pixels.shape[:2]
+    yy, xx = np.mgrid[:h, :w]
+    return pixels[np.hypot(yy - h / 2 + 0.5, xx - w / 2 + 0.5) > 0.4 * min(h, w)].mean(axis=0)
+
+
+def background_shift(cells: dict) -> float:
+    """How far the background colour moves from strength 0 (the base) to strength 1 (RGB distance, of 441)."""
+    return float(np.linalg.norm(background(cells[1.0]) - background(cells[0.0])))
+
+
+@pytest.fixture(scope="module")
+def masked_demo(tmp_path_factory) -> dict[float, Image.Image]:
+    """The demo's run on the demo's pictures, each with a mask on the subject's disc (mask_floor 0): the prompt
+    sampled at strength 0 and 1 as the demo's grid samples it, and the training pictures' mean subject score."""
+    out = tmp_path_factory.mktemp("masked_demo")
+    dataset = write_demo_dataset(out / "dataset")
+    for picture in sorted(dataset.glob("glyph_??.png")):
+        mask = Image.new("L", (SIZE, SIZE), 0)
+        draw_shape(ImageDraw.Draw(mask), "circle", 255, SIZE / 2, SIZE / 2, SIZE * 0.3)
+        mask.save(picture.with_name(f"{picture.stem}_mask.png"))
+    # half the demo's steps: with masks the subject comes in sooner (the whole loss is on it)
+    config = demo_config(demo_stack(), dataset, out / "loras", 100).replace(lora_layout="split", tensorboard=False)
+    trainer = Trainer.from_config(config)
+    assert all(s.mask is not None for s in trainer.dataset.samples)
+    trainer.train(100)
+    cells = {s: trainer.sample([PROMPT], strength=s, steps=12, width=SIZE, height=SIZE, seed=1)[0] for s in (0.0, 1.0)}
+    cells["dataset_score"] = float(np.mean([subject_score(Image.open(p)) for p in sorted(dataset.glob("glyph_??.png"))]))
+    trainer.release()
+    return cells
+
+
+def test_with_masks_on_the_subject_the_subject_is_learned(masked_demo):
+    target = masked_demo["dataset_score"]  # as in the unmasked demo's test: the training pictures' own score
+    assert subject_score(masked_demo[0.0]) < 0.01 * target
+    assert subject_score(masked_demo[1.0]) >= 0.5 * target, (subject_score(masked_demo[1.0]), target)
+
+
+@pytest.mark.xfail(strict=True, reason="on the demo stack a LoRA trained with masks (mask_floor 0) spreads the "
+                   "subject's colours over the whole picture: nothing outside the mask holds it back, and this small "
+                   "base's LoRA finds a global colour shift the cheapest way to draw the subject")
+def test_with_masks_the_background_moves_at_most_half_as_far_as_without(demo, masked_demo):
+    _, _, summary = demo
+    unmasked = {c["strength"]: Image.open(c["path"]) for c in summary["cells"]
+                if c["step"] == 200 and c["lora"] == "raw" and c["strength"] in (0.0, 1.0)}
+    assert background_shift(masked_demo) <= 0.5 * background_shift(unmasked), \
+        (background_shift(masked_demo), background_shift(unmasked))

@@ -7,10 +7,11 @@ loads the VAE only then never holds two models on the device.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 from collections.abc import Callable, Hashable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple, Protocol, TypeVar
 
@@ -18,9 +19,12 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from . import augment
+from .augment import PLAIN, AugmentSettings, Variant
 from .checkpoints import save_safetensors
 from .content_hash import content_identity
-from .data import ImageRecord, load_image
+from .data import ImageRecord, load_image, load_mask
+from .masks import latent_mask
 
 if TYPE_CHECKING:
     from diffusers import AutoencoderKL
@@ -46,6 +50,7 @@ class CachedSample:
     latents: (C, H/8, W/8) float32, (mode of the VAE posterior - shift_factor) * scaling_factor. The mode, not a
         sample, so that the cache is deterministic and a disk cache stays valid.
     prompt_embeds: (L, D) and pooled: (D',) in the text encoders' dtype.
+    mask: (1, H/8, W/8) float32 in [0, 1], each latent's share of its mask's pixels; None without a mask.
     control_latents: Kontext: the control image's latents, like `latents` (the same bucket and flip); else None.
     """
 
@@ -54,6 +59,8 @@ class CachedSample:
     pooled: torch.Tensor
     caption: str
     bucket: tuple[int, int]
+    mask: torch.Tensor | None = None
+    is_reg: bool = False
     control_latents: torch.Tensor | None = None
 
 
@@ -68,12 +75,26 @@ class CachedDataset:
     samples: list[CachedSample]  # samples[i] encodes records[i]; repeats share their tensors
     flipped: list[CachedSample] | None  # flipped[i]: samples[i] with the image mirrored, same text; None without flip
     empty_prompt: tuple[torch.Tensor, torch.Tensor]  # (L, D), (D',) embeddings of "", swapped in for caption dropout
+    # (flip, variant) -> the samples with that augmented copy of their image (`augment.variants`); empty without
+    augmented: dict[tuple[bool, Variant], list[CachedSample]] = dataclasses.field(default_factory=dict)
+    # caption -> embeddings of each of its shuffled tag orders, itself first (`augment.caption_variants`); empty without
+    caption_variants: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = dataclasses.field(default_factory=dict)
+
+    def sample(self, index: int, flip: bool, variant: Variant = PLAIN) -> CachedSample:
+        """Record `index`'s sample, mirrored or not, in the augmented copy `variant`."""
+        if variant == PLAIN:
+            return (self.flipped if flip else self.samples)[index]
+        return self.augmented[(flip, variant)][index]
+
+    def all_samples(self) -> list[CachedSample]:
+        return [*self.samples, *(self.flipped or ()), *(s for v in self.augmented.values() for s in v)]
 
 
 class _ImageKey(NamedTuple):
     path: Path
     bucket: tuple[int, int]
     flip: bool
+    variant: Variant = PLAIN
 
 
 def cache_text(
@@ -111,6 +132,9 @@ def cache_dataset(
     batch_size: int = 1,
     encoder_identity: str = "",
     on_progress: Callable[[int, int], None] | None = None,
+    variants: Sequence[Variant] = (),
+    augment_settings: AugmentSettings | None = None,
+    caption_variants: dict[str, list[str]] | None = None,
 ) -> CachedDataset:
     """Encode every distinct (image, bucket, flip) with the VAE and every distinct caption, plus "", once.
 
@@ -123,15 +147,21 @@ def cache_dataset(
 
     `batch_size` images of one bucket go through the VAE together. `on_progress(done, total)` is called as items
     complete. Tensors come back as ordinary tensors even under `torch.inference_mode`.
+
+    A record's mask (`data.load_mask`, downsampled to the latent grid) is cached with its latents and keyed on the
+    mask file's bytes too. `variants` (with `augment_settings`): augmented copies of every image, encoded as well.
+    `caption_variants`: each caption's shuffled tag orders, whose embeddings are looked up in the text cache.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size: {batch_size} must be at least 1")
     _check_identity(cache_dir, encoder_identity)
     flips = (False, True) if flip else (False,)
-    record_of = {_ImageKey(r.path, r.bucket, f): r for r in records for f in flips}
-    record_of |= {_ImageKey(r.control, r.bucket, f): replace(r, path=r.control, control=None)
-                  for r in records if r.control is not None for f in flips}  # Kontext: controls encode as images do
-    captions = list(dict.fromkeys(["", *(r.caption for r in records)]))
+    record_of = {_ImageKey(r.path, r.bucket, f, v): r for r in records for f in flips for v in (PLAIN, *variants)}
+    # Kontext: controls encode as images do, at their target's bucket and flip (augmentations are refused for Kontext)
+    record_of |= {_ImageKey(r.control, r.bucket, f, PLAIN): dataclasses.replace(r, path=r.control, control=None, mask=None)
+                  for r in records if r.control is not None for f in flips}
+    captions = list(dict.fromkeys(["", *(r.caption for r in records),
+                                   *(c for r in records for c in (caption_variants or {}).get(r.caption, ()))]))
     total = len(record_of) + (0 if isinstance(text_encoders, dict) else len(captions))
     advance = _Progress(total, on_progress)
     if isinstance(text_encoders, dict):
@@ -145,15 +175,29 @@ def cache_dataset(
     latent_files = None
     if cache_dir is not None:
         cache_dir = Path(cache_dir)
-        digests = {path: content_identity(path) for path in {key.path for key in record_of}}
-        latent_files = {
-            k: cache_dir / f"latents-{_hash(encoder_identity, digests[k.path], k.bucket, k.flip)}.safetensors"
-            for k in record_of
-        }
+        files = {r.path for r in record_of.values()} | {r.mask for r in record_of.values() if r.mask is not None}
+        digests = {path: content_identity(path) for path in files}
+
+        def name(k: _ImageKey) -> str:  # an unmasked, unaugmented image keeps the key it had before either existed
+            mask = record_of[k].mask
+            extra = () if mask is None else (("mask", "alpha" if mask == k.path else digests[mask]),)
+            extra += () if k.variant == PLAIN else (tuple(params(k)),)
+            return _hash(encoder_identity, digests[k.path], k.bucket, k.flip, *extra)
+
+        latent_files = {k: cache_dir / f"latents-{name(k)}.safetensors" for k in record_of}
+
+    def params(k: _ImageKey) -> augment.Augment:
+        return augment.params(k.variant, k.path.name, k.bucket, augment_settings) if k.variant != PLAIN \
+            else augment.NO_AUGMENT
 
     def encode_images(keys: list[_ImageKey]) -> list[Tensors]:
-        pixels = torch.stack([load_image(record_of[k], flip=k.flip) for k in keys])  # (B, 3, H, W)
-        return [{"latents": x} for x in encode_pixels(vae, pixels)]
+        pixels = torch.stack([load_image(record_of[k], k.flip, params(k)) for k in keys])  # (B, 3, H, W)
+        out = [{"latents": x} for x in encode_pixels(vae, pixels)]
+        for k, tensors in zip(keys, out):
+            mask = load_mask(record_of[k], k.flip, params(k))
+            if mask is not None:
+                tensors["mask"] = latent_mask(mask)
+        return out
 
     # ComfyUI runs nodes under inference_mode, whose tensors the training step could not save for backward
     with torch.inference_mode(False), torch.no_grad():
@@ -161,17 +205,22 @@ def cache_dataset(
             "latents", list(record_of), encode_images, lambda k: k.bucket, batch_size, latent_files, advance
         )
 
-    def sample(record: ImageRecord, flipped: bool) -> CachedSample:
-        z = latents[_ImageKey(record.path, record.bucket, flipped)]["latents"]
+    def sample(record: ImageRecord, flipped: bool, variant: Variant = PLAIN) -> CachedSample:
+        encoded = latents[_ImageKey(record.path, record.bucket, flipped, variant)]
         t = text[record.caption]
-        control = None if record.control is None else latents[_ImageKey(record.control, record.bucket, flipped)]["latents"]
-        return CachedSample(z, t["prompt_embeds"], t["pooled"], record.caption, record.bucket, control)
+        control = None if record.control is None else latents[_ImageKey(record.control, record.bucket, flipped, PLAIN)]
+        return CachedSample(encoded["latents"], t["prompt_embeds"], t["pooled"], record.caption, record.bucket,
+                            encoded.get("mask"), record.is_reg, None if control is None else control["latents"])
 
     return CachedDataset(
         records=list(records),
         samples=[sample(r, False) for r in records],
         flipped=[sample(r, True) for r in records] if flip else None,
         empty_prompt=(text[""]["prompt_embeds"], text[""]["pooled"]),
+        augmented={(f, v): [sample(r, f, v) for r in records] for f in ((False, True) if flip else (False,))
+                   for v in variants},
+        caption_variants={c: [(text[o]["prompt_embeds"], text[o]["pooled"]) for o in orders]
+                          for c, orders in (caption_variants or {}).items()},
     )
 
 

@@ -224,7 +224,8 @@ def _report(args) -> None:
     else:
         entry = DatasetEntry(str(path), args.trigger_word, args.resolutions, args.repeats)
         report = build_report([entry], t5_tokenizer=load_t5_tokenizer(args.t5_tokenizer),
-                              token_limit=args.max_sequence_length, thumbnails=bool(args.sheet))
+                              token_limit=args.max_sequence_length, thumbnails=bool(args.sheet),
+                              alpha_mask=args.alpha_mask)
     print(report.text())
     if args.sheet:
         atomic_write(args.sheet, lambda tmp: report.contact_sheet().save(tmp, format="PNG"))
@@ -298,6 +299,8 @@ def main(argv: list[str] | None = None) -> int:
     report.add_argument("--t5-tokenizer", default="", help="for a folder: a T5 tokenizer folder (tokenizer.json), "
                                                           "to count caption tokens")
     report.add_argument("--max-sequence-length", type=int, default=512, help="T5 tokens a caption may use")
+    report.add_argument("--alpha-mask", action="store_true", help="for a folder: each image's alpha channel is its "
+                        "loss mask, as alpha_mask = true")
     report.add_argument("--sheet", help="also write a contact sheet of the images to this PNG")
     report.set_defaults(run=_report)
     caption = sub.add_parser("caption", help="write a caption for each image without one, with a local Florence-2")

@@ -31,16 +31,23 @@ MODEL_TYPES = ("flux", "kontext")
 NETWORKS = ("lora", "lokr", "loha")
 
 
-def _parse_resolutions(value) -> tuple[int, ...]:
+def _parse_list(value, name: str, convert: type, example: str):
+    """A list setting given as text ("512,768", "0.1 0.1") or one number -> a list; its items are then checked to be
+    of the field's type by `check_fields`."""
     if isinstance(value, str):
         parts = [p for p in value.replace(";", ",").replace(" ", ",").split(",") if p]
         try:
-            value = [int(p) for p in parts]
+            value = [convert(p) for p in parts]
         except ValueError:
-            raise ValueError(f"resolutions: {value!r} is not a list of whole numbers; write e.g. '512' or '512,768,1024'")
-    if isinstance(value, int):
+            kind = "whole numbers" if convert is int else "numbers"
+            raise ValueError(f"{name}: {value!r} is not a list of {kind}; write e.g. {example}")
+    if isinstance(value, (int, float)):
         value = [value]
-    return value  # each entry is then checked to be a whole number by `check_fields`
+    return value
+
+
+def _parse_resolutions(value) -> tuple[int, ...]:
+    return _parse_list(value, "resolutions", int, "'512' or '512,768,1024'")
 
 
 @dataclass(frozen=True)
@@ -53,6 +60,7 @@ class DatasetEntry:
     resolutions: tuple[int, ...] | None = None
     repeats: int | None = None
     control_dir: str | None = None  # Kontext: the control (input) images, each named as its target image
+    is_reg: bool = False  # regularization images (prior preservation): their loss is weighted by prior_loss_weight
 
     def __post_init__(self):
         if self.resolutions is not None:
@@ -85,6 +93,19 @@ class TrainConfig:
     cache_dir: str = ""  # disk cache of latents and text embeddings; "" = memory only
     max_sequence_length: int = 512  # T5 tokens; 512 for dev, 256 for schnell
     control_dir: str = ""  # Kontext: control images named as their targets in dataset_dir (same stem, any image type)
+
+    # --- masks, regularization, caption tags, augmentations
+    alpha_mask: bool = False  # each image's alpha channel is its loss mask (else <stem>_mask.png beside it, or masks/)
+    mask_floor: float = 0.0  # loss weight outside a mask: 0 learns nothing there, e.g. 0.1 keeps a little
+    prior_loss_weight: float = 1.0  # loss weight of regularization images ([[datasets]] entries with is_reg = true)
+    shuffle_caption: bool = False  # shuffle each caption's comma-separated tags at every step
+    keep_tokens: int = 1  # with shuffle_caption: the first N tags stay in place (1: the trigger word stays first)
+    caption_variants: int = 8  # with shuffle_caption: shuffled orders per caption, each encoded once (T5 time, RAM)
+    color_jitter: float = 0.0  # probability that a step sees an image colour-jittered
+    color_jitter_strength: tuple[float, ...] = (0.1, 0.1, 0.1, 0.02)  # brightness, contrast, saturation, hue: largest change
+    random_crop: float = 0.0  # probability that a step sees an image randomly cropped and scaled back to its bucket
+    random_crop_scale: float = 0.8  # smallest crop side as a share of the bucket's side
+    augment_variants: int = 4  # with color_jitter or random_crop: augmented copies per image, each encoded once
 
     # --- LoRA
     rank: int = 16  # LoRA rank: capacity and file size; 16 suits a subject or style
@@ -147,6 +168,8 @@ class TrainConfig:
 
     def __post_init__(self):
         object.__setattr__(self, "resolutions", _parse_resolutions(self.resolutions))
+        object.__setattr__(self, "color_jitter_strength", _parse_list(self.color_jitter_strength,
+                                                                      "color_jitter_strength", float, "'0.1,0.1,0.1,0.02'"))
         object.__setattr__(self, "datasets", tuple(self._dataset_entry(i, e) for i, e in enumerate(self.datasets)))
         check_fields(self)
         self._validate()
@@ -175,8 +198,8 @@ class TrainConfig:
             return getattr(self, name) if own is None else own
 
         fields = ("trigger_word", "resolutions", "repeats", "control_dir")
-        return tuple(DatasetEntry(e.dataset_dir, *(value(e, n) for n in fields)) for e in self.datasets) or (
-            DatasetEntry(self.dataset_dir, *(getattr(self, n) for n in fields)),)
+        return tuple(DatasetEntry(e.dataset_dir, *(value(e, n) for n in fields), is_reg=e.is_reg)
+                     for e in self.datasets) or (DatasetEntry(self.dataset_dir, *(getattr(self, n) for n in fields)),)
 
     def _validate(self):
         def need(ok: bool, message: str):
@@ -208,8 +231,12 @@ class TrainConfig:
                      "pairs; set model_type to kontext, or leave control_dir empty")
         need(self.model_type != "kontext" or not self.validation_dir, "validation_dir: held-out images have no "
              "control images for Kontext; leave it empty and hold out a share of the pairs with validation_split")
+        for name in ("color_jitter", "random_crop"):
+            need(self.model_type != "kontext" or not getattr(self, name), f"{name}: not yet with model_type kontext "
+                 "(the control image would need the same crop and colours as its target); set it to 0")
         need(self.batch_size >= 1, f"batch_size: {self.batch_size}; use 1 or more")
         need(0.0 <= self.caption_dropout < 1.0, f"caption_dropout: {self.caption_dropout}; use a value in [0, 1)")
+        self._validate_dataset_extras(need)
         need(self.max_sequence_length >= 1, f"max_sequence_length: {self.max_sequence_length}; use 512 (dev) or 256 (schnell)")
         need(self.rank >= 1, f"rank: {self.rank}; use a rank of 1 or more (16 is typical)")
         need(math.isfinite(self.alpha) and self.alpha > 0, f"alpha: {self.alpha}; use a positive number (often equal to rank)")
@@ -301,6 +328,22 @@ class TrainConfig:
         ):
             if not ok:
                 raise ValueError(message)
+
+    def _validate_dataset_extras(self, need) -> None:
+        need(0.0 <= self.mask_floor <= 1.0, f"mask_floor: {self.mask_floor}; use a weight in [0, 1], e.g. 0.1")
+        need(math.isfinite(self.prior_loss_weight) and self.prior_loss_weight >= 0,
+             f"prior_loss_weight: {self.prior_loss_weight}; use 0 or more (1.0 weighs regularization images as the rest)")
+        need(self.keep_tokens >= 0, f"keep_tokens: {self.keep_tokens}; use 0 or more (1 keeps the trigger word first)")
+        need(self.caption_variants >= 1, f"caption_variants: {self.caption_variants}; use 1 or more, e.g. 8")
+        for name in ("color_jitter", "random_crop"):
+            need(0.0 <= getattr(self, name) <= 1.0, f"{name}: {getattr(self, name)}; use a probability in [0, 1]")
+        strength = self.color_jitter_strength
+        need(len(strength) == 4 and all(0.0 <= v < 1.0 for v in strength) and strength[3] <= 0.5,
+             f"color_jitter_strength: {list(strength)}; give 4 values in [0, 1): brightness, contrast, saturation "
+             "and hue (at most 0.5), e.g. [0.1, 0.1, 0.1, 0.02]")
+        need(0.0 < self.random_crop_scale <= 1.0,
+             f"random_crop_scale: {self.random_crop_scale}; use a share in (0, 1], e.g. 0.8")
+        need(self.augment_variants >= 1, f"augment_variants: {self.augment_variants}; use 1 or more, e.g. 4")
 
     @classmethod
     def from_dict(cls, values: dict, source: str = "config", base_dir: str | Path | None = None) -> "TrainConfig":

@@ -19,6 +19,8 @@ import numpy as np
 import torch
 from PIL import ExifTags, Image, ImageOps
 
+from . import masks
+from .augment import NO_AUGMENT, Augment, jitter
 from .config import DatasetEntry
 
 logger = logging.getLogger(__name__)
@@ -38,6 +40,8 @@ class ImageRecord:
     path: Path
     caption: str
     bucket: tuple[int, int]
+    mask: Path | None = None  # its loss mask's file; the image's own path: its alpha channel
+    is_reg: bool = False  # a regularization image: its loss is weighted by prior_loss_weight
     control: Path | None = None
 
 
@@ -79,9 +83,10 @@ def scan_dataset(
     return scan_datasets([DatasetEntry(str(folder), trigger_word, tuple(resolutions), repeats)], caption_extension)
 
 
-def scan_datasets(entries: Sequence[DatasetEntry], caption_extension: str = ".txt") -> list[ImageRecord]:
+def scan_datasets(entries: Sequence[DatasetEntry], caption_extension: str = ".txt", alpha_mask: bool = False
+                  ) -> list[ImageRecord]:
     """The training records of every dataset entry, in entry order (see `inspect_datasets`)."""
-    return inspect_datasets(entries, caption_extension).records()
+    return inspect_datasets(entries, caption_extension, alpha_mask=alpha_mask).records()
 
 
 @dataclass(frozen=True)
@@ -97,6 +102,9 @@ class ScannedImage:
     buckets: tuple[tuple[int, int], ...]  # one per distinct bucket over its entry's resolutions
     repeats: int
     entry: int  # index of its DatasetEntry
+    mask: Path | None = None  # as `ImageRecord.mask`
+    mask_note: str = ""  # what is odd about its mask but trained through (a size that differs from the image's)
+    is_reg: bool = False
     control: Path | None = None  # Kontext: its control image (same stem in the entry's control_dir)
     control_size: tuple[int, int] | None = None  # the control's (width, height)
 
@@ -108,12 +116,12 @@ class DatasetScan:
 
     def records(self) -> list[ImageRecord]:
         """One record per image per bucket, each repeated its image's `repeats` times."""
-        return [ImageRecord(im.path, im.caption, bucket, im.control)
+        return [ImageRecord(im.path, im.caption, bucket, im.mask, im.is_reg, im.control)
                 for im in self.images for bucket in im.buckets for _ in range(im.repeats)]
 
 
 def inspect_datasets(entries: Sequence[DatasetEntry], caption_extension: str = ".txt",
-                     look: Callable[[Path, Image.Image], None] | None = None) -> DatasetScan:
+                     look: Callable[[Path, Image.Image], None] | None = None, alpha_mask: bool = False) -> DatasetScan:
     """Find, caption and bucket the images of every entry; each entry's folder is scanned as `_scan_folder` says.
 
     `look(path, image)` is shown each image as the scan decodes it (a JPEG at reduced scale, at least `LOOK_SIZE`
@@ -130,7 +138,7 @@ def inspect_datasets(entries: Sequence[DatasetEntry], caption_extension: str = "
     for i, entry in enumerate(entries):
         where = f"datasets[{i}]: " if len(entries) > 1 else ""
         try:
-            part = _scan_folder(entry, i, caption_extension, look)
+            part = _scan_folder(entry, i, caption_extension, look, alpha_mask)
         except (ValueError, FileNotFoundError) as e:
             raise type(e)(where + str(e)) from e
         scan.images += part.images
@@ -138,7 +146,8 @@ def inspect_datasets(entries: Sequence[DatasetEntry], caption_extension: str = "
     return scan
 
 
-def _scan_folder(entry: DatasetEntry, index: int, caption_extension: str, look=None) -> DatasetScan:
+def _scan_folder(entry: DatasetEntry, index: int, caption_extension: str, look=None, alpha_mask: bool = False
+                 ) -> DatasetScan:
     """Find the images in an entry's folder and in its direct subfolders (not deeper), caption them and bucket them.
 
     Each image's caption is the same-stem `caption_extension` file beside it, whitespace collapsed; UTF-8 (a BOM
@@ -158,6 +167,10 @@ def _scan_folder(entry: DatasetEntry, index: int, caption_extension: str, look=N
     Images come sorted by path; each gets one bucket per distinct bucket over the entry's resolutions (an image
     smaller than several resolutions gets the bucket they share once).
 
+    Masks (`masks.find_mask`, or the alpha channel with `alpha_mask`) are not images: each is checked
+    (`masks.check_mask`); an image whose mask would train nothing or cannot be read is skipped, a mask with no image
+    is named in `skipped`.
+
     Kontext (the entry has a `control_dir`): each image pairs with the control image of the same relative path and
     stem there (`photo_01.png` with `photo_01.jpg`); an image without one, or whose control cannot be read, and a
     control without an image are named in `skipped`. A control of another size is fitted to its image's bucket.
@@ -176,8 +189,9 @@ def _scan_folder(entry: DatasetEntry, index: int, caption_extension: str, look=N
 
     files, skipped = list_files(folder)
     control_folder = Path(entry.control_dir).expanduser().resolve() if entry.control_dir else None
-    candidates = [p for p in files if p.suffix.lower() in IMAGE_EXTENSIONS  # a control subfolder holds no targets
-                  and (control_folder is None or control_folder not in p.resolve().parents)]
+    pictures = [p for p in files if p.suffix.lower() in IMAGE_EXTENSIONS  # a control subfolder holds no targets
+                and (control_folder is None or control_folder not in p.resolve().parents)]
+    candidates = [p for p in pictures if not masks.is_mask_file(p, folder)]
     if not candidates:
         n_captions = sum(p.suffix.lower() == caption_extension.lower() for p in files)
         found = f"only {n_captions} caption ({caption_extension}) files" if n_captions else "no images"
@@ -200,6 +214,14 @@ def _scan_folder(entry: DatasetEntry, index: int, caption_extension: str, look=N
             logger.warning("skipping image %s: %s", path, str(e) or type(e).__name__)
             skipped.append((path, str(e) or type(e).__name__))
             continue
+        mask = path if alpha_mask and masks.has_alpha(path) else masks.find_mask(path, folder, IMAGE_EXTENSIONS)
+        problem, note = masks.check_mask(mask, path, (width, height)) if mask is not None else ("", "")
+        if alpha_mask and mask is None:
+            note = "no alpha channel: trained unmasked"
+        if problem:
+            logger.warning("skipping image %s: %s", path, problem)
+            skipped.append((path, problem))
+            continue
         control = control_size = None
         if controls is not None:
             control, problem = controls.pop(path.relative_to(folder).with_suffix(""), None), ""
@@ -218,7 +240,9 @@ def _scan_folder(entry: DatasetEntry, index: int, caption_extension: str, look=N
         text, issue = _read_caption(path.with_suffix(caption_extension))
         buckets = tuple(dict.fromkeys(choose_bucket(width, height, r) for r in sorted(resolutions)))
         images.append(ScannedImage(path, (width, height), text, issue, with_trigger(text, trigger), trigger,
-                                   buckets, int(kohya[1]) if kohya else repeats, index, control, control_size))
+                                   buckets, int(kohya[1]) if kohya else repeats, index, mask, note, entry.is_reg,
+                                   control, control_size))
+    skipped += _orphan_masks(folder, pictures, candidates)
     for stem, control in sorted((controls or {}).items()):
         skipped.append((control, f"a control image with no target image named {stem.name}.* in {folder}"))
     if not images:
@@ -252,6 +276,17 @@ def _control_images(entry: DatasetEntry, skipped: list) -> dict[Path, Path] | No
             continue
         controls[stem] = p
     return controls
+
+
+def _orphan_masks(folder: Path, pictures: list[Path], images: list[Path]) -> list[tuple[Path, str]]:
+    """The mask files in `folder` (and all of its masks/ folder) that belong to no image, each with the reason."""
+    found = {p for p in pictures if masks.is_mask_file(p, folder)}
+    mask_folder = folder / masks.MASK_FOLDER
+    if mask_folder.is_dir():
+        found |= {p for p in mask_folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()}
+    claimed = {m for p in images for m in masks.mask_candidates(p, folder, IMAGE_EXTENSIONS)}
+    return [(p, "a mask with no image (expected its image beside it, named without _mask, or at the same path "
+                "outside masks/)") for p in sorted(found - claimed)]
 
 
 def list_files(folder: Path) -> tuple[list[Path], list[tuple[Path, str]]]:
@@ -310,7 +345,7 @@ def _probe_image(path: Path, look=None) -> tuple[int, int]:
             im.load()  # finds truncated data (verify() would not for JPEG, and would forbid reading EXIF for PNG)
             if look is not None:
                 look(path, im)
-            turned = im.getexif().get(ExifTags.Base.Orientation, 1) in (5, 6, 7, 8)  # displayed turned by 90°
+            turned = _turned(im)  # read after load(): a PNG's EXIF may follow its pixels
     return (height, width) if turned else (width, height)
 
 
@@ -343,32 +378,60 @@ def with_trigger(caption: str, trigger_word: str) -> str:
     return f"{trigger_word}, {caption}" if caption else trigger_word
 
 
-def load_image(record: ImageRecord, flip: bool = False) -> torch.Tensor:
+def load_image(record: ImageRecord, flip: bool = False, augment: Augment = NO_AUGMENT) -> torch.Tensor:
     """Decode `record.path` for training: (3, H, W) float32 in [-1, 1], (W, H) = `record.bucket`.
 
     EXIF orientation is applied, every PIL mode becomes RGB (transparency composited on white, 16-bit scaled
-    down rather than clipped), then the image is resized with Lanczos to cover the bucket and centre-cropped.
+    down rather than clipped), colour-jittered if `augment` says so, then resized with Lanczos to cover the bucket
+    and centre-cropped (`_place`).
     """
     with Image.open(record.path) as im:
-        return fit_pixels(to_rgb(ImageOps.exif_transpose(im)), record.bucket, flip)
+        rgb = to_rgb(ImageOps.exif_transpose(im))
+    if augment.jitter is not None:
+        rgb = jitter(rgb, augment.jitter)
+    return fit_pixels(rgb, record.bucket, flip, augment)
 
 
-def fit_pixels(rgb: Image.Image, size: tuple[int, int], flip: bool = False) -> torch.Tensor:
-    """An RGB image resized with Lanczos to cover `size` (W, H) and centre-cropped (then mirrored if `flip`):
-    (3, H, W) float32 in [-1, 1]."""
-    rgb = ImageOps.fit(rgb, size, method=Image.Resampling.LANCZOS)
-    if flip:
-        rgb = ImageOps.mirror(rgb)
+def fit_pixels(rgb: Image.Image, size: tuple[int, int], flip: bool = False, augment: Augment = NO_AUGMENT) -> torch.Tensor:
+    """An RGB image placed in `size` (W, H) as training places it (`_place`, with Lanczos): (3, H, W) float32 in
+    [-1, 1]."""
+    rgb = _place(rgb, size, flip, augment, Image.Resampling.LANCZOS)
     pixels = torch.from_numpy(np.asarray(rgb, dtype=np.float32))  # (H, W, 3) in [0, 255]
     return pixels.permute(2, 0, 1) / 127.5 - 1
 
 
+def load_mask(record: ImageRecord, flip: bool = False, augment: Augment = NO_AUGMENT) -> torch.Tensor | None:
+    """`record`'s mask as `load_image` places its image: (1, H, W) float32 in [0, 1]; None without a mask.
+    A mask of another size than its image is stretched to the image's size first."""
+    if record.mask is None:
+        return None
+    mask = masks.open_mask(record.mask, record.path)
+    with Image.open(record.path) as im:
+        im.load()
+        size = (im.height, im.width) if _turned(im) else im.size
+    if mask.size != size:
+        mask = mask.resize(size, Image.Resampling.BILINEAR)
+    mask = _place(mask, record.bucket, flip, augment, Image.Resampling.BILINEAR)
+    return torch.from_numpy(np.asarray(mask, dtype=np.float32) / 255)[None]
+
+
+def _place(im: Image.Image, bucket: tuple[int, int], flip: bool, augment: Augment, method) -> Image.Image:
+    """Resize to cover the bucket and centre-crop; then `augment`'s crop scaled back to the bucket; then the flip.
+    An image and its mask go through the same steps, so the mask stays on its subject."""
+    im = ImageOps.fit(im, bucket, method=method)
+    if augment.crop is not None:
+        im = im.resize(bucket, method, box=augment.crop)
+    return ImageOps.mirror(im) if flip else im
+
+
+def _turned(im: Image.Image) -> bool:
+    """Whether the image is displayed turned by 90° (its EXIF orientation)."""
+    return im.getexif().get(ExifTags.Base.Orientation, 1) in (5, 6, 7, 8)
+
+
 def to_rgb(im: Image.Image) -> Image.Image:
     """Any PIL mode -> 8-bit RGB."""
-    if im.mode in ("I", "I;16", "I;16L", "I;16B", "I;16N"):
-        # PIL's convert clips 16-bit grey at 255 instead of scaling it; 32-bit "I" is taken as 16-bit data too
-        grey = np.asarray(im).astype(np.float32) / 257
-        im = Image.fromarray(grey.round().clip(0, 255).astype(np.uint8))
+    im = masks.eight_bit(im)
     if im.has_transparency_data:
         rgba = im.convert("RGBA")
         return Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba).convert("RGB")

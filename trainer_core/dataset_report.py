@@ -17,7 +17,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
-from . import data
+from . import augment, data
 from .config import DatasetEntry
 
 logger = logging.getLogger(__name__)
@@ -41,6 +41,17 @@ class DatasetReport:
     dropped_tokens: dict[Path, int] | None  # over-long captions -> T5 tokens cut off; None when not checked
     token_limit: int | None  # T5 tokens a caption may have (max_sequence_length)
     thumbnails: dict[Path, Image.Image] = field(default_factory=dict, repr=False)
+    latents_per_image: int = 1  # encoded copies of each image in each bucket: flipped and augmented ones included
+
+    def masked(self) -> list[data.ScannedImage]:
+        return [im for im in self.scan.images if im.mask is not None]
+
+    def latent_cache_bytes(self) -> int:
+        """About what the images' latents (and masks) take in RAM, and on disk with a cache_dir: float32, 16
+        channels (and 1 for a mask) per 8x8 pixels, for every bucket and copy."""
+        per_pixel = {im.path: (16 + (im.mask is not None)) * 4 / 64 for im in self.scan.images}
+        return int(sum(per_pixel[im.path] * w * h for im in self.scan.images for w, h in im.buckets)
+                   * self.latents_per_image)
 
     def records(self) -> list[data.ImageRecord]:
         return self.scan.records()
@@ -82,6 +93,11 @@ class DatasetReport:
         if cropped:
             out.append((True, f"{len(cropped)} control image(s) of another aspect ratio than their image are cropped to "
                               f"its bucket: {_names(im.control for im in cropped)}"))
+        notes = [im for im in self.scan.images if im.mask_note]
+        if notes:
+            out.append((True, f"{len(notes)} mask(s) to check: " + "; ".join(f"{im.path.name}: {im.mask_note}"
+                                                                           for im in notes[:5])
+                        + (" ..." if len(notes) > 5 else "")))
         for issue, paths in self.caption_issues().items():
             serious = issue != "not UTF-8"
             out.append((serious, f"{len(paths)} caption file(s) {issue}: {_names(paths)}"))
@@ -98,8 +114,13 @@ class DatasetReport:
         images, records = self.scan.images, self.records()
         buckets = Counter(r.bucket for r in records)
         serious = sum(s for s, _ in self.findings())
+        reg = sum(im.is_reg for im in images)
+        reg_records = sum(r.is_reg for r in records)
         return (f"dataset: {len(images)} image(s) used, {len(self.scan.skipped)} skipped, {len(records)} records per "
-                f"epoch in {len(buckets)} bucket(s) over {len(self.entries)} folder(s); {serious} serious finding(s)")
+                f"epoch in {len(buckets)} bucket(s) over {len(self.entries)} folder(s)"
+                + (f"; {reg} of them regularization images ({reg_records} records)" if reg else "")
+                + (f"; {len(self.masked())} with a mask, {len(images) - len(self.masked())} without"
+                   if self.masked() else "") + f"; {serious} serious finding(s)")
 
     def text(self) -> str:
         """The whole report, plain text."""
@@ -108,8 +129,9 @@ class DatasetReport:
         lines += ["Findings:"] + [f"  {'!!' if s else '--'} {t}" for s, t in findings] if findings else ["No findings."]
         for i, entry in enumerate(self.entries):
             images = [im for im in self.scan.images if im.entry == i]
-            lines += ["", f"Folder {entry.dataset_dir}: resolutions {','.join(map(str, entry.resolutions))}, "
-                          f"{len(images)} image(s)"]
+            lines += ["", f"Folder {entry.dataset_dir}{' (regularization)' if entry.is_reg else ''}: resolutions "
+                          f"{','.join(map(str, entry.resolutions))}, {len(images)} image(s), "
+                          f"{sum(im.mask is not None for im in images)} with a mask"]
             for trigger, group in _groups(images, lambda im: im.trigger_word):
                 have = sum(_has_word(im.caption_file_text, trigger) for im in group) if trigger else 0
                 lines.append(f"  trigger {trigger!r}: already in {have} of {len(group)} caption(s), prepended to the "
@@ -117,12 +139,17 @@ class DatasetReport:
             for im in images:
                 control = f"  control {im.control.name} {im.control_size[0]}x{im.control_size[1]}" if im.control else ""
                 lines.append(f"  {_rel(im.path, entry)}  {im.size[0]}x{im.size[1]} -> {_buckets(im)}  "
-                             f"x{im.repeats}{'  caption ' + im.caption_issue if im.caption_issue else ''}{control}")
+                             f"x{im.repeats}{'  caption ' + im.caption_issue if im.caption_issue else ''}"
+                             f"{'  mask ' + _mask_name(im, entry) if im.mask is not None else ''}"
+                             f"{'  (' + im.mask_note + ')' if im.mask_note else ''}{control}")
         if self.scan.skipped:
             lines += ["", "Skipped:"] + [f"  {p}: {why}" for p, why in self.scan.skipped]
         lines += ["", "Caption lengths: " + ("not checked (no T5 tokenizer given)" if self.dropped_tokens is None else
                                              f"all within T5's {self.token_limit} tokens" if not self.dropped_tokens else
                                              f"{len(self.dropped_tokens)} over T5's {self.token_limit} tokens")]
+        lines += ["", f"Latents: {self.latents_per_image} encoded cop{'y' if self.latents_per_image == 1 else 'ies'} "
+                      f"of each image per bucket (flips and augment_variants), about "
+                      f"{self.latent_cache_bytes() / 2**20:.1f} MiB in RAM and, with a cache_dir, on disk"]
         words = word_frequency(im.caption for im in self.scan.images)
         lines += ["", f"Caption words (captions holding each, top {TOP_WORDS}):",
                   "  " + ", ".join(f"{w} {n}" for w, n in words.most_common(TOP_WORDS))]
@@ -153,7 +180,8 @@ class DatasetReport:
 
 
 def build_report(entries: Sequence[DatasetEntry], caption_extension: str = ".txt", t5_tokenizer=None,
-                 token_limit: int | None = None, thumbnails: bool = True) -> DatasetReport:
+                 token_limit: int | None = None, thumbnails: bool = True, alpha_mask: bool = False,
+                 latents_per_image: int = 1) -> DatasetReport:
     """Scan the entries (`data.inspect_datasets`), hash every image as the scan decodes it, and count caption tokens
     when a T5 tokenizer and its limit are given. No model is loaded and no image is decoded twice."""
     hashes, thumbs = {}, {}
@@ -166,20 +194,23 @@ def build_report(entries: Sequence[DatasetEntry], caption_extension: str = ".txt
         if thumbnails and len(thumbs) < MAX_SHEET_IMAGES:
             thumbs[path] = ImageOps.contain(small, (THUMB, THUMB))
 
-    scan = data.inspect_datasets(entries, caption_extension, look)
+    scan = data.inspect_datasets(entries, caption_extension, look, alpha_mask)
     used = {im.path for im in scan.images}  # an image can fail its checks after it was looked at
     hashes = {p: h for p, h in hashes.items() if p in used}
     dropped = None
     if t5_tokenizer is not None and token_limit:
         dropped = caption_overflow({im.path: im.caption for im in scan.images}, t5_tokenizer, token_limit)
-    return DatasetReport(tuple(entries), scan, near_duplicates(hashes), dropped, token_limit, thumbs)
+    return DatasetReport(tuple(entries), scan, near_duplicates(hashes), dropped, token_limit, thumbs, latents_per_image)
 
 
 def report_for_config(config, thumbnails: bool = False) -> DatasetReport:
     """The report of a `TrainConfig`'s datasets, caption lengths counted with its T5 tokenizer files (no model)."""
     folder = config.t5_tokenizer_dir or (str(Path(config.tokenizer_dir) / "t5") if config.tokenizer_dir else "")
+    copies = (1 + config.flip_augment) * (1 + len(augment.variants(config.color_jitter, config.random_crop,
+                                                                   config.augment_variants)))
     return build_report(config.dataset_entries(), t5_tokenizer=load_t5_tokenizer(folder),
-                        token_limit=config.max_sequence_length, thumbnails=thumbnails)
+                        token_limit=config.max_sequence_length, thumbnails=thumbnails, alpha_mask=config.alpha_mask,
+                        latents_per_image=copies)
 
 
 def load_t5_tokenizer(folder: str | Path):
@@ -244,6 +275,10 @@ def _buckets(im: data.ScannedImage) -> str:
         scale = max(bw / im.size[0], bh / im.size[1])
         parts.append(f"{bw}x{bh}" + (f" (upscaled x{scale:.2f})" if scale > 1.005 else ""))
     return ", ".join(parts)
+
+
+def _mask_name(im: data.ScannedImage, entry: DatasetEntry) -> str:
+    return "alpha" if im.mask == im.path else _rel(im.mask, entry)
 
 
 def _rel(path: Path, entry: DatasetEntry) -> str:

@@ -17,6 +17,7 @@ from typing import Sequence
 from .config import DatasetEntry, TrainConfig
 from .content_hash import ContentIndex, content_identity
 from .data import list_files
+from .masks import MASK_FOLDER
 
 # Bump when a change to the code changes the numbers a run trains for the same settings and files (the loss, the
 # optimizer, the LoRA's init or layout, sampling of noise or timesteps, the data order, caching): stored loops of
@@ -55,6 +56,10 @@ SETTING_SIDES = {
     "validation_timesteps": WEIGHTS, "validation_split": WEIGHTS, "validation_dir": WEIGHTS,
     "validation_every": WEIGHTS, "ema_decay": WEIGHTS,
     "ema_on_cpu": NO_WEIGHT,  # where the EMA lives; its numbers are the same fp32 operations
+    # masks, regularization, caption tags, augmentations (masks' and regularization images' files: the dataset side)
+    "alpha_mask": WEIGHTS, "mask_floor": WEIGHTS, "prior_loss_weight": WEIGHTS, "shuffle_caption": WEIGHTS,
+    "keep_tokens": WEIGHTS, "caption_variants": WEIGHTS, "color_jitter": WEIGHTS, "color_jitter_strength": WEIGHTS,
+    "random_crop": WEIGHTS, "random_crop_scale": WEIGHTS, "augment_variants": WEIGHTS,
 }
 
 # Settings added after runs were stored -> the value that reproduces the code before them. At that value a setting is
@@ -65,6 +70,9 @@ SETTINGS_ADDED: dict[str, object] = {
     "validation_every": 0, "ema_decay": 0.0, "model_type": "flux",
     "network": "lora", "lokr_factor": -1, "block_ranks": "", "block_lrs": "", "train_modulation": True,
     "loraplus_lr_ratio": 1.0,
+    "alpha_mask": False, "mask_floor": 0.0, "prior_loss_weight": 1.0, "shuffle_caption": False, "keep_tokens": 1,
+    "caption_variants": 8, "color_jitter": 0.0, "color_jitter_strength": (0.1, 0.1, 0.1, 0.02), "random_crop": 0.0,
+    "random_crop_scale": 0.8, "augment_variants": 4,
 }
 
 # the settings a saved state must share with the run that continues it (the optimizer state's shapes, the data order)
@@ -86,18 +94,23 @@ class DatasetIdentity:
 
 def dataset_identity(entries: Sequence[DatasetEntry]) -> DatasetIdentity:
     """The identity of a run's data (`TrainConfig.dataset_entries()`): every visible file of each folder and its
-    direct subfolders by name and `_stamp` (and of its Kontext control folder, as "control/<name>"), and the folder's
-    trigger word, resolutions and repeats. No image is read, so ComfyUI can ask on every queue. The folders' own paths
-    are left out: a dataset moved elsewhere (with its mtimes) keeps its identity."""
+    direct subfolders by name and `_stamp` (and every file of its masks/ folder, however deep, and of its Kontext
+    control folder, as "control/<name>"), and the folder's trigger word, resolutions, repeats and whether it holds
+    regularization images. No image is read, so ComfyUI can ask on every queue. The folders' own paths are left out:
+    a dataset moved elsewhere (with its mtimes) keeps its identity."""
     listing = []
     for entry in entries:
         folder = Path(entry.dataset_dir).expanduser()
         files = {}
-        folders = [(folder, "")] + ([(Path(entry.control_dir).expanduser(), "control/")] if entry.control_dir else [])
-        for where, prefix in folders:
-            for p in list_files(where)[0] if where.is_dir() else ():
-                files[prefix + p.relative_to(where).as_posix()] = _stamp(p)
+        masks = folder / MASK_FOLDER
+        deep = sorted(p for p in masks.rglob("*") if p.is_file()) if masks.is_dir() else []
+        for p in [*(list_files(folder)[0] if folder.is_dir() else ()), *deep]:
+            files[p.relative_to(folder).as_posix()] = _stamp(p)
+        control = Path(entry.control_dir).expanduser() if entry.control_dir else None
+        for p in list_files(control)[0] if control is not None and control.is_dir() else ():
+            files["control/" + p.relative_to(control).as_posix()] = _stamp(p)
         settings = f"trigger word {entry.trigger_word!r}, resolutions {list(entry.resolutions)}, repeats {entry.repeats}"
+        settings += ", regularization" if entry.is_reg else ""  # only then: earlier runs keep their identity
         listing.append({"folder": str(folder), "settings": settings, "files": files})
     return DatasetIdentity(_digest([[f["settings"], f["files"]] for f in listing]), listing)
 

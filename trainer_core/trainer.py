@@ -17,7 +17,7 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from . import caching, data, lora, models, validation
+from . import augment, caching, data, lora, masks, models, validation
 from .block_swap import BlockSwap, checkpoint_blocks, model_blocks
 from .checkpoints import TrainingState, save_training_state
 from .config import TrainConfig
@@ -58,6 +58,7 @@ class StepInfo:
 def lora_metadata(config: TrainConfig, step: int, records: Sequence[data.ImageRecord], base_fingerprint: str
                   ) -> dict[str, str]:
     """The settings a LoRA file carries in its header (kohya's `ss_*` keys, which tools and ComfyUI show)."""
+    reg = {r.path for r in records if r.is_reg}
     return {
         "ss_base_model_version": "flux1",
         "ss_network_module": "networks.lora_flux",
@@ -65,7 +66,8 @@ def lora_metadata(config: TrainConfig, step: int, records: Sequence[data.ImageRe
         "ss_network_alpha": str(config.alpha),
         "ss_steps": str(step),
         "ss_resolution": ",".join(dict.fromkeys(str(r) for e in config.dataset_entries() for r in e.resolutions)),
-        "ss_num_train_images": str(len({r.path for r in records})),
+        "ss_num_train_images": str(len({r.path for r in records} - reg)),
+        **({"ss_num_reg_images": str(len(reg))} if reg else {}),
         "ss_learning_rate": str(config.learning_rate),
         "ss_optimizer": config.optimizer,
         "ss_seed": str(config.seed),
@@ -83,8 +85,27 @@ def lora_metadata(config: TrainConfig, step: int, records: Sequence[data.ImageRe
     }
 
 
+def shuffled_captions(records: Sequence[data.ImageRecord], config: TrainConfig) -> dict[str, list[str]]:
+    """With shuffle_caption, each distinct caption's tag orders (`augment.caption_variants`), the cost logged."""
+    if not config.shuffle_caption:
+        return {}
+    captions = list(dict.fromkeys(r.caption for r in records))
+    orders = {c: augment.caption_variants(c, config.keep_tokens, config.caption_variants, config.seed)
+              for c in captions}
+    total = sum(map(len, orders.values()))
+    log.info("shuffle_caption: %d caption(s) -> %d tag orders to encode once (%.1fx the text encoding and its RAM; "
+             "caption_variants %d)", len(captions), total, total / max(1, len(captions)), config.caption_variants)
+    return orders
+
+
 def compute_dtype(config: TrainConfig) -> torch.dtype:
     return torch.bfloat16 if config.mixed_precision == "bf16" else torch.float32
+
+
+def weighted_mse(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """The mean of the squared error times `weights` over every value (kohya's masked loss: a mask that covers less
+    of the image teaches less per step); a weight of 0 gives that value exactly no gradient."""
+    return (weights * (pred - target).square()).mean()
 
 
 def _pinned_to(t: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -177,13 +198,21 @@ class Trainer:
             return (lambda done, total: on_progress(stage, done, total)) if on_progress else None
 
         records, held_out = validation.split_records(records, config)
-        captions = ["", *(r.caption for r in records), *(r.caption for r in held_out)]
+        shuffled = shuffled_captions(records, config)
+        captions = ["", *(r.caption for r in records), *(r.caption for r in held_out), *(
+            c for orders in shuffled.values() for c in orders)]
         text = caching.cache_text([*captions, *prompts], encoders, config.cache_dir or None, identity,
                                   progress("encoding text"))
         vae = models.load_vae(config.vae_path, dtype=dtype, device=device)
+        variants = augment.variants(config.color_jitter, config.random_crop, config.augment_variants)
+        if variants:
+            log.info("augmentations: %d augmented copies of each of %d image(s) encoded (%d latents in all)",
+                     len(variants), len({r.path for r in records}),
+                     len({(r.path, r.bucket) for r in records}) * (1 + len(variants)) * (1 + config.flip_augment))
         dataset = caching.cache_dataset(
             records, vae, text, cache_dir=config.cache_dir or None, flip=config.flip_augment,
-            encoder_identity=identity, on_progress=progress("caching"),
+            encoder_identity=identity, on_progress=progress("caching"), variants=variants,
+            augment_settings=augment.AugmentSettings.of(config), caption_variants=shuffled,
         )
         held_out = caching.cache_dataset(held_out, vae, text, cache_dir=config.cache_dir or None,
                                          encoder_identity=identity) if held_out and config.validation_timesteps else None
@@ -298,7 +327,9 @@ class Trainer:
         n = len(batch)
         flip = torch.rand(n, generator=g) < 0.5 if self.dataset.flipped else torch.zeros(n, dtype=torch.bool)
         drop = torch.rand(n, generator=g) < cfg.caption_dropout
-        samples = [(self.dataset.flipped if f else self.dataset.samples)[i] for i, f in zip(batch, flip.tolist())]
+        variants = augment.draw_variants(n, cfg, g)  # no draw (and the draws of before) when augmentation is off
+        orders = augment.draw_captions(n, cfg, g)
+        samples = [self.dataset.sample(i, f, v) for i, f, v in zip(batch, flip.tolist(), variants)]
         latent_shape = pack_latents(samples[0].latents[None].float()).shape[1:]
         noise = torch.randn((n, *latent_shape), generator=g)
         sigmas = sample_sigmas(n, cfg.timestep_sampling, g, shift=cfg.timestep_shift)
@@ -308,18 +339,41 @@ class Trainer:
             return torch.zeros((), device=self.device)
         n_mine = len(samples)
 
-        empty_embeds, empty_pooled = self.dataset.empty_prompt
+        orders = [None] * n_mine if orders is None else orders[mine].tolist()
+        texts = [self.dataset.empty_prompt if d else self._text(s, o) for s, d, o in zip(samples, drop.tolist(), orders)]
         latents = torch.stack([s.latents for s in samples])  # (B, C, h, w), one bucket per batch
-        prompt_embeds = torch.stack([empty_embeds if d else s.prompt_embeds for s, d in zip(samples, drop.tolist())])
-        pooled = torch.stack([empty_pooled if d else s.pooled for s, d in zip(samples, drop.tolist())])
+        prompt_embeds = torch.stack([e for e, _ in texts])
+        pooled = torch.stack([p for _, p in texts])
 
         # drawn on the CPU generator (the run's numbers on any device), moved from pinned memory without a host wait;
         # x_t and the target are made where the model runs
         x0, noise, sigmas = (_pinned_to(t, self.device) for t in (pack_latents(latents.float()), noise, sigmas))
         x_t, target = noisy_input_and_target(x0, noise, sigmas)  # x0: (B, h/2 * w/2, C*4)
         pred = self.predict(x_t, prompt_embeds, pooled, sigmas, latents.shape[-2:], caching.control_batch(samples))
-        loss = F.mse_loss(pred.float(), target.float())
+        weights = self._loss_weights(samples, latents.shape[1])
+        if weights is None:  # no mask, no weighted regularization image: the plain mean, as before either existed
+            loss = F.mse_loss(pred.float(), target.float())
+        else:
+            loss = weighted_mse(pred.float(), target.float(), _pinned_to(weights, self.device))
         return loss if n_mine == n else loss * (n_mine / n)
+
+    def _text(self, sample: caching.CachedSample, order: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """A sample's caption embeddings: with `order` (a draw in [0, 1)), of that pick among its tag orders."""
+        orders = self.dataset.caption_variants.get(sample.caption) if order is not None else None
+        if not orders:
+            return sample.prompt_embeds, sample.pooled
+        return orders[min(int(order * len(orders)), len(orders) - 1)]
+
+    def _loss_weights(self, samples: Sequence[caching.CachedSample], channels: int) -> torch.Tensor | None:
+        """(B, tokens, C*4) loss weights of the packed latents: each sample's mask (lifted to mask_floor) times
+        prior_loss_weight for regularization images; None when every weight is 1."""
+        cfg = self.config
+        reg = [cfg.prior_loss_weight if s.is_reg else 1.0 for s in samples]
+        if all(s.mask is None for s in samples) and all(w == 1.0 for w in reg):
+            return None
+        shape = samples[0].latents.shape[-2:]
+        mask = torch.stack([s.mask if s.mask is not None else torch.ones(1, *shape) for s in samples])
+        return masks.loss_weights(mask, channels, cfg.mask_floor) * torch.tensor(reg).view(-1, 1, 1)
 
     def predict(self, x_t: torch.Tensor, prompt_embeds: torch.Tensor, pooled: torch.Tensor, sigmas: torch.Tensor,
                 latent_size: tuple[int, int], control: torch.Tensor | None = None) -> torch.Tensor:
@@ -471,8 +525,10 @@ class Trainer:
             tensors += [v for s in self.optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
         if self.ema is not None:
             tensors += list(self.ema.average.values())
-        for sample in (*self.dataset.samples, *(self.dataset.flipped or ())):
-            tensors += [sample.latents, sample.prompt_embeds, sample.pooled]
+        for sample in self.dataset.all_samples():
+            tensors += [sample.latents, sample.prompt_embeds, sample.pooled, *(() if sample.mask is None else
+                                                                                (sample.mask,))]
+        tensors += [t for orders in self.dataset.caption_variants.values() for pair in orders for t in pair]
         tensors += [t for pair in (self.dataset.empty_prompt, *self._prompt_cache.values()) for t in pair]
         storages = {}
         for t in tensors:

@@ -54,7 +54,8 @@ def validation_dir_records(config: TrainConfig) -> list[data.ImageRecord]:
     """The images of `validation_dir` (captions beside them, the trigger word and resolutions of the first dataset)."""
     first = config.dataset_entries()[0]
     try:
-        return data.scan_datasets([DatasetEntry(config.validation_dir, first.trigger_word, first.resolutions, 1)])
+        return data.scan_datasets([DatasetEntry(config.validation_dir, first.trigger_word, first.resolutions, 1)],
+                                  alpha_mask=config.alpha_mask)
     except (ValueError, FileNotFoundError) as e:
         raise type(e)(f"validation_dir: {e}") from e
 
