@@ -2,7 +2,8 @@
 `/prompt` takes), done as ComfyUI's frontend does it in `graphToPrompt`, from the server's `/object_info`.
 
 A node's `widgets_values` lists its widget inputs in declaration order, plus one "control after generate" value
-(fixed / randomize ...) after each widget that has that control; a widget input fed by a link keeps its slot in
+(fixed / randomize ...) after each widget that has that control and one upload button value after a combo that has
+an upload button (LoadImage's image); a widget input fed by a link keeps its slot in
 `widgets_values` but takes the link. Links become `[source node id as str, output slot]`.
 """
 from __future__ import annotations
@@ -24,6 +25,12 @@ def _has_control(name: str, spec: list) -> bool:
     if kind == "INT":
         return bool(options.get("control_after_generate", name in ("seed", "noise_seed")))
     return (isinstance(kind, list) or kind == "COMBO") and bool(options.get("control_after_generate", False))
+
+
+def _has_upload(spec: list) -> bool:
+    """The frontend adds an upload button widget after a combo that asks for one (LoadImage's image)."""
+    options = spec[1] if len(spec) > 1 else {}
+    return any(options.get(k) for k in ("image_upload", "video_upload", "audio_upload"))
 
 
 def widget_inputs(info: dict) -> list[tuple[str, list]]:
@@ -64,6 +71,8 @@ def workflow_to_prompt(workflow: dict, object_info: dict) -> dict[str, dict]:
             inputs[name] = values.pop(0)
             if _has_control(name, spec):
                 values.pop(0)  # "fixed" / "randomize": for the frontend only
+            if _has_upload(spec):
+                values.pop(0)  # the upload button's own value ("image"): for the frontend only
         if values:
             raise ValueError(f"{label}: {len(values)} widgets_values left over after the widgets {list(inputs)}")
 
