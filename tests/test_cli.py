@@ -27,7 +27,7 @@ import pytest
 
 from cli_process import cli_child
 from trainer_core import cli, output_guard
-from trainer_core.config import toml_text
+from trainer_core.typed_fields import toml_text
 from trainer_core.demo import demo_config, write_demo_dataset
 from trainer_core.output_guard import LOCK_NAME
 
@@ -380,7 +380,8 @@ def test_a_bad_setting_fails_without_importing_torch(tmp_path):
 
 
 def test_help_lists_every_setting_with_its_default_and_meaning(capsys):
-    from trainer_core.config import TrainConfig, field_docs
+    from trainer_core.config import TrainConfig
+    from trainer_core.typed_fields import field_docs
     from trainer_core.plan import RunPlan
 
     with pytest.raises(SystemExit) as exit_:
@@ -397,7 +398,8 @@ def test_help_lists_every_setting_with_its_default_and_meaning(capsys):
 
 
 def test_the_example_config_and_each_setting_commented_in_it_are_valid():
-    from trainer_core.config import TrainConfig, read_toml
+    from trainer_core.config import TrainConfig
+    from trainer_core.config_files import read_toml
     from trainer_core.plan import RunPlan
 
     path = ROOT / "examples" / "train.toml"

@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 
 from trainer_core import cli, lora, output_guard
 from trainer_core.checkpoints import STATE_SUFFIX, latest_state_file, load_training_state
-from trainer_core.config import toml_text
+from trainer_core.typed_fields import toml_text
 from trainer_core.demo import demo_config, write_demo_dataset
 from trainer_core.trainer import Trainer
 

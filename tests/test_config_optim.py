@@ -4,7 +4,8 @@ import math
 
 import pytest
 
-from trainer_core.config import TrainConfig, read_toml
+from trainer_core.config import TrainConfig
+from trainer_core.config_files import read_toml
 from trainer_core.optim import learning_rate
 
 PATHS = dict(transformer_path="t.safetensors", vae_path="ae.safetensors", clip_path="clip_l.safetensors",
@@ -68,7 +69,7 @@ def test_a_list_where_the_plan_wants_one_is_required():
 
 
 def test_each_settings_comment_is_read_back_as_its_meaning():
-    from trainer_core.config import field_docs
+    from trainer_core.typed_fields import field_docs
 
     docs = {d.name: d for d in field_docs(TrainConfig)}
     assert list(docs) == [f.name for f in dataclasses.fields(TrainConfig)]

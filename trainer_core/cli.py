@@ -18,7 +18,8 @@ log = logging.getLogger("trainer_core")
 
 
 def _train(args) -> int:
-    from .config import TrainConfig, check_relative_paths, read_toml
+    from .config import TrainConfig
+    from .config_files import check_relative_paths, read_toml
 
     path = Path(args.config)
     values = read_toml(path)
@@ -212,7 +213,8 @@ def _install_tiny(args) -> None:
 
 def _report(args) -> None:
     from .checkpoints import atomic_write
-    from .config import DatasetEntry, TrainConfig, read_toml
+    from .config import DatasetEntry, TrainConfig
+    from .config_files import read_toml
     from .dataset_report import build_report, load_t5_tokenizer, report_for_config
 
     path = Path(args.dataset)
@@ -251,7 +253,8 @@ class _Parser(argparse.ArgumentParser):
 
 def settings_help() -> str:
     """Every setting with its default and meaning, read from the config classes (their fields' comments)."""
-    from .config import TrainConfig, field_docs, toml_text
+    from .config import TrainConfig
+    from .typed_fields import field_docs, toml_text
     from .plan import RunPlan
 
     lines = ["settings (TOML keys; TrainConfig at the top level, RunPlan under [plan]):"]

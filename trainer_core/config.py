@@ -5,20 +5,13 @@ unknown keys raise instead of being silently ignored.
 """
 from __future__ import annotations
 
-import ast
 import dataclasses
-import functools
-import inspect
-import io
 import math
-import os
-import tokenize
-import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, NamedTuple
 
-import pydantic
+from .config_files import config_paths, resolve_config_path
+from .typed_fields import check_fields
 
 OPTIMIZERS = ("adamw", "adamw8bit", "adafactor", "prodigy")
 LR_SCHEDULES = ("constant", "cosine", "cosine_restarts", "cyclic")
@@ -360,7 +353,7 @@ class TrainConfig:
             raise ValueError(f"{source}: missing setting(s) {', '.join(missing)}; give the path of each")
         if base_dir is not None:
             values = dict(values)
-            for entry, key, value, where in _config_paths(values, source):
+            for entry, key, value, where in config_paths(values, source):
                 entry[key] = resolve_config_path(key, value, base_dir, where)
         return cls(**values)
 
@@ -374,71 +367,6 @@ class TrainConfig:
 # settings that were replaced -> what to write instead
 _REPLACED = {"keep_runs": "the run store is bounded by size now: remove keep_runs and set store_max_gb (GB, default "
                           "10) if the default does not suit"}
-
-_PATH_FIELDS = {"transformer_path", "vae_path", "clip_path", "t5_path", "dataset_dir", "tokenizer_dir", "clip_tokenizer_dir",
-                "t5_tokenizer_dir", "validation_transformer_path", "cache_dir", "output_dir", "init_lora", "store_dir",
-                "validation_dir", "control_dir"}
-_MADE_PATH_FIELDS = {"cache_dir", "output_dir", "store_dir"}  # folders a run creates: the others must exist
-_CONTROL_NAMES = {"\n": "newline", "\t": "tab", "\r": "carriage return", "\b": "backspace", "\f": "form feed"}
-
-
-def _config_paths(values: dict, source: str):
-    """(the dict holding it, key, value, where) for each path setting of a config file's values, the
-    `[[datasets]]` tables' included (those are copied, so that the caller may set them)."""
-    for key in sorted(_PATH_FIELDS & set(values)):
-        yield values, key, values[key], source
-    if isinstance(values.get("datasets"), (list, tuple)):
-        values["datasets"] = [dict(e) if isinstance(e, dict) else e for e in values["datasets"]]
-        for n, entry in enumerate(values["datasets"], 1):
-            for key in ("dataset_dir", "control_dir"):
-                if isinstance(entry, dict) and entry.get(key):
-                    yield entry, key, entry[key], f"{source} [[datasets]] #{n}"
-
-
-def resolve_config_path(key: str, value, base_dir: str | Path, source: str):
-    """A path setting of a config file, relative paths taken from `base_dir` (the file's folder). A path with a
-    control character in it (a TOML escape in "double quotes": "C:\\new" holds a newline) is refused."""
-    if not isinstance(value, str) or not value:
-        return value
-    control = next((c for c in value if ord(c) < 32 or ord(c) == 127), None)
-    if control is not None:
-        name = _CONTROL_NAMES.get(control, f"control character {control!r}")
-        raise ValueError(f"{source}: {key} = {value!r} holds a {name}: in \"double quotes\" TOML reads \\n as a "
-                         "newline and \\t as a tab; write Windows paths in 'single quotes' or with /")
-    return value if Path(value).expanduser().is_absolute() else str(Path(os.path.abspath(base_dir)) / value)
-
-
-def check_relative_paths(values: dict, base_dir: str | Path, source: str) -> None:
-    """Each relative input path of a config file's `values` (the files and folders a run reads) exists where it was
-    taken from; else FileNotFoundError naming the key, the path tried and the folder it was taken from, the config
-    file's (a user who runs from another folder expects the working folder)."""
-    folder = Path(os.path.abspath(base_dir))
-    for _, key, value, where in _config_paths(dict(values), source):
-        if key in _MADE_PATH_FIELDS or not isinstance(value, str) or not value or Path(value).expanduser().is_absolute():
-            continue
-        if not (folder / value).exists():
-            raise FileNotFoundError(f"{where}: {key} = {value!r}: {folder / value} does not exist (a relative path is "
-                                    f"taken from the config file's folder {folder}, not the working folder); fix the "
-                                    "path, or give an absolute one")
-
-
-def read_toml(path: str | Path) -> dict:
-    import tomllib
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"config file {path} does not exist; give the path of a .toml file")
-    try:
-        text = path.read_text(encoding="utf-8-sig")  # Notepad's BOM is fine
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8") from e
-    try:
-        return tomllib.loads(text)
-    except tomllib.TOMLDecodeError as e:
-        # in "double quotes" a backslash starts an escape, so "C:\Users\me" is an error
-        hint = " (write Windows paths in 'single quotes' or with /)" if "\\" in text else ""
-        raise ValueError(f"{path}: not valid TOML ({e}); fix the line it names{hint}") from e
-
 
 _FORBIDDEN_NAME_CHARS = set('<>:"/\\|?*') | {chr(c) for c in range(32)}
 # file systems refuse names over 255 bytes; `_<step>.state.safetensors` and a temporary file's marks add up to 55
@@ -458,101 +386,3 @@ def check_output_name(name: str) -> str:
         raise ValueError(f"output_name: {len(name.encode('utf-8'))} bytes long; file systems refuse such long file "
                          f"names, use at most {MAX_OUTPUT_NAME_BYTES}")
     return name
-
-
-# ---------------------------------------------------------------- type checking of a settings dataclass, by pydantic
-def _not_a_bool(value):
-    # pydantic's lax mode reads True as 1: `rank = true` is a slip, not a number
-    if isinstance(value, bool):
-        raise ValueError("true/false is not a number")
-    return value
-
-
-def _checked(hint):
-    """The annotation pydantic checks a field with: numbers refuse booleans, also inside tuples."""
-    if hint in (int, float):
-        return Annotated[hint, pydantic.BeforeValidator(_not_a_bool)]
-    if typing.get_origin(hint) is tuple:
-        return tuple[tuple(_checked(a) if a is not Ellipsis else a for a in typing.get_args(hint))]
-    return hint
-
-
-@functools.cache
-def _model(cls) -> type[pydantic.BaseModel]:
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: (_checked(hints[f.name]), ...) for f in dataclasses.fields(cls)}
-    return pydantic.create_model(f"{cls.__name__}Check", __config__=pydantic.ConfigDict(arbitrary_types_allowed=True),
-                                 **fields)
-
-
-def check_fields(obj, prefix: str = "") -> None:
-    """Convert each field of the frozen dataclass `obj` to its declared type ("16" -> 16, "false" -> False), or raise a
-    ValueError naming the field, the value given and the form expected. Range checks come after, in the class."""
-    values = {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}
-    try:
-        checked = _model(type(obj)).model_validate(values)
-    except pydantic.ValidationError as e:
-        raise ValueError("\n".join(_describe(obj, prefix, error) for error in e.errors())) from None
-    for name in values:
-        object.__setattr__(obj, name, getattr(checked, name))
-
-
-_FORMS = {int: ("a whole number", "whole numbers"), float: ("a number", "numbers"), bool: ("true or false", None),
-          str: ("text in quotes", "texts in quotes")}
-
-
-def _describe(obj, prefix: str, error: dict) -> str:
-    name, *where = error["loc"]
-    hint = typing.get_type_hints(type(obj))[name]
-    args = typing.get_args(hint)
-    if typing.get_origin(hint) is tuple:
-        form = f"a list of {_FORMS.get(args[0], ('', 'values'))[1]}"
-    else:
-        form = _FORMS.get(hint, (str(hint),))[0]
-    default = next(f.default for f in dataclasses.fields(obj) if f.name == name)
-    example = f"; write e.g. {name} = {toml_text(default)}" if default not in (dataclasses.MISSING, (), "") else ""
-    item = f" (item {where[0] + 1}: {toml_text(error['input'])})" if where else ""
-    given = getattr(obj, name)
-    reason = error["msg"].removeprefix("Value error, ")
-    return f"{prefix}{name}: {toml_text(given)}{item} is not {form} ({reason}){example}"
-
-
-def toml_text(value) -> str:
-    """`value` as it is written in a TOML file."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (list, tuple)):
-        return f"[{', '.join(toml_text(v) for v in value)}]"
-    if isinstance(value, dict):
-        return f"{{{', '.join(f'{k} = {toml_text(v)}' for k, v in value.items())}}}"
-    if isinstance(value, str):
-        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    return repr(value)
-
-
-class FieldDoc(NamedTuple):
-    section: str  # the `# --- section` comment above the field, "" when there is none
-    name: str
-    type: str  # as annotated, e.g. "int" or "tuple[int, ...]"
-    default: object  # dataclasses.MISSING for a required field
-    meaning: str  # the field's trailing comment
-
-
-@functools.cache
-def field_docs(cls) -> tuple[FieldDoc, ...]:
-    """Each field of a settings dataclass with its trailing `# comment` from the class's source: the one place where a
-    setting is explained, read back for `train --help` instead of being copied there."""
-    source = inspect.getsource(cls)
-    comments = {t.start[0]: (t.string.lstrip("#").strip(), t.line.lstrip().startswith("#"))
-                for t in tokenize.generate_tokens(io.StringIO(source).readline) if t.type == tokenize.COMMENT}
-    defaults = {f.name: f.default for f in dataclasses.fields(cls)}
-    docs, section = [], ""
-    for node in ast.parse(source).body[0].body:
-        above = [text for line, (text, alone) in comments.items() if alone and line < node.lineno]
-        if above and above[-1].startswith("---"):
-            section = above[-1].lstrip("- ")
-        if isinstance(node, ast.AnnAssign) and node.target.id in defaults:
-            meaning = comments.get(node.end_lineno, ("", True))
-            docs.append(FieldDoc(section, node.target.id, ast.unparse(node.annotation), defaults[node.target.id],
-                                 "" if meaning[1] else meaning[0]))
-    return tuple(docs)

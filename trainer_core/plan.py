@@ -15,9 +15,10 @@ from tqdm import tqdm
 
 from . import data, plots, validation
 from .checkpoints import STATE_SUFFIX, checkpoint_stem, save_png
-from .config import TrainConfig, check_fields
+from .config import TrainConfig
 from .run_handle import Checkpoint, TrainingHandle, TrainingInterrupted, TrainingRun, grid_rows
 from .trainer import StepInfo, Trainer
+from .typed_fields import check_fields
 
 
 GRID_ROWS = {"raw": (validation.RAW,), "ema": (validation.EMA,), "both": (validation.RAW, validation.EMA)}
