@@ -26,7 +26,8 @@ SAME_AS_TRAINING = "same as training"
 CUSTOM = "custom"
 NONE = "none"
 LATEST = "latest"  # the newest state saved under this output_name: after a crash the user just queues again
-MEMORY_FIELDS = ("fp8_base", "gradient_checkpointing", "blocks_to_swap")  # what a preset decides
+MEMORY_FIELDS = ("fp8_base", "gradient_checkpointing", "blocks_to_swap")  # the memory widgets (custom)
+PRESET_FIELDS = (*MEMORY_FIELDS, "checkpoint_blocks", "t5_on_cpu")  # what a preset decides
 # widget -> (ComfyUI folder, the models.MODEL_ROLES input it feeds)
 MODEL_WIDGETS = {
     "transformer": ("diffusion_models", "transformer"),
@@ -107,14 +108,15 @@ def tokenizer_settings(clip_path: Path) -> dict[str, str]:
 
 
 def memory_settings(memory_preset: str, explicit: dict, transformer: Path) -> dict:
-    """The memory options: a preset's (with fewer blocks swapped on a quantized `transformer`), or the explicit
-    widgets' for "custom"."""
+    """The memory options: a preset's (with fewer blocks swapped on a quantized `transformer`, every block
+    checkpointed for a LoKr / LoHa `network`), or the explicit widgets' for "custom"."""
     if memory_preset == CUSTOM:
         return {k: explicit[k] for k in MEMORY_FIELDS}
     if memory_preset not in PRESETS:
         raise ValueError(f"memory_preset: {memory_preset!r}; choose one of {CUSTOM}, {', '.join(PRESETS)}")
-    preset = PRESETS[memory_preset].for_base(base_format(transformer))
-    return {k: v for k, v in preset.train_settings().items() if k in MEMORY_FIELDS}
+    preset = PRESETS[memory_preset].for_base(base_format(transformer)).for_network(explicit.get("network", "lora"))
+    settings = preset.train_settings()
+    return {k: settings[k] for k in PRESET_FIELDS}
 
 
 def load_resume(name: str, config: TrainConfig) -> TrainingState | None:

@@ -169,6 +169,16 @@ def test_every_preset_fits_its_card_with_headroom(flux_dev, name):
     assert projection.fits, f"{name}: {projection.peak / memory.GIB:.1f} GiB on a {projection.card_gib:g} GiB card"
 
 
+@pytest.mark.parametrize("network", ["lokr", "loha"])
+def test_every_preset_fits_its_card_for_a_lycoris_network(network):
+    """peft's LoKr / LoHa keep each Linear's whole update for backward; the presets checkpoint every block for them."""
+    bench = memory.Bench(memory.flux_dev_config(), network)
+    for name, preset in PRESETS.items():
+        projection = bench.project(preset.for_network(network))
+        assert projection.fits, f"{name}: {projection.peak / memory.GIB:.1f} GiB on a {projection.card_gib:g} GiB card"
+    assert not bench.project(PRESETS["8GB"]).fits  # the LoRA's partial checkpointing would overflow
+
+
 def test_partial_checkpointing_projects_between_none_and_all(flux_dev):
     act, sizes = flux_dev.activations(512, 1, True, "fp32"), flux_dev.sizes
     by_count = [memory.activation_bytes(act, sizes, n) for n in range(58)]

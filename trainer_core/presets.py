@@ -88,6 +88,14 @@ class MemoryPreset:
         return dataclasses.replace(self, base_format=base_format, blocks_to_swap=swaps[base_format],
                                    checkpoint_blocks=-1)
 
+    def for_network(self, network: str) -> MemoryPreset:
+        """This preset for the adapter `network` (TrainConfig.network): peft's LoKr and LoHa keep each Linear's whole
+        update (out x in, fp32) for backward, so every block is checkpointed for them (`bench/memory.py --network`:
+        with the preset's partial checkpointing the 24GB preset's LoHa and the 8GB preset's LoKr and LoHa overflow)."""
+        if network == "lora":
+            return self
+        return dataclasses.replace(self, gradient_checkpointing=True, checkpoint_blocks=-1)
+
     def train_settings(self) -> dict:
         """The `TrainConfig` fields this preset sets: `TrainConfig(**paths, **preset.train_settings())`.
 
