@@ -3,8 +3,8 @@
 peft computes `base(x) + B(A(x)) * scale`: a multiply and an add that each read and write the whole output, forward
 and again backward, in every LoRA Linear of every block. Here the scale goes on B (rank x out numbers, not tokens x
 out) and the product is added by `addmm`, so both passes over the output are gone. The numbers differ from peft's only
-by float rounding (the same sums in another order); at scale 0 the output is the base's exactly. DoRA, dropout with
-several adapters, merged or disabled adapters take peft's own path.
+by float rounding (the same sums in another order); at scale 0 the output is the base's exactly. DoRA, other or
+several active adapters, disabled adapters and merged weights take peft's own path.
 """
 from __future__ import annotations
 
