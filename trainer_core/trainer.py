@@ -526,8 +526,8 @@ class Trainer:
         if self.ema is not None:
             tensors += list(self.ema.average.values())
         for sample in self.dataset.all_samples():
-            tensors += [sample.latents, sample.prompt_embeds, sample.pooled, *(() if sample.mask is None else
-                                                                                (sample.mask,))]
+            tensors += [t for t in (sample.latents, sample.prompt_embeds, sample.pooled, sample.mask,
+                                    sample.control_latents) if t is not None]
         tensors += [t for orders in self.dataset.caption_variants.values() for pair in orders for t in pair]
         tensors += [t for pair in (self.dataset.empty_prompt, *self._prompt_cache.values()) for t in pair]
         storages = {}
