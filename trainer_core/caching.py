@@ -151,6 +151,7 @@ def cache_dataset(
     A record's mask (`data.load_mask`, downsampled to the latent grid) is cached with its latents and keyed on the
     mask file's bytes too. `variants` (with `augment_settings`): augmented copies of every image, encoded as well.
     `caption_variants`: each caption's shuffled tag orders, whose embeddings are looked up in the text cache.
+    A Kontext record's control image is encoded as an image too, at the record's bucket and flip (`control_latents`).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size: {batch_size} must be at least 1")
