@@ -347,6 +347,10 @@ class InitTrainer:
                                   "tooltip": "Smallest crop side as a share of the image's bucket."}),
             "augment_variants": ("INT", {"default": d["augment_variants"], "min": 1, "max": 64, "tooltip":
                                  "Jittered / cropped copies of each image, each encoded once (RAM, disk cache)."}),
+            "masked_prior_weight": ("FLOAT", {"default": d["masked_prior_weight"], "min": 0.0, "max": 10.0,
+                                    "step": 0.1, "tooltip": "With masks: outside each mask, pull the LoRA toward the "
+                                    "base model's own prediction (masked prior preservation; 1 is a start); 0 = off. "
+                                    "Costs one more forward pass per step."}),
         }, "hidden": {"prompt": "PROMPT", "unique_id": "UNIQUE_ID"}}  # the queued graph: total_steps auto
 
     @classmethod

@@ -3,6 +3,7 @@ into the loss, and replayed exactly on resume."""
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -11,16 +12,18 @@ import torch
 from PIL import Image, ImageDraw
 
 from test_data import FakeTextEncoders, tiny_vae
-from trainer_core import augment, masks
+from trainer_core import augment, lora, masks, output_guard
 from trainer_core.augment import Augment, AugmentSettings, Variant
 from trainer_core.caching import cache_dataset
 from trainer_core.config import DatasetEntry, TrainConfig
 from trainer_core.data import ImageRecord, load_image, load_mask, scan_datasets
-from trainer_core.dataset_report import build_report
+from trainer_core.dataset_report import build_report, report_for_config
 from trainer_core.demo import demo_config
-from trainer_core.flow_matching import pack_latents, unpack_latents
+from trainer_core.flow_matching import noisy_input_and_target, pack_latents, unpack_latents
 from trainer_core.identity import dataset_identity
+from trainer_core.preflight import check_cache_space
 from trainer_core.trainer import Trainer, weighted_mse
+from trainer_core.validation import validation_loss
 
 RED, BLUE, WHITE, BLACK = (220, 30, 40), (40, 70, 180), 255, 0
 
@@ -223,7 +226,8 @@ def test_prior_loss_weight_scales_the_loss_of_regularization_images(tiny_flux, m
     config = extras_config(tiny_flux, masked_data, tmp_path, prior_loss_weight=0.25, batch_size=4)
     trainer = Trainer.from_config(config)
     samples = trainer.dataset.samples
-    weights = trainer._loss_weights(samples, 16)
+    weights, toward_base = masks.batch_weights(samples, 16, config)
+    assert toward_base is None  # masked_prior_weight 0: no pull toward the base
     assert [s.is_reg for s in samples] == [False, False, True, True]
     for s, w in zip(samples, weights):
         inside = masks.loss_weights(s.mask[None], 16, 0.0)[0] if s.mask is not None else torch.ones_like(w)
@@ -299,12 +303,37 @@ def test_augmented_copies_are_cached_bounded_and_named_in_the_report(tmp_path, m
     config = TrainConfig(transformer_path="t", vae_path="v", clip_path="c", t5_path="t5",
                          dataset_dir=str(masked_data / "train"), resolutions=(64,), flip_augment=True,
                          color_jitter=0.5, random_crop=0.5, augment_variants=2)
-    from trainer_core.dataset_report import report_for_config
-
     report = report_for_config(config)
     assert report.latents_per_image == 2 * 7
     assert "Latents: 14 encoded copies of each image per bucket" in report.text()
     assert report.latent_cache_bytes() == 2 * 14 * (16 + 1) * 4 * 8 * 8
+
+
+def test_the_validation_loss_weighs_masks_and_regularization_images_as_training_does(tiny_flux, masked_data, tmp_path):
+    config = extras_config(tiny_flux, masked_data, tmp_path, validation_timesteps=2, prior_loss_weight=0.0)
+    trainer = Trainer.from_config(config)
+    images, regularization = trainer.dataset.samples[:2], trainer.dataset.samples[2:]
+    assert all(s.mask is not None for s in images) and all(s.is_reg for s in regularization)
+    assert validation_loss(trainer, regularization) == 0.0  # prior_loss_weight 0: not scored, as not trained
+    inside = validation_loss(trainer, images)  # mask_floor 0: the error inside the masks only
+    trainer.config = config.replace(mask_floor=1.0)  # every value weighs 1: the plain mean of the unmasked images
+    assert validation_loss(trainer, images) == validation_loss(trainer, [replace(s, mask=None) for s in images])
+    assert validation_loss(trainer, images) != inside
+    trainer.release()
+
+
+def test_the_cache_dir_must_have_room_for_every_augmented_copy(tmp_path, masked_data, monkeypatch):
+    config = TrainConfig(transformer_path="t", vae_path="v", clip_path="c", t5_path="t5",
+                         dataset_dir=str(masked_data / "train"), resolutions=(64,), flip_augment=True,
+                         color_jitter=0.5, augment_variants=3, cache_dir=str(tmp_path / "cache"))
+    report = report_for_config(config)
+    needed = report.latent_cache_bytes()
+    monkeypatch.setattr(output_guard, "free_bytes", lambda folder: needed - 1)
+    with pytest.raises(ValueError, match=r"cache_dir: .* the latents of 8 copies of each image .* augment_variants"):
+        check_cache_space(config.cache_dir, report)
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "latents-earlier.safetensors").write_bytes(bytes(1))  # what is cached is not needed again
+    check_cache_space(config.cache_dir, report)
 
 
 def test_resume_is_exact_with_regularization_shuffled_captions_augmentations_and_masks(tiny_flux, masked_data,
@@ -356,3 +385,31 @@ def test_the_toml_and_the_node_mark_regularization_folders_and_settings_are_chec
     assert [e.is_reg for e in entries] == [False, True]
     with pytest.raises(ValueError, match="line 1: .* has 5 parts"):
         parse_datasets("cats|a|512|1|extra\ncats", "", "512", 1)
+
+
+def test_masked_prior_preservation_holds_the_outside_of_the_mask_to_the_base(tiny_flux, masked_data, tmp_path):
+    """With masks and mask_floor 0 nothing teaches the LoRA outside the masks; masked_prior_weight pulls its
+    prediction there toward the base model's own (the demo's learning test shows the subject is still learned)."""
+    def outside_drift(prior: float) -> float:
+        """The LoRA's mean squared distance from the base's prediction outside the mask, after 30 steps."""
+        config = extras_config(tiny_flux, masked_data, tmp_path, masked_prior_weight=prior, learning_rate=2e-2,
+                               lr_schedule="constant", warmup_steps=0).replace(
+            datasets=(DatasetEntry(str(masked_data / "train")),))
+        trainer = Trainer.from_config(config)
+        trainer.train(30)
+        sample = trainer.dataset.samples[0]
+        x0 = pack_latents(sample.latents[None]).expand(3, -1, -1)
+        sigmas = torch.tensor([0.9, 0.5, 0.2])
+        noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(5))
+        x_t, _ = noisy_input_and_target(x0, noise, sigmas)
+        args = (x_t, sample.prompt_embeds[None].expand(3, -1, -1), sample.pooled[None].expand(3, -1), sigmas,
+                sample.latents.shape[-2:])
+        with torch.no_grad():
+            pred = trainer.predict(*args)
+            with lora.adapter_off(trainer.transformer):
+                base = trainer.predict(*args)
+        trainer.release()
+        outside = 1 - masks.loss_weights(sample.mask[None], 16, 0.0)
+        return float(((pred - base).square() * outside).sum() / (3 * outside.sum()))
+
+    assert outside_drift(1.0) < 0.2 * outside_drift(0.0)  # measured: 0.016 against 0.39

@@ -132,39 +132,60 @@ def background_shift(cells: dict) -> float:
     return float(np.linalg.norm(background(cells[1.0]) - background(cells[0.0])))
 
 
-@pytest.fixture(scope="module")
-def masked_demo(tmp_path_factory) -> dict[float, Image.Image]:
-    """The demo's run on the demo's pictures, each with a mask on the subject's disc (mask_floor 0): the prompt
-    sampled at strength 0 and 1 as the demo's grid samples it, and the training pictures' mean subject score."""
-    out = tmp_path_factory.mktemp("masked_demo")
+def masked_run(out, **settings) -> dict[float, Image.Image]:
+    """The demo's run (its 200 steps) on the demo's pictures, each with a mask on the subject's disc (mask_floor 0):
+    the prompt sampled at strength 0 and 1 as the demo's grid samples it, and the training pictures' mean subject
+    score."""
     dataset = write_demo_dataset(out / "dataset")
     for picture in sorted(dataset.glob("glyph_??.png")):
         mask = Image.new("L", (SIZE, SIZE), 0)
         draw_shape(ImageDraw.Draw(mask), "circle", 255, SIZE / 2, SIZE / 2, SIZE * 0.3)
         mask.save(picture.with_name(f"{picture.stem}_mask.png"))
-    # half the demo's steps: with masks the subject comes in sooner (the whole loss is on it)
-    config = demo_config(demo_stack(), dataset, out / "loras", 100).replace(lora_layout="split", tensorboard=False)
+    config = demo_config(demo_stack(), dataset, out / "loras", 200).replace(lora_layout="split", tensorboard=False,
+                                                                            **settings)
     trainer = Trainer.from_config(config)
     assert all(s.mask is not None for s in trainer.dataset.samples)
-    trainer.train(100)
+    trainer.train(200)
     cells = {s: trainer.sample([PROMPT], strength=s, steps=12, width=SIZE, height=SIZE, seed=1)[0] for s in (0.0, 1.0)}
     cells["dataset_score"] = float(np.mean([subject_score(Image.open(p)) for p in sorted(dataset.glob("glyph_??.png"))]))
     trainer.release()
     return cells
 
 
-def test_with_masks_on_the_subject_the_subject_is_learned(masked_demo):
-    target = masked_demo["dataset_score"]  # as in the unmasked demo's test: the training pictures' own score
-    assert subject_score(masked_demo[0.0]) < 0.01 * target
-    assert subject_score(masked_demo[1.0]) >= 0.5 * target, (subject_score(masked_demo[1.0]), target)
+@pytest.fixture(scope="module")
+def masked_demo(tmp_path_factory) -> dict[float, Image.Image]:
+    return masked_run(tmp_path_factory.mktemp("masked_demo"))
 
 
-@pytest.mark.xfail(strict=True, reason="on the demo stack a LoRA trained with masks (mask_floor 0) spreads the "
-                   "subject's colours over the whole picture: nothing outside the mask holds it back, and this small "
-                   "base's LoRA finds a global colour shift the cheapest way to draw the subject")
-def test_with_masks_the_background_moves_at_most_half_as_far_as_without(demo, masked_demo):
+@pytest.fixture(scope="module")
+def masked_prior_demo(tmp_path_factory) -> dict[float, Image.Image]:
+    """As `masked_demo`, with masked prior preservation (`masked_prior_weight` 1)."""
+    return masked_run(tmp_path_factory.mktemp("masked_prior_demo"), masked_prior_weight=1.0)
+
+
+@pytest.mark.parametrize("run", ["masked_demo", "masked_prior_demo"])
+def test_with_masks_on_the_subject_the_subject_is_learned(run, request):
+    cells = request.getfixturevalue(run)
+    target = cells["dataset_score"]  # as in the unmasked demo's test: the training pictures' own score
+    assert subject_score(cells[0.0]) < 0.01 * target
+    assert subject_score(cells[1.0]) >= 0.5 * target, (subject_score(cells[1.0]), target)
+
+
+def test_masked_prior_preservation_keeps_the_background_that_masks_alone_let_go(masked_demo, masked_prior_demo):
+    """Masks alone (mask_floor 0) leave the outside untaught, and this small base's LoRA paints the subject's colours
+    over all of it; pulled toward the base's own prediction there, the background moves less than half as far
+    (measured: 75 against 195, of 441)."""
+    assert background_shift(masked_prior_demo) <= 0.5 * background_shift(masked_demo), \
+        (background_shift(masked_prior_demo), background_shift(masked_demo))
+
+
+@pytest.mark.xfail(strict=True, reason="issue 25's criterion, not met: even with masked prior preservation the "
+                   "background at strength 1 moves 75 (of 441) from the base's, against 14 for the LoRA trained without "
+                   "masks, whose captions name every background: this small base's reaction to the subject it never "
+                   "saw is noise outside it (likely cause), which the pull toward it teaches the LoRA")
+def test_with_masks_the_background_moves_at_most_half_as_far_as_without(demo, masked_prior_demo):
     _, _, summary = demo
     unmasked = {c["strength"]: Image.open(c["path"]) for c in summary["cells"]
                 if c["step"] == 200 and c["lora"] == "raw" and c["strength"] in (0.0, 1.0)}
-    assert background_shift(masked_demo) <= 0.5 * background_shift(unmasked), \
-        (background_shift(masked_demo), background_shift(unmasked))
+    assert background_shift(masked_prior_demo) <= 0.5 * background_shift(unmasked), \
+        (background_shift(masked_prior_demo), background_shift(unmasked))

@@ -30,7 +30,7 @@ WEIGHT_FLIPS = dict(
     validation_every=5, ema_decay=0.9, network="lokr", lokr_factor=4, block_ranks="double:0=8", block_lrs="single=1e-3",
     train_modulation=False, loraplus_lr_ratio=16.0,
     model_type=dict(model_type="kontext", control_dir="DATASET"),  # Kontext trains on pairs: a control folder with it
-    alpha_mask=True, mask_floor=0.1, prior_loss_weight=0.5, shuffle_caption=True, keep_tokens=2, caption_variants=3,
+    alpha_mask=True, mask_floor=0.1, masked_prior_weight=1.0, prior_loss_weight=0.5, shuffle_caption=True, keep_tokens=2, caption_variants=3,
     color_jitter=0.5, color_jitter_strength=(0.2, 0.1, 0.1, 0.02), random_crop=0.5, random_crop_scale=0.5,
     augment_variants=2,
 )

@@ -90,6 +90,7 @@ class TrainConfig:
     # --- masks, regularization, caption tags, augmentations
     alpha_mask: bool = False  # each image's alpha channel is its loss mask (else <stem>_mask.png beside it, or masks/)
     mask_floor: float = 0.0  # loss weight outside a mask: 0 learns nothing there, e.g. 0.1 keeps a little
+    masked_prior_weight: float = 0.0  # outside a mask, pull toward the base model's own prediction (0: off; +1 forward)
     prior_loss_weight: float = 1.0  # loss weight of regularization images ([[datasets]] entries with is_reg = true)
     shuffle_caption: bool = False  # shuffle each caption's comma-separated tags at every step
     keep_tokens: int = 1  # with shuffle_caption: the first N tags stay in place (1: the trigger word stays first)
@@ -324,6 +325,8 @@ class TrainConfig:
 
     def _validate_dataset_extras(self, need) -> None:
         need(0.0 <= self.mask_floor <= 1.0, f"mask_floor: {self.mask_floor}; use a weight in [0, 1], e.g. 0.1")
+        need(math.isfinite(self.masked_prior_weight) and self.masked_prior_weight >= 0,
+             f"masked_prior_weight: {self.masked_prior_weight}; use 0 (off) or more, e.g. 1.0")
         need(math.isfinite(self.prior_loss_weight) and self.prior_loss_weight >= 0,
              f"prior_loss_weight: {self.prior_loss_weight}; use 0 or more (1.0 weighs regularization images as the rest)")
         need(self.keep_tokens >= 0, f"keep_tokens: {self.keep_tokens}; use 0 or more (1 keeps the trigger word first)")

@@ -57,7 +57,7 @@ SETTING_SIDES = {
     "validation_every": WEIGHTS, "ema_decay": WEIGHTS,
     "ema_on_cpu": NO_WEIGHT,  # where the EMA lives; its numbers are the same fp32 operations
     # masks, regularization, caption tags, augmentations (masks' and regularization images' files: the dataset side)
-    "alpha_mask": WEIGHTS, "mask_floor": WEIGHTS, "prior_loss_weight": WEIGHTS, "shuffle_caption": WEIGHTS,
+    "alpha_mask": WEIGHTS, "mask_floor": WEIGHTS, "masked_prior_weight": WEIGHTS, "prior_loss_weight": WEIGHTS, "shuffle_caption": WEIGHTS,
     "keep_tokens": WEIGHTS, "caption_variants": WEIGHTS, "color_jitter": WEIGHTS, "color_jitter_strength": WEIGHTS,
     "random_crop": WEIGHTS, "random_crop_scale": WEIGHTS, "augment_variants": WEIGHTS,
 }
@@ -70,7 +70,7 @@ SETTINGS_ADDED: dict[str, object] = {
     "validation_every": 0, "ema_decay": 0.0, "model_type": "flux",
     "network": "lora", "lokr_factor": -1, "block_ranks": "", "block_lrs": "", "train_modulation": True,
     "loraplus_lr_ratio": 1.0,
-    "alpha_mask": False, "mask_floor": 0.0, "prior_loss_weight": 1.0, "shuffle_caption": False, "keep_tokens": 1,
+    "alpha_mask": False, "mask_floor": 0.0, "masked_prior_weight": 0.0, "prior_loss_weight": 1.0, "shuffle_caption": False, "keep_tokens": 1,
     "caption_variants": 8, "color_jitter": 0.0, "color_jitter_strength": (0.1, 0.1, 0.1, 0.02), "random_crop": 0.0,
     "random_crop_scale": 0.8, "augment_variants": 4,
 }

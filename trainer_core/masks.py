@@ -95,3 +95,23 @@ def loss_weights(masks: torch.Tensor, channels: int, floor: float) -> torch.Tens
     lifted so that 0 becomes `floor` (1 stays 1)."""
     weights = floor + (1 - floor) * masks.expand(-1, channels, -1, -1)
     return pack_latents(weights.contiguous())
+
+
+def batch_weights(samples, channels: int, config) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The (B, tokens, C*4) loss weights of a batch of cached samples (one bucket), for the training step and the
+    validation loss alike: (toward the target, toward the base model's own prediction).
+
+    Toward the target: each sample's mask lifted to `mask_floor`, times `prior_loss_weight` for regularization images;
+    None when every weight is 1. Toward the base: `masked_prior_weight` outside each mask (masked prior preservation:
+    where the mask does not teach, the LoRA is held to what the base draws there), times the same regularization
+    weight; None when it is off or no sample has a mask."""
+    reg = torch.tensor([config.prior_loss_weight if s.is_reg else 1.0 for s in samples]).view(-1, 1, 1)
+    masked = any(s.mask is not None for s in samples)
+    if not masked and bool((reg == 1).all()):
+        return None, None
+    shape = samples[0].latents.shape[-2:]
+    mask = torch.stack([s.mask if s.mask is not None else torch.ones(1, *shape) for s in samples])
+    toward_target = loss_weights(mask, channels, config.mask_floor) * reg
+    if not (masked and config.masked_prior_weight):
+        return toward_target, None
+    return toward_target, loss_weights(1 - mask, channels, 0.0) * (config.masked_prior_weight * reg)

@@ -83,15 +83,17 @@ def free_bytes(folder: Path) -> int:
     return shutil.disk_usage(folder).free
 
 
-def check_free_space(folder: str | Path, needed: int) -> None:
+def check_free_space(folder: str | Path, needed: int, field: str = "output_dir",
+                     what: str = "this run's checkpoints and states",
+                     advice: str = "save less often (plan.save_every, plan.save_state)") -> None:
+    """Refuse, naming `field`, a `folder` whose disk has less than `needed` bytes free for `what`."""
     probe = Path(folder)
     while not probe.exists():  # the folder may not be made yet: its disk is its nearest existing parent's
         probe = probe.parent
     free = free_bytes(probe)
     if free < needed:
-        raise ValueError(f"output_dir: {folder} has {_mib(free)} free, but this run's checkpoints and states need about "
-                         f"{_mib(needed)}; free some space, give another output_dir, or save less often "
-                         "(plan.save_every, plan.save_state)")
+        raise ValueError(f"{field}: {folder} has {_mib(free)} free, but {what} need about {_mib(needed)}; free some "
+                         f"space, give another {field}, or {advice}")
 
 
 def _mib(n: int) -> str:

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import logging
 
-from . import data, dataset_report, lora, models
+from pathlib import Path
+
+from . import data, dataset_report, lora, models, output_guard
 from .config import TrainConfig
 from .validation import validation_dir_records
 
@@ -27,9 +29,22 @@ def preflight(config: TrainConfig) -> list[data.ImageRecord]:
     log.info("%s", report.summary())
     for serious, finding in report.findings():
         log.log(logging.WARNING if serious else logging.INFO, "dataset: %s", finding)
+    if config.cache_dir:
+        check_cache_space(config.cache_dir, report)
     if config.validation_dir:
         validation_dir_records(config)
     return report.records()
+
+
+def check_cache_space(cache_dir: str, report: dataset_report.DatasetReport) -> None:
+    """The latent cache's disk has room for every copy the report counts (flips, augment_variants) beyond the latents
+    already cached there (a rerun, another run on the same images)."""
+    cached = sum(p.stat().st_size for p in Path(cache_dir).glob("latents-*.safetensors")) \
+        if Path(cache_dir).is_dir() else 0
+    output_guard.check_free_space(cache_dir, report.latent_cache_bytes() - cached, "cache_dir",
+                                  f"the latents of {report.latents_per_image} cop"
+                                  f"{'y' if report.latents_per_image == 1 else 'ies'} of each image",
+                                  "lower augment_variants (or turn flip_augment off)")
 
 
 def check_init_lora(config: TrainConfig) -> None:

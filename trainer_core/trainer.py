@@ -349,12 +349,17 @@ class Trainer:
         # x_t and the target are made where the model runs
         x0, noise, sigmas = (_pinned_to(t, self.device) for t in (pack_latents(latents.float()), noise, sigmas))
         x_t, target = noisy_input_and_target(x0, noise, sigmas)  # x0: (B, h/2 * w/2, C*4)
-        pred = self.predict(x_t, prompt_embeds, pooled, sigmas, latents.shape[-2:], caching.control_batch(samples))
-        weights = self._loss_weights(samples, latents.shape[1])
-        if weights is None:  # no mask, no weighted regularization image: the plain mean, as before either existed
-            loss = F.mse_loss(pred.float(), target.float())
+        control = caching.control_batch(samples)
+        pred = self.predict(x_t, prompt_embeds, pooled, sigmas, latents.shape[-2:], control).float()
+        toward_target, toward_base = masks.batch_weights(samples, latents.shape[1], cfg)
+        if toward_target is None:  # no mask, no weighted regularization image: the plain mean, as before either existed
+            loss = F.mse_loss(pred, target.float())
         else:
-            loss = weighted_mse(pred.float(), target.float(), _pinned_to(weights, self.device))
+            loss = weighted_mse(pred, target.float(), _pinned_to(toward_target, self.device))
+        if toward_base is not None:
+            with torch.no_grad(), lora.adapter_off(self.transformer):
+                base = self.predict(x_t, prompt_embeds, pooled, sigmas, latents.shape[-2:], control).float()
+            loss = loss + weighted_mse(pred, base, _pinned_to(toward_base, self.device))
         return loss if n_mine == n else loss * (n_mine / n)
 
     def _text(self, sample: caching.CachedSample, order: float | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -363,17 +368,6 @@ class Trainer:
         if not orders:
             return sample.prompt_embeds, sample.pooled
         return orders[min(int(order * len(orders)), len(orders) - 1)]
-
-    def _loss_weights(self, samples: Sequence[caching.CachedSample], channels: int) -> torch.Tensor | None:
-        """(B, tokens, C*4) loss weights of the packed latents: each sample's mask (lifted to mask_floor) times
-        prior_loss_weight for regularization images; None when every weight is 1."""
-        cfg = self.config
-        reg = [cfg.prior_loss_weight if s.is_reg else 1.0 for s in samples]
-        if all(s.mask is None for s in samples) and all(w == 1.0 for w in reg):
-            return None
-        shape = samples[0].latents.shape[-2:]
-        mask = torch.stack([s.mask if s.mask is not None else torch.ones(1, *shape) for s in samples])
-        return masks.loss_weights(mask, channels, cfg.mask_floor) * torch.tensor(reg).view(-1, 1, 1)
 
     def predict(self, x_t: torch.Tensor, prompt_embeds: torch.Tensor, pooled: torch.Tensor, sigmas: torch.Tensor,
                 latent_size: tuple[int, int], control: torch.Tensor | None = None) -> torch.Tensor:

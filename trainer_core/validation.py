@@ -4,7 +4,8 @@ render its images (samples, the XY grid).
 The validation loss scores the validation images at `validation_timesteps` fixed noise levels, evenly spaced and
 shifted as the run's timestep sampling shifts them, with noise drawn from a generator of the run's seed made anew at
 each call: the same LoRA always gets the same number, and the run's own generator is never touched. It runs the
-forward pass only (no backward), from the cached latents and caption embeddings, a bucket's items batched.
+forward pass only (no backward), from the cached latents and caption embeddings, a bucket's items batched. Each
+value's error is weighted as the training step weights it toward its target (masks, regularization images).
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from . import caching, data, lora, models, plots, sampling
+from . import caching, data, lora, masks, models, plots, sampling
 from .config import DatasetEntry, TrainConfig
 from .flow_matching import noisy_input_and_target, pack_latents, shift_sigmas
 
@@ -104,9 +105,13 @@ def validation_loss(trainer: "Trainer", samples: Sequence[caching.CachedSample])
                     embeds = torch.stack([s.prompt_embeds for *_, s in part])
                     pooled = torch.stack([s.pooled for *_, s in part])
                     x_t, target = noisy_input_and_target(x0, noise, sig)
-                    pred = trainer.predict(x_t, embeds, pooled, sig, part[0][-1].latents.shape[-2:],
-                                           caching.control_batch([s for *_, s in part]))
+                    items = [s for *_, s in part]
+                    pred = trainer.predict(x_t, embeds, pooled, sig, items[0].latents.shape[-2:],
+                                           caching.control_batch(items))
                     err = (pred.float() - target.to(pred.device).float()).pow(2)
+                    weights, _ = masks.batch_weights(items, items[0].latents.shape[0], cfg)
+                    if weights is not None:  # scored as trained: inside the masks, regularization images weighted
+                        err = err * weights.to(err.device)
                     losses.append(err.mean(dim=tuple(range(1, err.dim()))))
     finally:
         trainer.transformer.train(was_training)

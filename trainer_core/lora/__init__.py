@@ -16,6 +16,7 @@ from .adapter import (
     _kohya_groups,
     _lora_layers,
     _scale,
+    adapter_off,
     adapter_settings,
     add_lora,
     check_lora_settings,

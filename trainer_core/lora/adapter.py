@@ -6,6 +6,7 @@ import logging
 import math
 import re
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 from accelerate import init_empty_weights
@@ -245,6 +246,16 @@ def set_lora_strength(transformer: nn.Module, strength: float) -> None:
             hook.remove()
         layer._dora_strength_hook = None if strength == 1.0 else layer.register_forward_hook(
             lambda module, args, out, s=strength: _interpolate(module.get_base_layer()(args[0]), out, s))
+
+
+@contextmanager
+def adapter_off(transformer: nn.Module) -> Iterator[None]:
+    """The base model inside the block: peft's layers skip the adapter (no weight or strength is touched)."""
+    transformer.disable_adapters()
+    try:
+        yield
+    finally:
+        transformer.enable_adapters()
 
 
 def _interpolate(base: torch.Tensor, out: torch.Tensor, strength: float) -> torch.Tensor:
