@@ -340,7 +340,8 @@ def test_resume_is_exact_with_regularization_shuffled_captions_augmentations_and
                                                                                        tmp_path):
     config = extras_config(tiny_flux, masked_data, tmp_path, prior_loss_weight=0.5, shuffle_caption=True,
                            caption_variants=3, color_jitter=0.5, random_crop=0.5, augment_variants=2,
-                           flip_augment=True, mask_floor=0.1, batch_size=2, caption_dropout=0.2)
+                           flip_augment=True, mask_floor=0.1, masked_prior_weight=0.5, batch_size=2,
+                           caption_dropout=0.2)
 
     def trainer() -> Trainer:
         return Trainer.from_config(config)
@@ -370,6 +371,7 @@ def test_the_toml_and_the_node_mark_regularization_folders_and_settings_are_chec
     assert [(e.trigger_word, e.is_reg) for e in config.dataset_entries()] == [("sks", False), ("", True)]
     assert config.color_jitter_strength == (0.2, 0.1, 0.1, 0.05)
     for values, match in ((dict(mask_floor=1.5), "mask_floor: 1.5"), (dict(prior_loss_weight=-1.0), "prior_loss_w"),
+                          (dict(masked_prior_weight=float("nan")), "masked_prior_weight: nan"),
                           (dict(color_jitter=2.0), "color_jitter: 2.0"), (dict(caption_variants=0), "caption_vari"),
                           (dict(color_jitter_strength=[0.1, 0.1]), "color_jitter_strength: \\[0.1, 0.1\\]"),
                           (dict(random_crop_scale=0.0), "random_crop_scale"), (dict(augment_variants=0), "augment_v"),
