@@ -255,6 +255,47 @@ def test_the_masked_loss_gives_the_model_no_gradient_outside_the_mask(tiny_flux,
     trainer.release()
 
 
+def test_masked_prior_preservation_holds_the_outside_of_the_mask_to_the_base(tiny_flux, masked_data, tmp_path):
+    """With masks and mask_floor 0 nothing teaches the LoRA outside the masks; masked_prior_weight pulls its
+    prediction there toward the base model's own (the demo's learning test shows the subject is still learned)."""
+    def outside_drift(prior: float) -> float:
+        """The LoRA's mean squared distance from the base's prediction outside the mask, after 30 steps."""
+        config = extras_config(tiny_flux, masked_data, tmp_path, masked_prior_weight=prior, learning_rate=2e-2,
+                               lr_schedule="constant", warmup_steps=0).replace(
+            datasets=(DatasetEntry(str(masked_data / "train")),))
+        trainer = Trainer.from_config(config)
+        trainer.train(30)
+        sample = trainer.dataset.samples[0]
+        x0 = pack_latents(sample.latents[None]).expand(3, -1, -1)
+        sigmas = torch.tensor([0.9, 0.5, 0.2])
+        noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(5))
+        x_t, _ = noisy_input_and_target(x0, noise, sigmas)
+        args = (x_t, sample.prompt_embeds[None].expand(3, -1, -1), sample.pooled[None].expand(3, -1), sigmas,
+                sample.latents.shape[-2:])
+        with torch.no_grad():
+            pred = trainer.predict(*args)
+            with lora.adapter_off(trainer.transformer):
+                base = trainer.predict(*args)
+        trainer.release()
+        outside = 1 - masks.loss_weights(sample.mask[None], 16, 0.0)
+        return float(((pred - base).square() * outside).sum() / (3 * outside.sum()))
+
+    assert outside_drift(1.0) < 0.2 * outside_drift(0.0)  # measured: 0.016 against 0.39
+
+
+def test_the_validation_loss_weighs_masks_and_regularization_images_as_training_does(tiny_flux, masked_data, tmp_path):
+    config = extras_config(tiny_flux, masked_data, tmp_path, validation_timesteps=2, prior_loss_weight=0.0)
+    trainer = Trainer.from_config(config)
+    images, regularization = trainer.dataset.samples[:2], trainer.dataset.samples[2:]
+    assert all(s.mask is not None for s in images) and all(s.is_reg for s in regularization)
+    assert validation_loss(trainer, regularization) == 0.0  # prior_loss_weight 0: not scored, as not trained
+    inside = validation_loss(trainer, images)  # mask_floor 0: the error inside the masks only
+    trainer.config = config.replace(mask_floor=1.0)  # every value weighs 1: the plain mean of the unmasked images
+    assert validation_loss(trainer, images) == validation_loss(trainer, [replace(s, mask=None) for s in images])
+    assert validation_loss(trainer, images) != inside
+    trainer.release()
+
+
 # --- caption tags and augmentations -------------------------------------------------------------------------------
 
 
@@ -307,19 +348,6 @@ def test_augmented_copies_are_cached_bounded_and_named_in_the_report(tmp_path, m
     assert report.latents_per_image == 2 * 7
     assert "Latents: 14 encoded copies of each image per bucket" in report.text()
     assert report.latent_cache_bytes() == 2 * 14 * (16 + 1) * 4 * 8 * 8
-
-
-def test_the_validation_loss_weighs_masks_and_regularization_images_as_training_does(tiny_flux, masked_data, tmp_path):
-    config = extras_config(tiny_flux, masked_data, tmp_path, validation_timesteps=2, prior_loss_weight=0.0)
-    trainer = Trainer.from_config(config)
-    images, regularization = trainer.dataset.samples[:2], trainer.dataset.samples[2:]
-    assert all(s.mask is not None for s in images) and all(s.is_reg for s in regularization)
-    assert validation_loss(trainer, regularization) == 0.0  # prior_loss_weight 0: not scored, as not trained
-    inside = validation_loss(trainer, images)  # mask_floor 0: the error inside the masks only
-    trainer.config = config.replace(mask_floor=1.0)  # every value weighs 1: the plain mean of the unmasked images
-    assert validation_loss(trainer, images) == validation_loss(trainer, [replace(s, mask=None) for s in images])
-    assert validation_loss(trainer, images) != inside
-    trainer.release()
 
 
 def test_the_cache_dir_must_have_room_for_every_augmented_copy(tmp_path, masked_data, monkeypatch):
@@ -388,30 +416,3 @@ def test_the_toml_and_the_node_mark_regularization_folders_and_settings_are_chec
     with pytest.raises(ValueError, match="line 1: .* has 5 parts"):
         parse_datasets("cats|a|512|1|extra\ncats", "", "512", 1)
 
-
-def test_masked_prior_preservation_holds_the_outside_of_the_mask_to_the_base(tiny_flux, masked_data, tmp_path):
-    """With masks and mask_floor 0 nothing teaches the LoRA outside the masks; masked_prior_weight pulls its
-    prediction there toward the base model's own (the demo's learning test shows the subject is still learned)."""
-    def outside_drift(prior: float) -> float:
-        """The LoRA's mean squared distance from the base's prediction outside the mask, after 30 steps."""
-        config = extras_config(tiny_flux, masked_data, tmp_path, masked_prior_weight=prior, learning_rate=2e-2,
-                               lr_schedule="constant", warmup_steps=0).replace(
-            datasets=(DatasetEntry(str(masked_data / "train")),))
-        trainer = Trainer.from_config(config)
-        trainer.train(30)
-        sample = trainer.dataset.samples[0]
-        x0 = pack_latents(sample.latents[None]).expand(3, -1, -1)
-        sigmas = torch.tensor([0.9, 0.5, 0.2])
-        noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(5))
-        x_t, _ = noisy_input_and_target(x0, noise, sigmas)
-        args = (x_t, sample.prompt_embeds[None].expand(3, -1, -1), sample.pooled[None].expand(3, -1), sigmas,
-                sample.latents.shape[-2:])
-        with torch.no_grad():
-            pred = trainer.predict(*args)
-            with lora.adapter_off(trainer.transformer):
-                base = trainer.predict(*args)
-        trainer.release()
-        outside = 1 - masks.loss_weights(sample.mask[None], 16, 0.0)
-        return float(((pred - base).square() * outside).sum() / (3 * outside.sum()))
-
-    assert outside_drift(1.0) < 0.2 * outside_drift(0.0)  # measured: 0.016 against 0.39
