@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from trainer_core import plots
 from trainer_core.plan import GRID_ROWS
-from trainer_core.run_handle import grid_rows
+from trainer_core.run_outputs import grid_rows
 
 from . import comfy_bridge
 from .common import CATEGORY, CONTROL_INPUTS, HANDLE_INPUT, SAMPLING_INPUTS, image_output, sampling_kwargs

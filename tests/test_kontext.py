@@ -17,7 +17,7 @@ from trainer_core.config import DatasetEntry, TrainConfig
 from trainer_core.demo import demo_config
 from trainer_core.identity import dataset_changes, dataset_identity
 from trainer_core.plan import RunPlan, execute, sample_control
-from trainer_core.run_handle import _settings
+from trainer_core.run_outputs import _settings
 from trainer_core.trainer import Trainer
 from trainer_core.validation import strength_grid
 from pack import load_pack

@@ -12,7 +12,8 @@ from trainer_core.checkpoints import load_training_state
 from trainer_core.demo import demo_config, write_demo_dataset
 from trainer_core.ema import LoraEma
 from trainer_core.preflight import preflight
-from trainer_core.run_handle import TrainingRun, grid_rows
+from trainer_core.run_handle import TrainingRun
+from trainer_core.run_outputs import grid_rows
 from trainer_core.trainer import Trainer
 from trainer_core.validation import EMA, RAW, best, split_records, validation_loss, validation_sigmas
 

@@ -58,7 +58,7 @@ def _earlier_run(out: Path, name: str, identity: Callable[[], str], fresh: bool,
     """The files of an earlier run that a run starting at step 0 would overwrite: refused unless `overwrite`. Files
     this very run wrote (its LoRAs carry the run store's identity, `identity()`: asked only when there are LoRAs, as
     it may hash the model files) are not an earlier run's: the run store rewrites nothing of them."""
-    from .run_handle import lora_run
+    from .run_outputs import lora_run
 
     files = output_guard.run_files(out, name)
     loras = [p for p in files if p.name.endswith(".safetensors") and not p.name.endswith(".state.safetensors")]

@@ -16,7 +16,8 @@ from tqdm import tqdm
 from . import data, plots, validation
 from .checkpoints import STATE_SUFFIX, checkpoint_stem, save_png
 from .config import TrainConfig
-from .run_handle import Checkpoint, TrainingHandle, TrainingInterrupted, TrainingRun, grid_rows
+from .run_handle import TrainingHandle, TrainingInterrupted, TrainingRun
+from .run_outputs import Checkpoint, grid_rows
 from .trainer import StepInfo, Trainer
 from .typed_fields import check_fields
 
