@@ -22,7 +22,8 @@ from trainer_core.demo import demo_config
 from trainer_core.flow_matching import noisy_input_and_target, pack_latents, unpack_latents
 from trainer_core.identity import dataset_identity
 from trainer_core.preflight import check_cache_space
-from trainer_core.trainer import Trainer, weighted_mse
+from trainer_core.trainer import Trainer
+from trainer_core.training_step import weighted_mse
 from trainer_core.validation import validation_loss
 
 RED, BLUE, WHITE, BLACK = (220, 30, 40), (40, 70, 180), 255, 0

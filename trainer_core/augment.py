@@ -8,11 +8,14 @@ jittered, cropped or shuffled, and which variant it gets: a resumed run replays 
 from __future__ import annotations
 
 import hashlib
+import logging
 from typing import NamedTuple
 
 import numpy as np
 import torch
 from PIL import Image, ImageEnhance
+
+log = logging.getLogger(__name__)
 
 
 class Variant(NamedTuple):
@@ -119,3 +122,16 @@ def caption_variants(caption: str, keep_tokens: int, count: int, seed: int) -> l
 def draw_captions(n: int, config, generator: torch.Generator) -> torch.Tensor | None:
     """Each sample's pick among its caption's variants, as a number in [0, 1); None when shuffling is off."""
     return torch.rand(n, generator=generator) if config.shuffle_caption else None
+
+
+def shuffled_captions(records, config) -> dict[str, list[str]]:
+    """With shuffle_caption, each distinct caption's tag orders (`caption_variants`), the cost logged."""
+    if not config.shuffle_caption:
+        return {}
+    captions = list(dict.fromkeys(r.caption for r in records))
+    orders = {c: caption_variants(c, config.keep_tokens, config.caption_variants, config.seed)
+              for c in captions}
+    total = sum(map(len, orders.values()))
+    log.info("shuffle_caption: %d caption(s) -> %d tag orders to encode once (%.1fx the text encoding and its RAM; "
+             "caption_variants %d)", len(captions), total, total / max(1, len(captions)), config.caption_variants)
+    return orders

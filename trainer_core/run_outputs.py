@@ -21,7 +21,6 @@ from .content_hash import content_identity
 from .identity import image_key
 from .inference_mode import outside_inference_mode
 from .run_store import chain_key
-from .trainer import lora_metadata
 from .validation import EMA, RAW
 
 if TYPE_CHECKING:
@@ -68,7 +67,7 @@ class RunOutputs:
                          lambda p: lora_run(p) == tag)
         record = self._validation_record(handle)
         base = content_identity(cfg.transformer_path, self.store.hashes)
-        metadata = {**lora_metadata(cfg, handle.step, self.records, base), RUN_KEY: tag}
+        metadata = {**lora.lora_metadata(cfg, handle.step, self.records, base), RUN_KEY: tag}
         if path.exists():
             log.info("LoRA at step %d is already saved as %s", handle.step, path)
         else:

@@ -1,12 +1,12 @@
 """The training run: models, cached data, LoRA and optimizer, and a loop that reads top to bottom.
 
 A `Trainer` owns the live state of one run. `snapshot()` copies that state out and `restore()` puts a copy back,
-which is what lets ComfyUI re-run a loop from any earlier point and what makes save / load / continue exact.
+which is what lets ComfyUI re-run a loop from any earlier point and what makes save / load / continue exact. A step's
+numbers (noise, prediction, loss) are `training_step.py`'s.
 """
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import time
@@ -15,21 +15,20 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 
-from . import augment, caching, data, lora, masks, models, validation
+from . import augment, caching, data, lora, models, validation
 from .block_swap import BlockSwap, checkpoint_blocks, model_blocks
 from .checkpoints import TrainingState, save_training_state
 from .config import TrainConfig
 from .content_hash import content_identity
 from .distributed import SINGLE, Processes, process_device
 from .ema import LoraEma
-from .flow_matching import append_control, image_ids, noisy_input_and_target, pack_latents, sample_sigmas, text_ids
 from .identity import RESUME_FIELDS, DatasetIdentity, dataset_identity, settings_mismatches
 from .optim import check_schedule_covers, learning_rate, make_optimizer, set_learning_rate
 from .preflight import preflight
 from .run_store import RunStore
 from .tensorboard_log import TensorBoardLog
+from .training_step import TrainingStep
 
 log = logging.getLogger(__name__)
 
@@ -55,64 +54,8 @@ class StepInfo:
     seconds: float  # wall time of this step
 
 
-def lora_metadata(config: TrainConfig, step: int, records: Sequence[data.ImageRecord], base_fingerprint: str
-                  ) -> dict[str, str]:
-    """The settings a LoRA file carries in its header (kohya's `ss_*` keys, which tools and ComfyUI show)."""
-    reg = {r.path for r in records if r.is_reg}
-    return {
-        "ss_base_model_version": "flux1",
-        "ss_network_module": "networks.lora_flux",
-        "ss_network_dim": str(config.rank),
-        "ss_network_alpha": str(config.alpha),
-        "ss_steps": str(step),
-        "ss_resolution": ",".join(dict.fromkeys(str(r) for e in config.dataset_entries() for r in e.resolutions)),
-        "ss_num_train_images": str(len({r.path for r in records} - reg)),
-        **({"ss_num_reg_images": str(len(reg))} if reg else {}),
-        "ss_learning_rate": str(config.learning_rate),
-        "ss_optimizer": config.optimizer,
-        "ss_seed": str(config.seed),
-        "ss_guidance_scale": str(config.guidance),
-        "ss_timestep_sampling": config.timestep_sampling,
-        "ss_discrete_flow_shift": str(config.timestep_shift),
-        "ss_sd_model_name": Path(config.transformer_path).name,
-        "ss_sd_model_hash": base_fingerprint,
-        "ss_tag_frequency": json.dumps(data.tag_frequency(records)),
-        "trigger_word": ", ".join(dict.fromkeys(e.trigger_word for e in config.dataset_entries() if e.trigger_word)),
-        "training_guidance": str(config.guidance),
-        "dora": str(config.dora),
-        "lora_format": config.lora_format,
-        **lora.network_metadata(config),
-    }
-
-
-def shuffled_captions(records: Sequence[data.ImageRecord], config: TrainConfig) -> dict[str, list[str]]:
-    """With shuffle_caption, each distinct caption's tag orders (`augment.caption_variants`), the cost logged."""
-    if not config.shuffle_caption:
-        return {}
-    captions = list(dict.fromkeys(r.caption for r in records))
-    orders = {c: augment.caption_variants(c, config.keep_tokens, config.caption_variants, config.seed)
-              for c in captions}
-    total = sum(map(len, orders.values()))
-    log.info("shuffle_caption: %d caption(s) -> %d tag orders to encode once (%.1fx the text encoding and its RAM; "
-             "caption_variants %d)", len(captions), total, total / max(1, len(captions)), config.caption_variants)
-    return orders
-
-
 def compute_dtype(config: TrainConfig) -> torch.dtype:
     return torch.bfloat16 if config.mixed_precision == "bf16" else torch.float32
-
-
-def weighted_mse(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """The mean of the squared error times `weights` over every value (kohya's masked loss: a mask that covers less
-    of the image teaches less per step); a weight of 0 gives that value exactly no gradient."""
-    return (weights * (pred - target).square()).mean()
-
-
-def _pinned_to(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A CPU tensor on `device`: through pinned memory and without waiting on the host when that is a GPU."""
-    if device.type != "cuda":
-        return t.to(device)
-    return t.pin_memory().to(device, non_blocking=True)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -124,7 +67,7 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-class Trainer:
+class Trainer(TrainingStep):
     def __init__(self, config: TrainConfig, transformer, vae, text_encoders, dataset: caching.CachedDataset, device=None,
                  dataset_identity: DatasetIdentity | None = None, processes: Processes = SINGLE,
                  held_out: caching.CachedDataset | None = None):
@@ -198,7 +141,7 @@ class Trainer:
             return (lambda done, total: on_progress(stage, done, total)) if on_progress else None
 
         records, held_out = validation.split_records(records, config)
-        shuffled = shuffled_captions(records, config)
+        shuffled = augment.shuffled_captions(records, config)
         captions = ["", *(r.caption for r in records), *(r.caption for r in held_out), *(
             c for orders in shuffled.values() for c in orders)]
         text = caching.cache_text([*captions, *prompts], encoders, config.cache_dir or None, identity,
@@ -319,83 +262,6 @@ class Trainer:
     def _epoch_order(self, epoch: int) -> list[list[int]]:
         return data.batches(self.dataset.records, self.config.batch_size, self.config.seed, epoch)
 
-    def _loss(self, batch: list[int]) -> torch.Tensor:
-        """The loss of this process's share of `batch`, weighted by that share: the processes' losses (and their
-        gradients) add up to the whole batch's mean loss. Every process draws the random numbers of the whole batch,
-        so the run's generator stays the same whatever the number of processes."""
-        cfg, g = self.config, self.generator
-        n = len(batch)
-        flip = torch.rand(n, generator=g) < 0.5 if self.dataset.flipped else torch.zeros(n, dtype=torch.bool)
-        drop = torch.rand(n, generator=g) < cfg.caption_dropout
-        variants = augment.draw_variants(n, cfg, g)  # no draw (and the draws of before) when augmentation is off
-        orders = augment.draw_captions(n, cfg, g)
-        samples = [self.dataset.sample(i, f, v) for i, f, v in zip(batch, flip.tolist(), variants)]
-        latent_shape = pack_latents(samples[0].latents[None].float()).shape[1:]
-        noise = torch.randn((n, *latent_shape), generator=g)
-        sigmas = sample_sigmas(n, cfg.timestep_sampling, g, shift=cfg.timestep_shift)
-        mine = self.processes.share(n)
-        samples, drop, noise, sigmas = samples[mine], drop[mine], noise[mine], sigmas[mine]
-        if not samples:
-            return torch.zeros((), device=self.device)
-        n_mine = len(samples)
-
-        orders = [None] * n_mine if orders is None else orders[mine].tolist()
-        texts = [self.dataset.empty_prompt if d else self._text(s, o) for s, d, o in zip(samples, drop.tolist(), orders)]
-        latents = torch.stack([s.latents for s in samples])  # (B, C, h, w), one bucket per batch
-        prompt_embeds = torch.stack([e for e, _ in texts])
-        pooled = torch.stack([p for _, p in texts])
-
-        # drawn on the CPU generator (the run's numbers on any device), moved from pinned memory without a host wait;
-        # x_t and the target are made where the model runs
-        x0, noise, sigmas = (_pinned_to(t, self.device) for t in (pack_latents(latents.float()), noise, sigmas))
-        x_t, target = noisy_input_and_target(x0, noise, sigmas)  # x0: (B, h/2 * w/2, C*4)
-        control = caching.control_batch(samples)
-        pred = self.predict(x_t, prompt_embeds, pooled, sigmas, latents.shape[-2:], control).float()
-        toward_target, toward_base = masks.batch_weights(samples, latents.shape[1], cfg)
-        if toward_target is None:  # no mask, no weighted regularization image: the plain mean, as before either existed
-            loss = F.mse_loss(pred, target.float())
-        else:
-            loss = weighted_mse(pred, target.float(), _pinned_to(toward_target, self.device))
-        if toward_base is not None:
-            with torch.no_grad(), lora.adapter_off(self.transformer):
-                base = self.predict(x_t, prompt_embeds, pooled, sigmas, latents.shape[-2:], control).float()
-            loss = loss + weighted_mse(pred, base, _pinned_to(toward_base, self.device))
-        return loss if n_mine == n else loss * (n_mine / n)
-
-    def _text(self, sample: caching.CachedSample, order: float | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """A sample's caption embeddings: with `order` (a draw in [0, 1)), of that pick among its tag orders."""
-        orders = self.dataset.caption_variants.get(sample.caption) if order is not None else None
-        if not orders:
-            return sample.prompt_embeds, sample.pooled
-        return orders[min(int(order * len(orders)), len(orders) - 1)]
-
-    def predict(self, x_t: torch.Tensor, prompt_embeds: torch.Tensor, pooled: torch.Tensor, sigmas: torch.Tensor,
-                latent_size: tuple[int, int], control: torch.Tensor | None = None) -> torch.Tensor:
-        """The transformer's velocity for packed noisy latents x_t (B, h/2 * w/2, C*4) of latents `latent_size`
-        (h, w), with the captions' (B, L, D) and (B, D') embeddings, at noise levels `sigmas` (B,).
-
-        Kontext: `control` (B, C, h', w') latents of the control images, packed and appended to the image tokens with
-        position index 1 (as FluxKontextPipeline does); the velocity is that of the image tokens only."""
-        dev, dt = self.device, self.dtype
-        h, w = latent_size
-        n, tokens = x_t.shape[:2]
-        ids = image_ids(h, w, device=dev)
-        if control is not None:
-            x_t, ids = append_control(x_t.to(dev), ids, control)
-        guidance = torch.full((n,), self.config.guidance, device=dev) if self.transformer.config.guidance_embeds \
-            else None
-        with torch.autocast(dev.type, dtype=dt, enabled=dt != torch.float32):
-            return self.transformer(
-                hidden_states=x_t.to(dev, dt),
-                encoder_hidden_states=prompt_embeds.to(dev, dt),
-                pooled_projections=pooled.to(dev, dt),
-                timestep=sigmas.to(dev, dt),
-                img_ids=ids,
-                txt_ids=text_ids(prompt_embeds.shape[1], device=dev),
-                guidance=guidance,
-                return_dict=False,
-            )[0][:, :tokens]
-
     # ------------------------------------------------------------------ state
     def _position(self) -> tuple:
         return self.epoch, self.cursor, self.generator.get_state(), torch.get_rng_state()
@@ -458,7 +324,7 @@ class Trainer:
     # ------------------------------------------------------------------ outputs
     def lora_metadata(self) -> dict[str, str]:
         base = content_identity(self.config.transformer_path, RunStore.of(self.config).hashes)
-        return lora_metadata(self.config, self.step, self.dataset.records, base)
+        return lora.lora_metadata(self.config, self.step, self.dataset.records, base)
 
     def save_lora(self, path: str | Path) -> Path:
         path = Path(path)

@@ -43,6 +43,6 @@ from .files import (
     save_kohya_state,
     save_lora_file,
 )
-from .formats import (describe_network, file_network, fuse_split_state, kohya_from_lora_state, network_metadata,
-                      split_fused_state, state_layout)
+from .formats import (describe_network, file_network, fuse_split_state, kohya_from_lora_state, lora_metadata,
+                      network_metadata, split_fused_state, state_layout)
 from .linear import FoldedLoraLinear

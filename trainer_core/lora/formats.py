@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from ..data import ImageRecord, tag_frequency
 from ..models import DOUBLE_BLOCK_LINEARS, FUSIONS, SINGLE_BLOCK_LINEARS, part_sizes
 
 
@@ -257,3 +258,32 @@ def _file_metadata(rank: int, alpha: float, metadata: dict[str, str]) -> dict[st
     if bad:
         raise TypeError(f"metadata values must be str (safetensors header); convert {bad} with str()")
     return {"ss_network_dim": str(rank), "ss_network_alpha": str(alpha), **metadata}
+
+
+def lora_metadata(config, step: int, records: Sequence[ImageRecord], base_fingerprint: str) -> dict[str, str]:
+    """The settings a LoRA file carries in its header (kohya's `ss_*` keys, which tools and ComfyUI show)."""
+    reg = {r.path for r in records if r.is_reg}
+    return {
+        "ss_base_model_version": "flux1",
+        "ss_network_module": "networks.lora_flux",
+        "ss_network_dim": str(config.rank),
+        "ss_network_alpha": str(config.alpha),
+        "ss_steps": str(step),
+        "ss_resolution": ",".join(dict.fromkeys(str(r) for e in config.dataset_entries() for r in e.resolutions)),
+        "ss_num_train_images": str(len({r.path for r in records} - reg)),
+        **({"ss_num_reg_images": str(len(reg))} if reg else {}),
+        "ss_learning_rate": str(config.learning_rate),
+        "ss_optimizer": config.optimizer,
+        "ss_seed": str(config.seed),
+        "ss_guidance_scale": str(config.guidance),
+        "ss_timestep_sampling": config.timestep_sampling,
+        "ss_discrete_flow_shift": str(config.timestep_shift),
+        "ss_sd_model_name": Path(config.transformer_path).name,
+        "ss_sd_model_hash": base_fingerprint,
+        "ss_tag_frequency": json.dumps(tag_frequency(records)),
+        "trigger_word": ", ".join(dict.fromkeys(e.trigger_word for e in config.dataset_entries() if e.trigger_word)),
+        "training_guidance": str(config.guidance),
+        "dora": str(config.dora),
+        "lora_format": config.lora_format,
+        **network_metadata(config),
+    }
