@@ -266,11 +266,6 @@ class TrainConfig:
             f"checkpoint_blocks {self.checkpoint_blocks} is fewer than blocks_to_swap {self.blocks_to_swap} (swapped "
             "blocks must be checkpointed); raise checkpoint_blocks or set it to -1 (all)",
         )
-        need(
-            not (self.compile_blocks and self.blocks_to_swap),
-            "compile_blocks cannot be combined with blocks_to_swap (compiled blocks would capture the swapped weights); "
-            "turn one of them off",
-        )
         need(self.lora_layout in LORA_LAYOUTS, f"lora_layout: {self.lora_layout!r}; choose one of "
              f"{', '.join(LORA_LAYOUTS)} (split: the layout of runs made before the fused one)")
         self._validate_network()

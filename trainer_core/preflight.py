@@ -4,7 +4,9 @@ from __future__ import annotations
 import logging
 
 from . import data, dataset_report, lora, models
+from .compiled_blocks import check_compile_support
 from .config import TrainConfig
+from .distributed import resolve_device
 from .validation import validation_dir_records
 
 log = logging.getLogger(__name__)
@@ -23,6 +25,8 @@ def preflight(config: TrainConfig) -> list[data.ImageRecord]:
     log.info("adapter: %s; %.2f M parameters", lora.describe_network(config), params / 1e6)
     if config.init_lora:
         check_init_lora(config)
+    if config.compile_blocks:
+        check_compile_support(resolve_device(config.device))
     report = dataset_report.report_for_config(config)
     log.info("%s", report.summary())
     for serious, finding in report.findings():
