@@ -347,6 +347,10 @@ class InitTrainer:
                                   "tooltip": "Smallest crop side as a share of the image's bucket."}),
             "augment_variants": ("INT", {"default": d["augment_variants"], "min": 1, "max": 64, "tooltip":
                                  "Jittered / cropped copies of each image, each encoded once (RAM, disk cache)."}),
+            "compile_blocks": ("BOOLEAN", {"default": d["compile_blocks"], "tooltip": "torch.compile the "
+                               "transformer blocks for the training steps: faster steps after a first step that "
+                               "compiles (again per new bucket shape, and after the models reload). Needs triton "
+                               "(Windows: triton-windows). Compiled kernels round differently: another run."}),
         }, "hidden": {"prompt": "PROMPT", "unique_id": "UNIQUE_ID"}}  # the queued graph: total_steps auto
 
     @classmethod

@@ -15,8 +15,8 @@ log = logging.getLogger(__name__)
 def preflight(config: TrainConfig) -> list[data.ImageRecord]:
     """Each model file's kind from its header, the LoRA settings tried on an empty model of the base's shape, and the
     dataset scanned (each image decoded to prove it readable, and hashed for the dataset report, whose summary and
-    serious findings are logged), and the validation folder's. Returns the dataset's records, captioned and
-    bucketed."""
+    serious findings are logged), and the validation folder's; with compile_blocks, that torch.compile can build
+    kernels on the device. Returns the dataset's records, captioned and bucketed."""
     for role, path in (("transformer", config.transformer_path), ("vae", config.vae_path),
                        ("clip", config.clip_path), ("t5", config.t5_path)):
         models.check_model_file(path, role)
