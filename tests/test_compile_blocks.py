@@ -57,7 +57,7 @@ def test_compiled_steps_train_what_eager_trains_resume_exactly_and_sample_eagerl
     resumed.train(2)
     assert resumed.losses == compiled.losses
     assert torch.equal(flat_lora(resumed), flat_lora(compiled))
-    with pytest.raises(ValueError, match="compile_blocks"):  # an eager state is another run's
+    with pytest.raises(ValueError, match="compile_blocks"):  # a compiled state does not continue eagerly
         Trainer.from_config(two_buckets).restore(load_training_state(middle)[0])
 
 
@@ -68,7 +68,7 @@ def test_kontext_with_block_swap_and_partial_checkpointing_compiles_three_bucket
         resolutions=(64, 128, 192), model_type="kontext", control_dir=str(controls), rank=4, alpha=4.0,
         gradient_checkpointing=True, checkpoint_blocks=2, blocks_to_swap=1)
     eager = Trainer.from_config(config)
-    eager.train(6)
+    eager.train(6)  # one epoch: each image at each of the three buckets
     with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):  # a shape per bucket must not exhaust it
         compiled = Trainer.from_config(config.replace(compile_blocks=True))
         compiled.train(6)
