@@ -9,7 +9,9 @@ Writes the full-size random files of `bench/rehearsal.py` on the GPU machine (on
 raise out-of-memory as they would there), runs the rehearsal's phases (caching, base load, `--steps` training
 steps, checkpoint, 2-step sample on a second base), and prints peak allocated and reserved VRAM per phase and the
 training s/it. A preset that runs out of memory is reported, and the next one runs. Compare with `bench/memory.py`.
-Last, one table: s/step and peak VRAM per preset and resolution, beside other trainers' published figures.
+Then the 24 GB preset and the 16 GB one (block swap) again with `compile_blocks`: their first step, which compiles,
+is a phase of its own, so their s/it are the compiled steps'. Last, one table: s/step and peak VRAM per preset and
+resolution, beside other trainers' published figures.
 Made to finish in under ten minutes on a recent data-centre GPU.
 """
 from __future__ import annotations
@@ -34,6 +36,7 @@ from trainer_core.presets import PRESETS, MemoryPreset  # noqa: E402
 log = logging.getLogger("bench.gpu_check")
 GIB = 2**30
 CARDS = ("24GB", "16GB", "12GB", "8GB")
+COMPILED_CARDS = ("24GB", "16GB")  # compile_blocks alone, and with block swap
 # other trainers' published step times on an RTX 4090 (s/step by resolution), printed beside ours
 ANCHORS = {512: "SimpleTuner NF4 1.4", 768: "FluxTrainer 2.42", 1024: "SimpleTuner NF4 3.5"}
 
@@ -54,17 +57,24 @@ def summary(rows: list[tuple[str, int, float | None, float, float]]) -> str:
 class Run:
     preset: MemoryPreset
     resolution: int
+    compile_blocks: bool = False
+
+    @property
+    def name(self) -> str:
+        return self.preset.name + (" + compile_blocks" if self.compile_blocks else "")
 
     def memory_fraction(self, total_bytes: int) -> float:
         """The share of a `total_bytes` GPU that is the preset's card."""
         return min(1.0, self.preset.card_gib * GIB / total_bytes)
 
     def settings(self) -> dict:
-        return {**self.preset.train_settings(), "resolutions": (self.resolution,), "device": "cuda"}
+        return {**self.preset.train_settings(), "resolutions": (self.resolution,), "device": "cuda",
+                "compile_blocks": self.compile_blocks}
 
 
 def plan(resolutions: tuple[int, ...]) -> list[Run]:
-    return [Run(PRESETS[name], r) for name in CARDS for r in resolutions]
+    return [*(Run(PRESETS[name], r) for name in CARDS for r in resolutions),
+            *(Run(PRESETS[name], r, compile_blocks=True) for name in COMPILED_CARDS for r in resolutions)]
 
 
 def cuda_meter() -> PhaseMeter:
@@ -85,9 +95,9 @@ def main(argv: list[str] | None = None) -> int:
         for run in runs:
             config = run_config({k: Path(k) for k in ("transformer", "vae", "clip", "t5", "other", "tokenizers")},
                                 Path("data"), args.dir / "out", run.resolution, 512, **run.settings())
-            print(f"{run.preset.name} at {run.resolution}²: {run.memory_fraction(141 * GIB):.3f} of a 141 GiB GPU, "
+            print(f"{run.name} at {run.resolution}²: {run.memory_fraction(141 * GIB):.3f} of a 141 GiB GPU, "
                   f"checkpoint_blocks {config.checkpoint_blocks}, blocks_to_swap {config.blocks_to_swap}, "
-                  f"lora_layout {config.lora_layout}")
+                  f"lora_layout {config.lora_layout}, compile_blocks {config.compile_blocks}")
         return 0
     if not torch.cuda.is_available():
         log.error("no CUDA GPU: run with --dry-run, or on a machine with one")
@@ -98,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"GPU: {torch.cuda.get_device_name(0)}, {total / GIB:.0f} GiB")
     failed, rows = [], []
     for run in runs:
-        name = f"{run.preset.name} at {run.resolution}²"
+        name = f"{run.name} at {run.resolution}²"
         torch.cuda.set_per_process_memory_fraction(run.memory_fraction(total))
         dataset = write_demo_dataset(args.dir / f"data{run.resolution}", count=2, size=run.resolution)
         meter = cuda_meter()
@@ -108,12 +118,12 @@ def main(argv: list[str] | None = None) -> int:
             seconds = next(t for phase, t, _ in meter.rows if phase.startswith("train"))
             peak = torch.cuda.max_memory_reserved() / GIB
             print(f"\n{name}: {seconds / args.steps:.2f} s/it, peak reserved {peak:.1f} GiB of {run.preset.card_gib:g}")
-            rows.append((run.preset.name, run.resolution, seconds / args.steps, peak, run.preset.card_gib))
+            rows.append((run.name, run.resolution, seconds / args.steps, peak, run.preset.card_gib))
             trainer.release()
             del trainer
         except torch.cuda.OutOfMemoryError:
             failed.append(name)
-            rows.append((run.preset.name, run.resolution, None, torch.cuda.max_memory_reserved() / GIB,
+            rows.append((run.name, run.resolution, None, torch.cuda.max_memory_reserved() / GIB,
                          run.preset.card_gib))
             print(f"\n{name}: OUT OF MEMORY in phase {len(meter.rows) + 1}\n{traceback.format_exc(limit=2)}")
         print(meter.table())

@@ -169,8 +169,8 @@ def run_config(paths: dict[str, Path], dataset: Path, out: Path, size: int, seq:
 
 
 def run_phases(config: TrainConfig, meter: PhaseMeter, steps: int, sample_steps: int = 2) -> Trainer:
-    """The real path, each phase measured: preflight, caching (T5, CLIP, VAE), the base load, `steps` training
-    steps, a checkpoint, and a `sample_steps` sample on the validation base."""
+    """The real path, each phase measured: preflight, caching (T5, CLIP, VAE), the base load, (with compile_blocks,
+    the first step, which compiles), `steps` training steps, a checkpoint, and a `sample_steps` sample on the validation base."""
     prompt = "fltglyph, a glyph on a teal background"
     with meter.phase("preflight (headers, dataset)"):
         records = preflight(config)
@@ -186,6 +186,9 @@ def run_phases(config: TrainConfig, meter: PhaseMeter, steps: int, sample_steps:
     current[0].__enter__()
     trainer = Trainer.from_config(config, on_progress=on_progress, records=records, prompts=[prompt])
     current[0].__exit__(None, None, None)
+    if config.compile_blocks:  # timed apart, so that the training phase's s/it is the compiled steps'
+        with meter.phase("compile_blocks: the first step compiles the blocks"):
+            trainer.train(1)
     with meter.phase(f"train {steps} steps"):
         trainer.train(steps)
     with meter.phase("SaveCheckpoint (LoRA + state)"):

@@ -10,7 +10,9 @@ torch's FlopCounterMode counts them, over its step time) as a share of this CPU'
 same run. trainer_core trains in its default fused layout (one LoRA per fused qkv / linear1); "split layout" is the
 layout of runs made before it, diffusers' Linears one by one, as the reference has them. Also measured:
 trainer_core with gradient checkpointing of every block, of half of them (`checkpoint_blocks`, with its step time
-as a ratio of full checkpointing), and with block swap.
+as a ratio of full checkpointing), with block swap, and with `compile_blocks` (torch.compile of each block for the
+training step; its first step, which compiles, is timed apart and printed). The target line judges the fastest
+trainer_core configuration a user can set, and names it.
 """
 from __future__ import annotations
 
@@ -41,6 +43,7 @@ RANK, LR, SEED = 16, 1e-4, 0
 MODEL = dict(in_channels=64, num_layers=2, num_single_layers=4, attention_head_dim=64, num_attention_heads=4,
              joint_attention_dim=256, pooled_projection_dim=64, guidance_embeds=True, axes_dims_rope=(8, 28, 28))
 LATENT, TEXT = (16, 32, 32), 64  # a 256 px image: 256 packed tokens
+COMPILED = "trainer_core + compile_blocks"
 
 
 def make_dataset(n: int = 4) -> CachedDataset:
@@ -134,10 +137,14 @@ def main() -> int:
             ours(base, dataset, gradient_checkpointing=True, checkpoint_blocks=3)),
         "trainer_core + checkpointing + swap all blocks": (lambda t: lambda: t.train(1))(
             ours(base, dataset, gradient_checkpointing=True, blocks_to_swap=6)),
+        COMPILED: (lambda t: lambda: t.train(1))(ours(base, dataset, compile_blocks=True)),
     }
+    compile_seconds = time_steps(loops[COMPILED], 1)  # the first compiled step compiles the blocks
     for step in loops.values():  # warm up allocators and kernels
         time_steps(step, 3)
-    flops = {name: step_flops(step) for name, step in loops.items()}
+    # the compiled step does the eager step's arithmetic; its FLOPs are counted on the eager one
+    flops = {name: step_flops(step) for name, step in loops.items() if name != COMPILED}
+    flops[COMPILED] = flops["trainer_core"]
     times = {name: [] for name in loops}
     peaks = []
     for _ in range(args.rounds):
@@ -157,8 +164,11 @@ def main() -> int:
     partial = statistics.median(times["trainer_core + checkpointing 3 of 6 blocks"])
     full = statistics.median(times["trainer_core + checkpointing"])
     print(f"partial / full checkpointing step time: {partial / full:.3f}")
-    ratio = statistics.median(times["trainer_core"]) / reference
-    print(f"\ntrainer_core / reference step time: {ratio:.3f} ({'OK' if ratio <= 0.85 else 'over the 0.85 target'})")
+    print(f"compile_blocks: first step (compiling both block types) {compile_seconds:.1f} s")
+    best = min((n for n in times if n.startswith("trainer_core")), key=lambda n: statistics.median(times[n]))
+    ratio = statistics.median(times[best]) / reference
+    print(f"\ntrainer_core / reference step time: {ratio:.3f}, fastest configuration: {best} "
+          f"({'OK' if ratio <= 0.85 else 'over the 0.85 target'})")
     return 0 if ratio <= 0.85 else 1
 
 

@@ -5,7 +5,7 @@ from pathlib import Path
 
 from trainer_core.captioning import TASKS, caption_dataset
 from trainer_core.dataset_report import build_report, load_t5_tokenizer
-from trainer_core.trainer import resolve_device
+from trainer_core.distributed import resolve_device
 
 from . import comfy_bridge
 from .common import CATEGORY, image_output

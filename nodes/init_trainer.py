@@ -351,6 +351,10 @@ class InitTrainer:
                                     "step": 0.1, "tooltip": "With masks: outside each mask, pull the LoRA toward the "
                                     "base model's own prediction (masked prior preservation; 1 is a start); 0 = off. "
                                     "Costs one more forward pass per step."}),
+            "compile_blocks": ("BOOLEAN", {"default": d["compile_blocks"], "tooltip": "torch.compile the "
+                               "transformer blocks for the training steps: faster steps after a first step that "
+                               "compiles (again per new bucket shape, and after the models reload). Needs triton "
+                               "(Windows: triton-windows). Compiled kernels round differently: another run."}),
         }, "hidden": {"prompt": "PROMPT", "unique_id": "UNIQUE_ID"}}  # the queued graph: total_steps auto
 
     @classmethod

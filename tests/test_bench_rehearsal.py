@@ -45,8 +45,9 @@ def test_random_files_are_written_tensor_by_tensor_as_valid_safetensors(tmp_path
 
 def test_the_gpu_check_plans_every_card_and_resolution_without_a_gpu(capsys):
     runs = gpu_check.plan((512, 1024))
-    assert [(r.preset.name, r.resolution) for r in runs] == [(n, r) for n in ("24GB", "16GB", "12GB", "8GB")
-                                                             for r in (512, 1024)]
+    assert [(r.name, r.resolution) for r in runs] == [(n, r) for n in ("24GB", "16GB", "12GB", "8GB", "24GB + "
+                                                      "compile_blocks", "16GB + compile_blocks") for r in (512, 1024)]
+    assert [r.settings()["compile_blocks"] for r in runs] == [False] * 8 + [True] * 4
     assert runs[0].memory_fraction(96 * gpu_check.GIB) == 0.25 and runs[0].memory_fraction(8 * gpu_check.GIB) == 1.0
     assert gpu_check.main(["--dry-run"]) == 0
     assert capsys.readouterr().out.count("\n") == len(runs)  # every config built and checked

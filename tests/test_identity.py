@@ -30,24 +30,23 @@ WEIGHT_FLIPS = dict(
     validation_every=5, ema_decay=0.9, network="lokr", lokr_factor=4, block_ranks="double:0=8", block_lrs="single=1e-3",
     train_modulation=False, loraplus_lr_ratio=16.0,
     model_type=dict(model_type="kontext", control_dir="DATASET"),  # Kontext trains on pairs: a control folder with it
-    alpha_mask=True, mask_floor=0.1, masked_prior_weight=1.0, prior_loss_weight=0.5, shuffle_caption=True, keep_tokens=2, caption_variants=3,
-    color_jitter=0.5, color_jitter_strength=(0.2, 0.1, 0.1, 0.02), random_crop=0.5, random_crop_scale=0.5,
-    augment_variants=2,
+    alpha_mask=True, mask_floor=0.1, masked_prior_weight=1.0, prior_loss_weight=0.5, shuffle_caption=True,
+    keep_tokens=2, caption_variants=3, color_jitter=0.5, color_jitter_strength=(0.2, 0.1, 0.1, 0.02), random_crop=0.5,
+    random_crop_scale=0.5, augment_variants=2, compile_blocks=True,
 )
 # and for every setting that changes no weight (blocks_to_swap needs checkpointing, so it is flipped with it)
 NO_WEIGHT_FLIPS = dict(
     gradient_checkpointing=dict(gradient_checkpointing=True),
     checkpoint_blocks=dict(gradient_checkpointing=True, checkpoint_blocks=1),
     blocks_to_swap=dict(gradient_checkpointing=True, blocks_to_swap=2),
-    compile_blocks=dict(compile_blocks=True), device=dict(device="auto"),
+    device=dict(device="auto"),
     validation_transformer_path=dict(validation_transformer_path="elsewhere.safetensors"),
     cache_dir=dict(cache_dir="CACHE"), output_dir=dict(output_dir="OUT"), output_name=dict(output_name="renamed"),
     lora_format=dict(lora_format="diffusers"), tensorboard=dict(tensorboard=False), store_dir=dict(store_dir="STORE"),
     store_max_gb=dict(store_max_gb=1.0), ema_on_cpu=dict(ema_on_cpu=True),
 )
-# the no-weight settings that reach the training loop, trained with and without: compile_blocks is left out (fused
-# kernels round differently, like another device: equal up to float rounding, not bit for bit); device auto is the
-# CPU only where no GPU is
+# the no-weight settings that reach the training loop, trained with and without; device auto is the CPU only where no
+# GPU is
 TRAINED_FLIPS = ("gradient_checkpointing", "checkpoint_blocks", "blocks_to_swap", "cache_dir", "tensorboard",
                  "lora_format") + (() if torch.cuda.is_available() else ("device",))
 

@@ -236,7 +236,7 @@ def _report(args) -> None:
 
 def _caption(args) -> None:
     from .captioning import caption_dataset
-    from .trainer import resolve_device
+    from .distributed import resolve_device
 
     written = caption_dataset(args.dataset, args.model, trigger_word=args.trigger_word, overwrite=args.overwrite,
                               task=args.task, device=resolve_device(args.device))

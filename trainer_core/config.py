@@ -140,7 +140,7 @@ class TrainConfig:
     gradient_checkpointing: bool = True  # recompute activations in backward: far less memory, ~30% slower
     checkpoint_blocks: int = -1  # with gradient_checkpointing: how many blocks (the last ones) recompute; -1 = all
     blocks_to_swap: int = 0  # transformer blocks kept on the CPU and streamed to the GPU just before use
-    compile_blocks: bool = False  # torch.compile each transformer block: faster steps on GPUs after a cold start of minutes
+    compile_blocks: bool = False  # torch.compile the blocks for the training steps: faster after a first step that compiles; needs triton (GPU) or a C++ compiler (CPU); compiled kernels round differently: another run
     device: str = "auto"  # auto (cuda when available), cuda, cuda:1, cpu
     seed: int = 42  # LoRA init, data order, noise and timesteps: the same seed trains the same LoRA
 
@@ -266,11 +266,6 @@ class TrainConfig:
             self.checkpoint_blocks == -1 or self.checkpoint_blocks >= self.blocks_to_swap,
             f"checkpoint_blocks {self.checkpoint_blocks} is fewer than blocks_to_swap {self.blocks_to_swap} (swapped "
             "blocks must be checkpointed); raise checkpoint_blocks or set it to -1 (all)",
-        )
-        need(
-            not (self.compile_blocks and self.blocks_to_swap),
-            "compile_blocks cannot be combined with blocks_to_swap (compiled blocks would capture the swapped weights); "
-            "turn one of them off",
         )
         need(self.lora_layout in LORA_LAYOUTS, f"lora_layout: {self.lora_layout!r}; choose one of "
              f"{', '.join(LORA_LAYOUTS)} (split: the layout of runs made before the fused one)")

@@ -94,3 +94,13 @@ def process_device(processes: Processes, device: str) -> torch.device | None:
         return None
     device = torch.device(processes.accelerator.device)
     return torch.device("cpu") if device.type == "cpu" else device  # accelerate says "cpu:0", safetensors wants "cpu"
+
+
+def resolve_device(name: str) -> torch.device:
+    """The `device` setting as a torch device: auto is the GPU when there is one."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device: {name!r} but no CUDA GPU is available; use 'auto' or 'cpu'")
+    return device

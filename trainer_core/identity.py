@@ -44,10 +44,10 @@ SETTING_SIDES = {
     "timestep_shift": WEIGHTS, "guidance": WEIGHTS, "seed": WEIGHTS,
     "mixed_precision": WEIGHTS, "fp8_base": WEIGHTS,  # the base's numbers in the forward pass
     "t5_on_cpu": WEIGHTS,  # the caption embeddings are computed in another dtype on the CPU
+    "compile_blocks": WEIGHTS,  # compiled kernels fuse the same operations and round differently
     # memory options whose numbers are the same: recomputation and swapping replay the same operations, and every
     # random draw (LoRA init, noise, timesteps, flips) comes from the run's CPU generator, whatever the device
     "gradient_checkpointing": NO_WEIGHT, "checkpoint_blocks": NO_WEIGHT, "blocks_to_swap": NO_WEIGHT,
-    "compile_blocks": NO_WEIGHT,  # the same operations fused: equal up to float rounding, as on another device
     "device": NO_WEIGHT,  # the same run on another GPU (or the CPU) differs only by float rounding
     "validation_transformer_path": NO_WEIGHT,  # samples only: images are keyed on its content (`RunStore.images`)
     "cache_dir": NO_WEIGHT, "output_dir": NO_WEIGHT, "output_name": NO_WEIGHT, "lora_format": NO_WEIGHT,
@@ -57,9 +57,9 @@ SETTING_SIDES = {
     "validation_every": WEIGHTS, "ema_decay": WEIGHTS,
     "ema_on_cpu": NO_WEIGHT,  # where the EMA lives; its numbers are the same fp32 operations
     # masks, regularization, caption tags, augmentations (masks' and regularization images' files: the dataset side)
-    "alpha_mask": WEIGHTS, "mask_floor": WEIGHTS, "masked_prior_weight": WEIGHTS, "prior_loss_weight": WEIGHTS, "shuffle_caption": WEIGHTS,
-    "keep_tokens": WEIGHTS, "caption_variants": WEIGHTS, "color_jitter": WEIGHTS, "color_jitter_strength": WEIGHTS,
-    "random_crop": WEIGHTS, "random_crop_scale": WEIGHTS, "augment_variants": WEIGHTS,
+    "alpha_mask": WEIGHTS, "mask_floor": WEIGHTS, "masked_prior_weight": WEIGHTS, "prior_loss_weight": WEIGHTS,
+    "shuffle_caption": WEIGHTS, "keep_tokens": WEIGHTS, "caption_variants": WEIGHTS, "color_jitter": WEIGHTS,
+    "color_jitter_strength": WEIGHTS, "random_crop": WEIGHTS, "random_crop_scale": WEIGHTS, "augment_variants": WEIGHTS,
 }
 
 # Settings added after runs were stored -> the value that reproduces the code before them. At that value a setting is
@@ -70,15 +70,17 @@ SETTINGS_ADDED: dict[str, object] = {
     "validation_every": 0, "ema_decay": 0.0, "model_type": "flux",
     "network": "lora", "lokr_factor": -1, "block_ranks": "", "block_lrs": "", "train_modulation": True,
     "loraplus_lr_ratio": 1.0,
-    "alpha_mask": False, "mask_floor": 0.0, "masked_prior_weight": 0.0, "prior_loss_weight": 1.0, "shuffle_caption": False, "keep_tokens": 1,
-    "caption_variants": 8, "color_jitter": 0.0, "color_jitter_strength": (0.1, 0.1, 0.1, 0.02), "random_crop": 0.0,
-    "random_crop_scale": 0.8, "augment_variants": 4,
+    "alpha_mask": False, "mask_floor": 0.0, "masked_prior_weight": 0.0, "prior_loss_weight": 1.0,
+    "shuffle_caption": False, "keep_tokens": 1, "caption_variants": 8, "color_jitter": 0.0,
+    "color_jitter_strength": (0.1, 0.1, 0.1, 0.02), "random_crop": 0.0, "random_crop_scale": 0.8, "augment_variants": 4,
+    "compile_blocks": False,
 }
 
-# the settings a saved state must share with the run that continues it (the optimizer state's shapes, the data order)
+# the settings a saved state must share with the run that continues it (the optimizer state's shapes, the data order,
+# the kernels: compiled or eager)
 RESUME_FIELDS = ("rank", "alpha", "blocks", "lora_layout", "optimizer", "batch_size", "gradient_accumulation", "seed",
                  "model_type", "network", "lokr_factor", "block_ranks", "block_lrs", "train_modulation",
-                 "loraplus_lr_ratio")
+                 "loraplus_lr_ratio", "compile_blocks")
 
 
 def _digest(value) -> str:

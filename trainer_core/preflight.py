@@ -5,7 +5,9 @@ import logging
 from pathlib import Path
 
 from . import data, dataset_report, lora, models, output_guard
+from .compiled_blocks import check_compile_support
 from .config import TrainConfig
+from .distributed import resolve_device
 from .validation import validation_dir_records
 
 log = logging.getLogger(__name__)
@@ -14,8 +16,8 @@ log = logging.getLogger(__name__)
 def preflight(config: TrainConfig) -> list[data.ImageRecord]:
     """Each model file's kind from its header, the LoRA settings tried on an empty model of the base's shape, and the
     dataset scanned (each image decoded to prove it readable, and hashed for the dataset report, whose summary and
-    serious findings are logged), and the validation folder's. Returns the dataset's records, captioned and
-    bucketed."""
+    serious findings are logged), and the validation folder's; with compile_blocks, that torch.compile can build
+    kernels on the device. Returns the dataset's records, captioned and bucketed."""
     for role, path in (("transformer", config.transformer_path), ("vae", config.vae_path),
                        ("clip", config.clip_path), ("t5", config.t5_path)):
         models.check_model_file(path, role)
@@ -24,6 +26,8 @@ def preflight(config: TrainConfig) -> list[data.ImageRecord]:
     log.info("adapter: %s; %.2f M parameters", lora.describe_network(config), params / 1e6)
     if config.init_lora:
         check_init_lora(config)
+    if config.compile_blocks:
+        check_compile_support(resolve_device(config.device))
     report = dataset_report.report_for_config(config)
     log.info("%s", report.summary())
     for serious, finding in report.findings():

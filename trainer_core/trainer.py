@@ -19,9 +19,10 @@ import torch
 from . import augment, caching, data, lora, models, validation
 from .block_swap import BlockSwap, checkpoint_blocks, model_blocks
 from .checkpoints import TrainingState, save_training_state
+from .compiled_blocks import CompiledBlocks
 from .config import TrainConfig
 from .content_hash import content_identity
-from .distributed import SINGLE, Processes, process_device
+from .distributed import SINGLE, Processes, process_device, resolve_device
 from .ema import LoraEma
 from .identity import RESUME_FIELDS, DatasetIdentity, dataset_identity, settings_mismatches
 from .optim import check_schedule_covers, learning_rate, make_optimizer, set_learning_rate
@@ -58,15 +59,6 @@ def compute_dtype(config: TrainConfig) -> torch.dtype:
     return torch.bfloat16 if config.mixed_precision == "bf16" else torch.float32
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device: {name!r} but no CUDA GPU is available; use 'auto' or 'cpu'")
-    return device
-
-
 class Trainer(TrainingStep):
     def __init__(self, config: TrainConfig, transformer, vae, text_encoders, dataset: caching.CachedDataset, device=None,
                  dataset_identity: DatasetIdentity | None = None, processes: Processes = SINGLE,
@@ -90,11 +82,10 @@ class Trainer(TrainingStep):
         if config.init_lora:
             lora.load_lora_file(config.init_lora, transformer)
             log.info("LoRA initialised from %s", config.init_lora)
+        # before checkpointing wraps the blocks' forwards, so that its recomputation in backward is compiled too
+        self.compiled = CompiledBlocks(model_blocks(transformer) if config.compile_blocks else ())
         if config.gradient_checkpointing:
             checkpoint_blocks(transformer, config.checkpoint_blocks)
-        if config.compile_blocks:
-            for block in model_blocks(transformer):
-                block.compile()  # regional compilation: one compiled graph per block type, reused by every block
         self.transformer = transformer
         self._swaps: dict[int, BlockSwap] = {}  # per model (training base, validation base) when blocks_to_swap > 0
         self.to_device(transformer)
@@ -201,11 +192,12 @@ class Trainer(TrainingStep):
                     set_learning_rate(self.optimizer, lr)
                     self.optimizer.zero_grad(set_to_none=True)
                     loss_sum = torch.zeros((), device=self.device)
-                    for _ in range(cfg.gradient_accumulation):
-                        loss = self._loss(self._next_batch()) / cfg.gradient_accumulation
-                        if loss.requires_grad:  # else this process's share of the batch was empty
-                            loss.backward()
-                        loss_sum += loss.detach()
+                    with self.compiled.training_step():
+                        for _ in range(cfg.gradient_accumulation):
+                            loss = self._loss(self._next_batch()) / cfg.gradient_accumulation
+                            if loss.requires_grad:  # else this process's share of the batch was empty
+                                loss.backward()
+                            loss_sum += loss.detach()
                     loss_sum = self.processes.sum_gradients(self.params, loss_sum)
                     if cfg.max_grad_norm > 0:
                         torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
