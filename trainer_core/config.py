@@ -140,7 +140,7 @@ class TrainConfig:
     gradient_checkpointing: bool = True  # recompute activations in backward: far less memory, ~30% slower
     checkpoint_blocks: int = -1  # with gradient_checkpointing: how many blocks (the last ones) recompute; -1 = all
     blocks_to_swap: int = 0  # transformer blocks kept on the CPU and streamed to the GPU just before use
-    compile_blocks: bool = False  # torch.compile the blocks for the training steps: faster after a first step that compiles; needs triton (GPU) or a C++ compiler (CPU); compiled kernels round differently: another run
+    compile_blocks: bool = False  # torch.compile the blocks for training steps: faster after a first step that compiles
     device: str = "auto"  # auto (cuda when available), cuda, cuda:1, cpu
     seed: int = 42  # LoRA init, data order, noise and timesteps: the same seed trains the same LoRA
 

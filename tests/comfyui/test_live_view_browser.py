@@ -51,7 +51,9 @@ ROUTE = "/flux_lora_trainer/progress"
 
 LONG_LOOP, SHORT_LOOP = 30, 2
 SLOW_STEP_S = 12  # seconds a step may take on a crowded 2-core machine (0.2 on an idle one): the waits' unit
-LOOPS = {3: LONG_LOOP, 8: SHORT_LOOP, 13: SHORT_LOOP, 18: 60}  # TrainLoop node id -> steps
+# the last loop must outlast the reload and the second tab (0.05-0.1 s a step on an idle machine), its history
+# within progress.MAX_POINTS (else thinned)
+LOOPS = {3: LONG_LOOP, 8: SHORT_LOOP, 13: SHORT_LOOP, 18: 150}  # TrainLoop node id -> steps
 FIRST, LAST = 3, 18
 FIRST_SAVE = 4  # the SaveCheckpoint under the first loop
 GRID, LAST_SAMPLE = 23, 20  # the XY grid and the sample after the last loop
