@@ -11,7 +11,7 @@ import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxKontextPipeline, FluxTransformer2DModel
 from PIL import Image
 
-from trainer_core import caching, data, dataset_report, lora, sampling
+from trainer_core import augment, caching, data, dataset_report, lora, sampling
 from trainer_core import flow_matching as fm
 from trainer_core.config import DatasetEntry, TrainConfig
 from trainer_core.demo import demo_config
@@ -93,6 +93,13 @@ def test_a_control_of_another_aspect_is_fitted_to_the_bucket_and_reported(tmp_pa
     assert "control a.jpg 128x64" in report.text()
 
 
+def test_the_latent_budget_counts_the_controls(tmp_path):
+    targets, controls = write_pairs(tmp_path, names=("a", "b"))
+    alone = dataset_report.build_report([DatasetEntry(str(targets), "", (64,), 1)], latents_per_image=3)
+    paired = dataset_report.build_report([kontext_entry(targets, controls)], latents_per_image=3)
+    assert paired.latent_cache_bytes() == 2 * alone.latent_cache_bytes() == 2 * 2 * 3 * 16 * 4 * 8 * 8
+
+
 def test_control_folder_inside_the_dataset_holds_no_targets(tmp_path):
     targets, _ = write_pairs(tmp_path, names=("a",))
     inner = targets / "control"
@@ -115,6 +122,33 @@ def test_control_latents_are_cached_with_the_targets_and_flip_with_them(tmp_path
     torch.testing.assert_close(flipped.control_latents,
                                caching.encode_pixels(vae, control_pixels.flip(-1)[None])[0])
     assert not torch.equal(sample.control_latents, sample.latents)
+
+
+def test_each_augmented_copy_of_a_control_takes_its_targets_crop_and_colours(tmp_path):
+    """A pair whose control is its target's own picture: every jittered, cropped and flipped copy of the control is
+    the target's copy, so the pair still shows the same edit (here: none)."""
+    targets, controls = tmp_path / "targets", tmp_path / "controls"
+    targets.mkdir()
+    controls.mkdir()
+    rng = np.random.default_rng(0)
+    for name in ("a", "b"):
+        picture = Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8))
+        picture.save(targets / f"{name}.png")
+        picture.save(controls / f"{name}.bmp")  # lossless, under another file name than its target's
+        (targets / f"{name}.txt").write_text("keep it")
+    torch.manual_seed(0)
+    vae = AutoencoderKL(**VAE).eval()
+    records = data.scan_datasets([kontext_entry(targets, controls)])
+    text = {c: {"prompt_embeds": torch.zeros(4, 32), "pooled": torch.zeros(32)} for c in ["", "keep it"]}
+    variants = augment.variants(1.0, 1.0, 2)
+    cached = caching.cache_dataset(records, vae, text, flip=True, variants=variants,
+                                   augment_settings=augment.AugmentSettings(7, (0.3, 0.3, 0.3, 0.05), 0.6))
+    assert len(cached.augmented) == 2 * len(variants)
+    for (flipped, variant), samples in cached.augmented.items():
+        plain = cached.flipped if flipped else cached.samples
+        for sample, unaugmented in zip(samples, plain):
+            torch.testing.assert_close(sample.control_latents, sample.latents, atol=1e-5, rtol=0)
+            assert not torch.allclose(sample.latents, unaugmented.latents, atol=1e-3)  # the copy is augmented
 
 
 def test_config_asks_for_pairs_only_with_kontext(tmp_path):
@@ -145,7 +179,7 @@ def kontext_trainer(tiny_flux, pairs, tmp_path, **changes) -> Trainer:
     return Trainer.from_config(config)
 
 
-def test_training_sees_the_control_tokens_and_resumes_exactly(tiny_flux, pairs, tmp_path):
+def test_training_sees_the_control_tokens(tiny_flux, pairs, tmp_path):
     trainer = kontext_trainer(tiny_flux, pairs, tmp_path)
     sample = trainer.dataset.samples[0]
     assert sample.control_latents is not None and sample.control_latents.shape == sample.latents.shape
@@ -158,10 +192,15 @@ def test_training_sees_the_control_tokens_and_resumes_exactly(tiny_flux, pairs, 
     assert with_control.shape == without.shape == x_t.shape
     assert not torch.allclose(with_control, other)  # the velocity depends on the control image
 
+
+@pytest.mark.parametrize("augmentations", [{}, dict(flip_augment=True, color_jitter=0.5, random_crop=0.5,
+                                                    augment_variants=2)], ids=["plain", "augmented"])
+def test_a_kontext_run_resumes_exactly(tiny_flux, pairs, tmp_path, augmentations):
+    trainer = kontext_trainer(tiny_flux, pairs, tmp_path, **augmentations)
     trainer.train(4)
     state = trainer.snapshot()
     trainer.train(3)
-    resumed = kontext_trainer(tiny_flux, pairs, tmp_path)
+    resumed = kontext_trainer(tiny_flux, pairs, tmp_path, **augmentations)
     resumed.restore(state)
     resumed.train(3)
     assert resumed.losses == trainer.losses

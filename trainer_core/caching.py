@@ -95,6 +95,7 @@ class _ImageKey(NamedTuple):
     bucket: tuple[int, int]
     flip: bool
     variant: Variant = PLAIN
+    target: str = ""  # a Kontext control's: its target's file name, whose crop and colours each variant takes
 
 
 def cache_text(
@@ -151,16 +152,18 @@ def cache_dataset(
     A record's mask (`data.load_mask`, downsampled to the latent grid) is cached with its latents and keyed on the
     mask file's bytes too. `variants` (with `augment_settings`): augmented copies of every image, encoded as well.
     `caption_variants`: each caption's shuffled tag orders, whose embeddings are looked up in the text cache.
-    A Kontext record's control image is encoded as an image too, at the record's bucket and flip (`control_latents`).
+    A Kontext record's control image is encoded as an image too, at the record's bucket, flip and augmented variants
+    (its target's crop and colours: `control_latents`).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size: {batch_size} must be at least 1")
     _check_identity(cache_dir, encoder_identity)
     flips = (False, True) if flip else (False,)
     record_of = {_ImageKey(r.path, r.bucket, f, v): r for r in records for f in flips for v in (PLAIN, *variants)}
-    # Kontext: controls encode as images do, at their target's bucket and flip (augmentations are refused for Kontext)
-    record_of |= {_ImageKey(r.control, r.bucket, f, PLAIN): dataclasses.replace(r, path=r.control, control=None, mask=None)
-                  for r in records if r.control is not None for f in flips}
+    # Kontext: controls encode as images do, at their target's bucket, flip and augmentation (the pair stays a pair)
+    record_of |= {_ImageKey(r.control, r.bucket, f, v, r.path.name):
+                  dataclasses.replace(r, path=r.control, control=None, mask=None)
+                  for r in records if r.control is not None for f in flips for v in (PLAIN, *variants)}
     captions = list(dict.fromkeys(["", *(r.caption for r in records),
                                    *(c for r in records for c in (caption_variants or {}).get(r.caption, ()))]))
     total = len(record_of) + (0 if isinstance(text_encoders, dict) else len(captions))
@@ -188,7 +191,7 @@ def cache_dataset(
         latent_files = {k: cache_dir / f"latents-{name(k)}.safetensors" for k in record_of}
 
     def params(k: _ImageKey) -> augment.Augment:
-        return augment.params(k.variant, k.path.name, k.bucket, augment_settings) if k.variant != PLAIN \
+        return augment.params(k.variant, k.target or k.path.name, k.bucket, augment_settings) if k.variant != PLAIN \
             else augment.NO_AUGMENT
 
     def encode_images(keys: list[_ImageKey]) -> list[Tensors]:
@@ -209,7 +212,8 @@ def cache_dataset(
     def sample(record: ImageRecord, flipped: bool, variant: Variant = PLAIN) -> CachedSample:
         encoded = latents[_ImageKey(record.path, record.bucket, flipped, variant)]
         t = text[record.caption]
-        control = None if record.control is None else latents[_ImageKey(record.control, record.bucket, flipped, PLAIN)]
+        control = None if record.control is None else \
+            latents[_ImageKey(record.control, record.bucket, flipped, variant, record.path.name)]
         return CachedSample(encoded["latents"], t["prompt_embeds"], t["pooled"], record.caption, record.bucket,
                             encoded.get("mask"), record.is_reg, None if control is None else control["latents"])
 

@@ -225,9 +225,6 @@ class TrainConfig:
                      "pairs; set model_type to kontext, or leave control_dir empty")
         need(self.model_type != "kontext" or not self.validation_dir, "validation_dir: held-out images have no "
              "control images for Kontext; leave it empty and hold out a share of the pairs with validation_split")
-        for name in ("color_jitter", "random_crop"):
-            need(self.model_type != "kontext" or not getattr(self, name), f"{name}: not yet with model_type kontext "
-                 "(the control image would need the same crop and colours as its target); set it to 0")
         need(self.batch_size >= 1, f"batch_size: {self.batch_size}; use 1 or more")
         need(0.0 <= self.caption_dropout < 1.0, f"caption_dropout: {self.caption_dropout}; use a value in [0, 1)")
         self._validate_dataset_extras(need)

@@ -47,9 +47,11 @@ class DatasetReport:
         return [im for im in self.scan.images if im.mask is not None]
 
     def latent_cache_bytes(self) -> int:
-        """About what the images' latents (and masks) take in RAM, and on disk with a cache_dir: float32, 16
-        channels (and 1 for a mask) per 8x8 pixels, for every bucket and copy."""
-        per_pixel = {im.path: (16 + (im.mask is not None)) * 4 / 64 for im in self.scan.images}
+        """About what the images' latents (and masks, and Kontext controls) take in RAM, and on disk with a
+        cache_dir: float32, 16 channels (1 more for a mask, 16 more for a control) per 8x8 pixels, for every bucket
+        and copy."""
+        per_pixel = {im.path: (16 + (im.mask is not None) + 16 * (im.control is not None)) * 4 / 64
+                     for im in self.scan.images}
         return int(sum(per_pixel[im.path] * w * h for im in self.scan.images for w, h in im.buckets)
                    * self.latents_per_image)
 
