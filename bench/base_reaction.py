@@ -21,14 +21,11 @@ import torch
 from PIL import Image, ImageDraw
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-
-from test_demo_learning import background  # noqa: E402  the masked learning tests' measure
 
 from trainer_core import flow_matching as fm  # noqa: E402
 from trainer_core import models  # noqa: E402
 from trainer_core.caching import encode_pixels  # noqa: E402
-from trainer_core.demo import PROMPT  # noqa: E402
+from trainer_core.demo import PROMPT, background  # noqa: E402  the masked learning tests' measure
 from trainer_core.demo_stack import COLOURS, MAX_SEQUENCE_LENGTH, SIZE, SUBJECT_COLOURS, demo_stack, draw_shape  # noqa: E402
 from trainer_core.masks import latent_mask  # noqa: E402
 from trainer_core.sampling import decode_latents, initial_noise  # noqa: E402

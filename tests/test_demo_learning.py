@@ -12,8 +12,8 @@ from PIL import Image, ImageDraw
 
 from numerics import assert_ulps
 from trainer_core import models
-from trainer_core.demo import (DEMO_BACKGROUNDS, PROMPT, STRENGTHS, demo_config, run_demo, subject_score,
-                               write_demo_dataset)
+from trainer_core.demo import (DEMO_BACKGROUNDS, PROMPT, STRENGTHS, background_shift, demo_config, run_demo,
+                               subject_score, write_demo_dataset)
 from trainer_core.demo_stack import COLOURS, SIZE, SUBJECT_COLOURS, demo_stack, demo_vae, draw_shape, world_picture
 from trainer_core.trainer import Trainer
 
@@ -116,20 +116,6 @@ def test_writing_the_demo_dataset_again_keeps_its_files_and_so_its_identity(tmp_
 
 
 # --- masked training on the demo ---------------------------------------------------------------------------------
-
-
-def background(image: Image.Image) -> np.ndarray:
-    """The mean RGB of a picture's border: the pixels farther from the centre than 0.4 of its side (the subject's
-    disc has radius 0.3)."""
-    pixels = np.asarray(image.convert("RGB"), dtype=np.float32)
-    h, w = pixels.shape[:2]
-    yy, xx = np.mgrid[:h, :w]
-    return pixels[np.hypot(yy - h / 2 + 0.5, xx - w / 2 + 0.5) > 0.4 * min(h, w)].mean(axis=0)
-
-
-def background_shift(cells: dict) -> float:
-    """How far the background colour moves from strength 0 (the base) to strength 1 (RGB distance, of 441)."""
-    return float(np.linalg.norm(background(cells[1.0]) - background(cells[0.0])))
 
 
 def masked_run(out, **settings) -> dict[float, Image.Image]:

@@ -5,6 +5,7 @@ yellow disc crossed by a red bar. The demo writes four captioned pictures of it,
 example ComfyUI workflow: train a LoRA in loops, save a checkpoint after each, sample, plot the loss, and render
 the LoRA-strength x step grid, in which the subject should appear with steps and strength. Each grid cell is also
 written as a PNG and scored (`subject_score`) in `summary.json`, so a script can judge what the eye sees.
+`background_shift` measures what a LoRA does around the subject (masked training's tests and bench).
 """
 from __future__ import annotations
 
@@ -65,6 +66,20 @@ def subject_score(image: Image.Image) -> float:
     for colour in SUBJECT_COLOURS.values():
         near |= np.linalg.norm(pixels - np.float32(colour), axis=-1) < _NEAR
     return float(near.mean())
+
+
+def background(image: Image.Image) -> np.ndarray:
+    """The mean RGB of a picture's border: the pixels farther from the centre than 0.4 of its side (the subject's
+    disc has radius 0.3)."""
+    pixels = np.asarray(image.convert("RGB"), dtype=np.float32)
+    h, w = pixels.shape[:2]
+    yy, xx = np.mgrid[:h, :w]
+    return pixels[np.hypot(yy - h / 2 + 0.5, xx - w / 2 + 0.5) > 0.4 * min(h, w)].mean(axis=0)
+
+
+def background_shift(cells: dict[float, Image.Image]) -> float:
+    """How far the background colour moves from strength 0 (the base) to strength 1 (RGB distance, of 441)."""
+    return float(np.linalg.norm(background(cells[1.0]) - background(cells[0.0])))
 
 
 def demo_config(models: DemoStackPaths, dataset: Path, output_dir: Path, steps: int) -> TrainConfig:
