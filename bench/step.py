@@ -12,7 +12,8 @@ layout of runs made before it, diffusers' Linears one by one, as the reference h
 trainer_core with gradient checkpointing of every block, of half of them (`checkpoint_blocks`, with its step time
 as a ratio of full checkpointing), with block swap, and with `compile_blocks` (torch.compile of each block for the
 training step; its first step, which compiles, is timed apart and printed). The target line judges the fastest
-trainer_core configuration a user can set, and names it.
+trainer_core configuration a user can set, and names it. Apart from it: a LoKr (`network` lokr) trained through
+`KroneckerLinear`, as the trainer does, against peft's own LoKr forward, which builds each Linear's whole update.
 """
 from __future__ import annotations
 
@@ -44,6 +45,7 @@ MODEL = dict(in_channels=64, num_layers=2, num_single_layers=4, attention_head_d
              joint_attention_dim=256, pooled_projection_dim=64, guidance_embeds=True, axes_dims_rope=(8, 28, 28))
 LATENT, TEXT = (16, 32, 32), 64  # a 256 px image: 256 packed tokens
 COMPILED = "trainer_core + compile_blocks"
+LOKR, LOKR_PEFT = "LoKr (Kronecker forward)", "LoKr, peft's forward (update built)"
 
 
 def make_dataset(n: int = 4) -> CachedDataset:
@@ -96,6 +98,13 @@ def ours(base: FluxTransformer2DModel, dataset: CachedDataset, processes: Proces
                    processes=processes)
 
 
+def with_peft_lokr_forward(trainer: Trainer) -> Trainer:
+    """The LoKr layers back on peft's own forward: the reference for `KroneckerLinear`."""
+    for layer in lora._lora_layers(trainer.transformer).values():
+        layer.__class__ = lora.lycoris.LoKrLinear
+    return trainer
+
+
 def time_steps(step, n: int) -> float:
     t0 = time.perf_counter()
     for _ in range(n):
@@ -138,6 +147,8 @@ def main() -> int:
         "trainer_core + checkpointing + swap all blocks": (lambda t: lambda: t.train(1))(
             ours(base, dataset, gradient_checkpointing=True, blocks_to_swap=6)),
         COMPILED: (lambda t: lambda: t.train(1))(ours(base, dataset, compile_blocks=True)),
+        LOKR: (lambda t: lambda: t.train(1))(ours(base, dataset, network="lokr")),
+        LOKR_PEFT: (lambda t: lambda: t.train(1))(with_peft_lokr_forward(ours(base, dataset, network="lokr"))),
     }
     compile_seconds = time_steps(loops[COMPILED], 1)  # the first compiled step compiles the blocks
     for step in loops.values():  # warm up allocators and kernels
@@ -165,6 +176,8 @@ def main() -> int:
     full = statistics.median(times["trainer_core + checkpointing"])
     print(f"partial / full checkpointing step time: {partial / full:.3f}")
     print(f"compile_blocks: first step (compiling both block types) {compile_seconds:.1f} s")
+    print(f"LoKr step time, Kronecker forward / peft's: "
+          f"{statistics.median(times[LOKR]) / statistics.median(times[LOKR_PEFT]):.3f}")
     best = min((n for n in times if n.startswith("trainer_core")), key=lambda n: statistics.median(times[n]))
     ratio = statistics.median(times[best]) / reference
     print(f"\ntrainer_core / reference step time: {ratio:.3f}, fastest configuration: {best} "

@@ -171,12 +171,13 @@ def test_every_preset_fits_its_card_with_headroom(flux_dev, name):
 
 @pytest.mark.parametrize("network", ["lokr", "loha"])
 def test_every_preset_fits_its_card_for_a_lycoris_network(network):
-    """peft's LoKr / LoHa keep each Linear's whole update for backward; the presets checkpoint every block for them."""
+    """A LoKr keeps activation-sized products for backward and peft's LoHa each Linear's whole update: more than a
+    LoRA, so the presets checkpoint every block for them."""
     bench = memory.Bench(memory.flux_dev_config(), network)
     for name, preset in PRESETS.items():
         projection = bench.project(preset.for_network(network))
         assert projection.fits, f"{name}: {projection.peak / memory.GIB:.1f} GiB on a {projection.card_gib:g} GiB card"
-    assert not bench.project(PRESETS["8GB"]).fits  # the LoRA's partial checkpointing would overflow
+    assert not all(bench.project(preset).fits for preset in PRESETS.values())  # the LoRA's partial checkpointing
 
 
 def test_partial_checkpointing_projects_between_none_and_all(flux_dev):

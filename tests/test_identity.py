@@ -83,7 +83,11 @@ def test_each_weight_setting_changes_the_identity_and_no_other_does(config, data
     assert key(config.replace(dataset_dir=str(moved)), index) == base
     (moved / "glyph_00.txt").write_text("a new caption")
     assert key(config.replace(dataset_dir=str(moved)), index) != base
-    # the code's numerics
+    # the code's numerics: one network's alone changes only its runs
+    lokr = config.replace(network="lokr")
+    lokr_base = key(lokr, index)
+    monkeypatch.setitem(identity.NETWORK_NUMERICS, "lokr", identity.NETWORK_NUMERICS["lokr"] + 1)
+    assert key(lokr, index) != lokr_base and key(config, index) == base
     monkeypatch.setattr(identity, "NUMERICS_VERSION", identity.NUMERICS_VERSION + 1)
     assert key(config, index) != base
 

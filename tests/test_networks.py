@@ -72,6 +72,28 @@ def test_file_applied_by_comfyui_rule_equals_peft_delta(network, strength):
                                    rtol=1e-5, atol=1e-7, msg=key)
 
 
+def test_lokr_applies_its_update_as_peft_builds_it_with_the_same_gradients():
+    """`KroneckerLinear` (w1 @ X @ w2^T) against peft's own path (x @ kron(w1, w2)^T), on layers with a full and a
+    decomposed w2, at strength 0.5."""
+    model = lycoris_transformer("lokr")
+    lora.set_lora_strength(model, 0.5)
+    layers = lora._lora_layers(model)
+    assert all(type(layer) is lora.lycoris.KroneckerLinear for layer in layers.values())
+    assert any("default" in layer.lokr_w2 for layer in layers.values())
+    assert any("default" in layer.lokr_w2_b for layer in layers.values())
+    g = torch.Generator().manual_seed(0)
+    for name, layer in layers.items():
+        x = torch.randn(2, 5, layer.in_features, generator=g)
+        params = list(lora.lycoris.tensors(layer).values())
+        ours = layer._get_delta_activations("default", x)
+        ours_grads = torch.autograd.grad(ours.square().sum(), params)
+        peft = super(lora.lycoris.KroneckerLinear, layer)._get_delta_activations("default", x)
+        peft_grads = torch.autograd.grad(peft.square().sum(), params)
+        torch.testing.assert_close(ours, peft, rtol=1e-5, atol=1e-6, msg=name)
+        for ours_grad, peft_grad in zip(ours_grads, peft_grads):
+            torch.testing.assert_close(ours_grad, peft_grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
 @NETWORKS
 def test_strength_zero_is_the_base_exactly_and_scales_the_effect(inputs, network):
     model = lycoris_transformer(network)

@@ -23,6 +23,8 @@ from .masks import MASK_FOLDER
 # optimizer, the LoRA's init or layout, sampling of noise or timesteps, the data order, caching): stored loops of
 # the old code are then trained again instead of being handed back as if the new code had made them.
 NUMERICS_VERSION = 2  # 2: LoRA init drawn from the run's CPU generator
+# The same for one network's numbers alone, so that the stored runs of the others keep their keys.
+NETWORK_NUMERICS = {"lokr": 1}  # lokr 1: KroneckerLinear applies the update without building it
 
 WEIGHTS = "weights"  # decides the trained numbers: in the run identity by value
 FILE = "file"  # a model file or folder: in the run identity by its content, never its path
@@ -161,7 +163,9 @@ def run_identity(config: TrainConfig, dataset: DatasetIdentity, index: ContentIn
     started from ("" = a fresh LoRA)."""
     settings = {k: v for k, v in config.to_dict().items()
                 if SETTING_SIDES[k] == WEIGHTS and not (k in SETTINGS_ADDED and v == SETTINGS_ADDED[k])}
-    return _digest({"numerics": NUMERICS_VERSION, "settings": settings, "files": model_identities(config, index),
+    numerics = NUMERICS_VERSION if config.network not in NETWORK_NUMERICS else \
+        [NUMERICS_VERSION, NETWORK_NUMERICS[config.network]]
+    return _digest({"numerics": numerics, "settings": settings, "files": model_identities(config, index),
                     "dataset": dataset.key, "start": start})
 
 

@@ -89,9 +89,10 @@ class MemoryPreset:
                                    checkpoint_blocks=-1)
 
     def for_network(self, network: str) -> MemoryPreset:
-        """This preset for the adapter `network` (TrainConfig.network): peft's LoKr and LoHa keep each Linear's whole
-        update (out x in, fp32) for backward, so every block is checkpointed for them (`bench/memory.py --network`:
-        with the preset's partial checkpointing the 24GB preset's LoHa and the 8GB preset's LoKr and LoHa overflow)."""
+        """This preset for the adapter `network` (TrainConfig.network): a LoKr keeps activation-sized products for
+        backward and peft's LoHa each Linear's whole update (out x in, fp32), so every block is checkpointed for them
+        (`bench/memory.py --network`: with the preset's partial checkpointing the 24GB and 12GB presets' LoKr are
+        under 10% headroom, and the 24GB, 12GB and 8GB presets' LoHa do not fit)."""
         if network == "lora":
             return self
         return dataclasses.replace(self, gradient_checkpointing=True, checkpoint_blocks=-1)

@@ -15,6 +15,7 @@ import torch
 from peft import LoHaConfig, LoKrConfig
 from peft.tuners.loha import LoHaLayer
 from peft.tuners.lokr import LoKrLayer
+from peft.tuners.lokr.layer import Linear as LoKrLinear
 from peft.tuners.lycoris_utils import LycorisLayer
 from torch import nn
 
@@ -57,6 +58,33 @@ def init_lycoris(layer: LycorisLayer, dtype: torch.dtype, generator: torch.Gener
         if name not in zeros:
             nn.init.kaiming_uniform_(value, a=math.sqrt(5), generator=generator)
         param.data = value.to(param.device)
+
+
+class KroneckerLinear(LoKrLinear):
+    """peft's LoKr Linear, its update applied without building it: x @ kron(w1, w2)^T is w1 @ X @ w2^T with the input
+    viewed as X (in1 x in2). peft builds the whole out x in update (fp32) every call and autograd keeps it for
+    backward; this keeps two activation-sized tensors and takes a few percent of the matmul's arithmetic. The same
+    parameters, scale and strength (peft's `scaling`); the rounding differs from peft's."""
+
+    def _get_delta_activations(self, adapter_name: str, input: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if self.training and self.rank_dropout[adapter_name]:  # peft's row dropout needs the built update
+            return super()._get_delta_activations(adapter_name, input, *args, **kwargs)
+        w1 = self.lokr_w1[adapter_name] if adapter_name in self.lokr_w1 else \
+            self.lokr_w1_a[adapter_name] @ self.lokr_w1_b[adapter_name]
+        x = self._cast_input_dtype(input, w1.dtype).unflatten(-1, (w1.shape[1], -1))  # (..., in1, in2)
+        if adapter_name in self.lokr_w2:
+            t = x @ self.lokr_w2[adapter_name].t()  # (..., in1, out2)
+        else:  # w2 = a @ b at the rank: through b, then a
+            t = (x @ self.lokr_w2_b[adapter_name].t()) @ self.lokr_w2_a[adapter_name].t()
+        # the scale on w1 (out1 x in1 numbers, not tokens x out); backward keeps t itself, not a copy
+        y = t.transpose(-1, -2) @ (w1 * self.scaling[adapter_name]).t()  # (..., out2, out1)
+        return y.transpose(-1, -2).flatten(-2)
+
+
+def use_kronecker_forward(layer: LycorisLayer) -> None:
+    """A peft LoKr Linear computes through `KroneckerLinear` from now on (the same module, parameters and state)."""
+    if type(layer) is LoKrLinear:
+        layer.__class__ = KroneckerLinear
 
 
 def scale(layer: LycorisLayer) -> float:
