@@ -76,7 +76,7 @@ class KroneckerLinear(LoKrLinear):
             t = x @ self.lokr_w2[adapter_name].t()  # (..., in1, out2)
         else:  # w2 = a @ b at the rank: through b, then a
             t = (x @ self.lokr_w2_b[adapter_name].t()) @ self.lokr_w2_a[adapter_name].t()
-        # the scale on w1 (out1 x in1 numbers, not tokens x out); backward keeps t itself, not a copy
+        # the scale goes on w1: out1 x in1 numbers, not tokens x out
         y = t.transpose(-1, -2) @ (w1 * self.scaling[adapter_name]).t()  # (..., out2, out1)
         return y.transpose(-1, -2).flatten(-2)
 
