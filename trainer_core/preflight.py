@@ -42,8 +42,7 @@ def preflight(config: TrainConfig) -> list[data.ImageRecord]:
 def check_cache_space(cache_dir: str, report: dataset_report.DatasetReport) -> None:
     """The latent cache's disk has room for every copy the report counts (flips, augment_variants) beyond the latents
     already cached there (a rerun, another run on the same images)."""
-    cached = sum(p.stat().st_size for p in Path(cache_dir).glob("latents-*.safetensors")) \
-        if Path(cache_dir).is_dir() else 0
+    cached = sum(p.stat().st_size for p in Path(cache_dir).glob("latents-*.safetensors"))  # none: not made yet
     output_guard.check_free_space(cache_dir, report.latent_cache_bytes() - cached, "cache_dir",
                                   f"the latents of {report.latents_per_image} cop"
                                   f"{'y' if report.latents_per_image == 1 else 'ies'} of each image",
