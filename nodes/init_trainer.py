@@ -359,13 +359,17 @@ class InitTrainer:
 
     @classmethod
     def IS_CHANGED(cls, dataset_dir: str, trigger_word: str = "", resolutions: str = "512", repeats: int = 1,
-                   control_dir: str = "", **_):
+                   control_dir: str = "", validation_dir: str = "", **_):
         """Re-run when the dataset's identity changes (files or captions edited, added or removed: names, sizes,
-        mtimes, nothing decoded; Kontext's control images too), else cached."""
+        mtimes, nothing decoded; Kontext's control images and validation_dir's images too), else cached."""
         try:
             control = str(dataset_path(control_dir, "control_dir")) if control_dir.strip() else None
-            entries = parse_datasets(dataset_dir, trigger_word, resolutions, repeats)
-            return dataset_identity([dataclasses.replace(e, control_dir=control) for e in entries]).key
+            entries = [dataclasses.replace(e, control_dir=control)
+                       for e in parse_datasets(dataset_dir, trigger_word, resolutions, repeats)]
+            if validation_dir.strip():  # listed as one more folder: its files alone matter here
+                entries.append(dataclasses.replace(entries[0], dataset_dir=str(dataset_path(validation_dir,
+                                                                                            "validation_dir"))))
+            return dataset_identity(entries).key
         except (ValueError, OSError) as e:
             return str(e)  # init raises it, naming the widget
 

@@ -26,8 +26,8 @@ WEIGHT_FLIPS = dict(
     blocks="double", dora=True, optimizer="prodigy", learning_rate=1e-3, weight_decay=0.01, lr_schedule="constant",
     warmup_steps=0, min_lr_ratio=0.5, lr_cycles=2, total_steps=21, gradient_accumulation=2, max_grad_norm=0.5,
     timestep_sampling="sigmoid", timestep_shift=1.0, guidance=3.5, seed=1, mixed_precision="bf16", fp8_base=True,
-    t5_on_cpu=True, lora_layout="split", validation_timesteps=8, validation_split=0.5, validation_dir="held_out",
-    validation_every=5, ema_decay=0.9, network="lokr", lokr_factor=4, block_ranks="double:0=8", block_lrs="single=1e-3",
+    t5_on_cpu=True, lora_layout="split", validation_timesteps=8, validation_split=0.5, validation_every=5,
+    ema_decay=0.9, network="lokr", lokr_factor=4, block_ranks="double:0=8", block_lrs="single=1e-3",
     train_modulation=False, loraplus_lr_ratio=16.0,
     model_type=dict(model_type="kontext", control_dir="DATASET"),  # Kontext trains on pairs: a control folder with it
     alpha_mask=True, mask_floor=0.1, masked_prior_weight=1.0, prior_loss_weight=0.5, shuffle_caption=True,
@@ -90,6 +90,34 @@ def test_each_weight_setting_changes_the_identity_and_no_other_does(config, data
     assert key(lokr, index) != lokr_base and key(config, index) == base
     monkeypatch.setattr(identity, "NUMERICS_VERSION", identity.NUMERICS_VERSION + 1)
     assert key(config, index) != base
+
+
+def test_validation_images_count_by_their_files_and_masks_mark_the_validation_numerics(config, dataset, tmp_path,
+                                                                                     monkeypatch):
+    """A stored loop holds its validation losses: they belong to the held-out images' content (not their folder's
+    path), and to the code that weighs masks and regularization images in them."""
+    index = ContentIndex(tmp_path / "store")
+    scored = config.replace(validation_timesteps=2)
+    held = shutil.copytree(dataset, tmp_path / "held")
+    with_held = key(scored.replace(validation_dir=str(held)), index)
+    assert with_held != key(scored, index)
+    moved = shutil.copytree(held, tmp_path / "moved")  # the same files (and mtimes) elsewhere: the same run
+    assert key(scored.replace(validation_dir=str(moved)), index) == with_held
+    (moved / "glyph_00.txt").write_text("a new caption")
+    assert key(scored.replace(validation_dir=str(moved)), index) != with_held
+
+    masked = shutil.copytree(dataset, tmp_path / "masked")
+    shutil.copy(masked / "glyph_00.png", masked / "glyph_00_mask.png")
+    runs = {"plain": scored, "masked": scored.replace(dataset_dir=str(masked)),
+            "masked, no validation": config.replace(dataset_dir=str(masked)),
+            "alpha masks": scored.replace(alpha_mask=True),
+            "masked validation images": scored.replace(validation_dir=str(masked)),
+            "regularization": scored.replace(dataset_dir="", datasets=(DatasetEntry(str(dataset)),
+                                                                       DatasetEntry(str(held), is_reg=True)))}
+    before = {name: key(c, index) for name, c in runs.items()}
+    monkeypatch.setattr(identity, "WEIGHTED_VALIDATION_NUMERICS", identity.WEIGHTED_VALIDATION_NUMERICS + 1)
+    changed = {name for name, c in runs.items() if key(c, index) != before[name]}
+    assert changed == {"masked", "alpha masks", "masked validation images", "regularization"}
 
 
 def test_a_setting_added_later_keeps_the_identity_and_resume_of_earlier_runs(config, tmp_path, monkeypatch):

@@ -267,6 +267,16 @@ def test_init_trainer_reruns_when_the_dataset_changes_and_only_then(base_dir, no
     finally:
         extra.unlink()
     assert "dataset_dir" in changed(**{**TINY_WIDGETS, "dataset_dir": "nope"})  # init then names the widget
+    held = base_dir / "input" / "held"
+    shutil.copytree(base_dir / "input" / "data", held)
+    try:
+        scored = {**TINY_WIDGETS, "validation_dir": "held"}
+        with_held = changed(**scored)
+        assert with_held != before and changed(**scored) == with_held
+        (held / "glyph_00.txt").write_text("another caption")
+        assert changed(**scored) != with_held
+    finally:
+        shutil.rmtree(held)
 
 
 def test_memory_preset_sets_the_memory_options_and_custom_keeps_the_widgets(tiny_flux):

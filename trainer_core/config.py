@@ -195,6 +195,11 @@ class TrainConfig:
         return tuple(DatasetEntry(e.dataset_dir, *(value(e, n) for n in fields), is_reg=e.is_reg)
                      for e in self.datasets) or (DatasetEntry(self.dataset_dir, *(getattr(self, n) for n in fields)),)
 
+    def validation_entry(self) -> DatasetEntry:
+        """`validation_dir` as a dataset folder: the first dataset's trigger word and resolutions, no repeats."""
+        first = self.dataset_entries()[0]
+        return DatasetEntry(self.validation_dir, first.trigger_word, first.resolutions, 1)
+
     def _validate(self):
         def need(ok: bool, message: str):
             if not ok:

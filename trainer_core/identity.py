@@ -3,7 +3,8 @@ ComfyUI's IS_CHANGED, resume), and whether a saved state may continue under a co
 
 A run's identity hashes exactly what decides its weights: the code's numerics (`NUMERICS_VERSION`), the settings on
 the weights side of `SETTING_SIDES`, the content of its model files (`content_hash`), the dataset (each folder's
-files by name, size and mtime, with its trigger word, resolutions and repeats) and the state it started from.
+files by name, size and mtime, with its trigger word, resolutions and repeats), `validation_dir`'s images the same
+way, and the state it started from.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from typing import Sequence
 from .config import DatasetEntry, TrainConfig
 from .content_hash import ContentIndex, content_identity
 from .data import list_files
-from .masks import MASK_FOLDER
+from .masks import MASK_FOLDER, is_mask_file
 
 # Bump when a change to the code changes the numbers a run trains for the same settings and files (the loss, the
 # optimizer, the LoRA's init or layout, sampling of noise or timesteps, the data order, caching): stored loops of
@@ -25,6 +26,8 @@ from .masks import MASK_FOLDER
 NUMERICS_VERSION = 2  # 2: LoRA init drawn from the run's CPU generator
 # The same for one network's numbers alone, so that the stored runs of the others keep their keys.
 NETWORK_NUMERICS = {"lokr": 1}  # lokr 1: KroneckerLinear applies the update without building it
+# The same for the validation loss of runs whose data has masks or regularization images (it is in their stored loops)
+WEIGHTED_VALIDATION_NUMERICS = 1  # 1: the validation loss weighs masks and regularization images as training does
 
 WEIGHTS = "weights"  # decides the trained numbers: in the run identity by value
 FILE = "file"  # a model file or folder: in the run identity by its content, never its path
@@ -55,7 +58,8 @@ SETTING_SIDES = {
     "cache_dir": NO_WEIGHT, "output_dir": NO_WEIGHT, "output_name": NO_WEIGHT, "lora_format": NO_WEIGHT,
     "tensorboard": NO_WEIGHT, "store_dir": NO_WEIGHT, "store_max_gb": NO_WEIGHT,
     # no trained weight of the raw LoRA, but what a stored loop holds: its validation history and its EMA
-    "validation_timesteps": WEIGHTS, "validation_split": WEIGHTS, "validation_dir": WEIGHTS,
+    "validation_timesteps": WEIGHTS, "validation_split": WEIGHTS,
+    "validation_dir": DATASET,  # its images, as a dataset folder's: by their files, never the folder's path
     "validation_every": WEIGHTS, "ema_decay": WEIGHTS,
     "ema_on_cpu": NO_WEIGHT,  # where the EMA lives; its numbers are the same fp32 operations
     # masks, regularization, caption tags, augmentations (masks' and regularization images' files: the dataset side)
@@ -159,14 +163,28 @@ def model_identities(config: TrainConfig, index: ContentIndex) -> dict[str, str]
 
 
 def run_identity(config: TrainConfig, dataset: DatasetIdentity, index: ContentIndex, start: str = "") -> str:
-    """The hash naming a run: code numerics, weight settings, model contents, dataset, and the id of the state it
-    started from ("" = a fresh LoRA)."""
+    """The hash naming a run: code numerics, weight settings, model contents, dataset (and `validation_dir`'s
+    images), and the id of the state it started from ("" = a fresh LoRA)."""
     settings = {k: v for k, v in config.to_dict().items()
                 if SETTING_SIDES[k] == WEIGHTS and not (k in SETTINGS_ADDED and v == SETTINGS_ADDED[k])}
-    numerics = NUMERICS_VERSION if config.network not in NETWORK_NUMERICS else \
-        [NUMERICS_VERSION, NETWORK_NUMERICS[config.network]]
-    return _digest({"numerics": numerics, "settings": settings, "files": model_identities(config, index),
-                    "dataset": dataset.key, "start": start})
+    held_out = dataset_identity([config.validation_entry()]) if config.validation_dir else None
+    marks = [NETWORK_NUMERICS[config.network]] if config.network in NETWORK_NUMERICS else []
+    if config.validation_timesteps and _weighted(config, [dataset, held_out]):
+        marks.append(f"weighted validation {WEIGHTED_VALIDATION_NUMERICS}")
+    parts = {"numerics": [NUMERICS_VERSION, *marks] if marks else NUMERICS_VERSION, "settings": settings,
+             "files": model_identities(config, index), "dataset": dataset.key, "start": start}
+    if held_out is not None:
+        parts["validation images"] = held_out.key
+    return _digest(parts)
+
+
+def _weighted(config: TrainConfig, datasets: list[DatasetIdentity | None]) -> bool:
+    """Whether a run's data has masks or regularization images, which weigh its loss, from the listings alone."""
+    listings = [f for d in datasets if d is not None for f in d.listing]
+    return config.alpha_mask or any(
+        f["settings"].endswith(", regularization") or any(is_mask_file(Path(f["folder"], name), Path(f["folder"]))
+                                                          for name in f["files"] if not name.startswith("control/"))
+        for f in listings)
 
 
 def image_key(*parts) -> str:

@@ -19,7 +19,7 @@ import torch
 from PIL import Image, ImageOps
 
 from . import caching, data, lora, masks, models, plots, sampling
-from .config import DatasetEntry, TrainConfig
+from .config import TrainConfig
 from .flow_matching import noisy_input_and_target, pack_latents, shift_sigmas
 
 if TYPE_CHECKING:
@@ -53,10 +53,8 @@ def split_records(records: Sequence[data.ImageRecord], config: TrainConfig
 
 def validation_dir_records(config: TrainConfig) -> list[data.ImageRecord]:
     """The images of `validation_dir` (captions beside them, the trigger word and resolutions of the first dataset)."""
-    first = config.dataset_entries()[0]
     try:
-        return data.scan_datasets([DatasetEntry(config.validation_dir, first.trigger_word, first.resolutions, 1)],
-                                  alpha_mask=config.alpha_mask)
+        return data.scan_datasets([config.validation_entry()], alpha_mask=config.alpha_mask)
     except (ValueError, FileNotFoundError) as e:
         raise type(e)(f"validation_dir: {e}") from e
 
