@@ -74,7 +74,7 @@ def test_file_applied_by_comfyui_rule_equals_peft_delta(network, strength):
 
 def test_lokr_applies_its_update_as_peft_builds_it_with_the_same_gradients():
     """`KroneckerLinear` (w1 @ X @ w2^T) against peft's own path (x @ kron(w1, w2)^T), on layers with a full and a
-    decomposed w2, at strength 0.5."""
+    decomposed w2, at strength 0.5: the output, and the gradients of the input and of every LoKr tensor."""
     model = lycoris_transformer("lokr")
     lora.set_lora_strength(model, 0.5)
     layers = lora._lora_layers(model)
@@ -83,8 +83,8 @@ def test_lokr_applies_its_update_as_peft_builds_it_with_the_same_gradients():
     assert any("default" in layer.lokr_w2_b for layer in layers.values())
     g = torch.Generator().manual_seed(0)
     for name, layer in layers.items():
-        x = torch.randn(2, 5, layer.in_features, generator=g)
-        params = list(lora.lycoris.tensors(layer).values())
+        x = torch.randn(2, 5, layer.in_features, generator=g, requires_grad=True)
+        params = [x, *lora.lycoris.tensors(layer).values()]
         ours = layer._get_delta_activations("default", x)
         ours_grads = torch.autograd.grad(ours.square().sum(), params)
         peft = super(lora.lycoris.KroneckerLinear, layer)._get_delta_activations("default", x)

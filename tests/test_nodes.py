@@ -287,9 +287,11 @@ def test_memory_preset_sets_the_memory_options_and_custom_keeps_the_widgets(tiny
         fp8_base=preset.fp8_base, gradient_checkpointing=preset.gradient_checkpointing,
         blocks_to_swap=preset.blocks_to_swap, checkpoint_blocks=preset.checkpoint_blocks, t5_on_cpu=False)
     assert init_trainer.memory_settings("8GB", explicit, tiny_flux.transformer_bf16)["t5_on_cpu"]  # T5 fp8 is 5.5 GB
-    # peft's LoKr / LoHa keep every Linear's whole update for backward: every block is recomputed
+    # peft's LoHa keeps every Linear's whole update for backward: every block is recomputed; a LoKr keeps the preset's
+    loha = init_trainer.memory_settings("12GB", {**explicit, "network": "loha"}, tiny_flux.transformer_bf16)
+    assert loha["checkpoint_blocks"] == -1 and loha["gradient_checkpointing"]
     lokr = init_trainer.memory_settings("12GB", {**explicit, "network": "lokr"}, tiny_flux.transformer_bf16)
-    assert lokr["checkpoint_blocks"] == -1 and lokr["gradient_checkpointing"]
+    assert lokr["checkpoint_blocks"] == preset.checkpoint_blocks
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -89,11 +89,12 @@ class MemoryPreset:
                                    checkpoint_blocks=-1)
 
     def for_network(self, network: str) -> MemoryPreset:
-        """This preset for the adapter `network` (TrainConfig.network): a LoKr keeps activation-sized products for
-        backward and peft's LoHa each Linear's whole update (out x in, fp32), so every block is checkpointed for them
-        (`bench/memory.py --network`: with the preset's partial checkpointing the 24GB and 12GB presets' LoKr are
-        under 10% headroom, and the 24GB, 12GB and 8GB presets' LoHa do not fit)."""
-        if network == "lora":
+        """This preset for the adapter `network` (TrainConfig.network). A LoKr keeps for backward each Linear's input
+        and no product (`lora.lycoris.KroneckerProduct`), and fits each card with the preset's own partial
+        checkpointing (`bench/memory.py --network lokr`: 18-23% headroom). peft's LoHa keeps each Linear's whole
+        update (out x in, fp32): every block is checkpointed for it (with the preset's own, the 24GB, 12GB and 8GB
+        presets do not fit)."""
+        if network != "loha":
             return self
         return dataclasses.replace(self, gradient_checkpointing=True, checkpoint_blocks=-1)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from peft import LoHaConfig, LoKrConfig
 from peft.tuners.loha import LoHaLayer
 from peft.tuners.lokr import LoKrLayer
@@ -60,25 +61,54 @@ def init_lycoris(layer: LycorisLayer, dtype: torch.dtype, generator: torch.Gener
         param.data = value.to(param.device)
 
 
+class KroneckerProduct(torch.autograd.Function):
+    """x @ kron(a, b)^T for a (out1 x in1) and b (out2 x in2), computed per token as a @ X @ b^T with x viewed as X
+    (in1 x in2): two products as small as the factors, never the out x in matrix kron(a, b).
+
+    Backward keeps only x, in the dtype the products take (autocast's: the copy a LoRA's down-projection keeps too),
+    and the factors; the products it needs (X b^T, a X) are recomputed, one matmul each. Autograd's own path would
+    also keep X b^T in every adapted Linear. The products are `F.linear`s, so autocast takes them as it takes the base
+    Linear's, and backward computes in that same dtype."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        xb = F.linear(x.to(a.dtype).unflatten(-1, (a.shape[1], b.shape[1])), b)  # (..., in1, out2)
+        y = F.linear(xb.transpose(-1, -2), a)  # (..., out2, out1)
+        ctx.save_for_backward(x.to(xb.dtype), a, b)
+        ctx.x_dtype = x.dtype
+        return y.transpose(-1, -2).flatten(-2)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, a, b = ctx.saved_tensors
+        with torch.autocast(x.device.type, enabled=False):
+            a_, b_ = a.to(x.dtype), b.to(x.dtype)
+            x_ = x.unflatten(-1, (a.shape[1], b.shape[1])).flatten(0, -3)  # (n, in1, in2)
+            g = grad.to(x.dtype).unflatten(-1, (a.shape[0], b.shape[0])).flatten(0, -3)  # (n, out1, out2)
+            dx = da = db = None
+            if ctx.needs_input_grad[0]:
+                dx = (a_.t() @ (g @ b_)).reshape(grad.shape[:-1] + (-1,)).to(ctx.x_dtype)
+            if ctx.needs_input_grad[1]:
+                da = torch.einsum("noq,niq->oi", g, x_ @ b_.t()).to(a.dtype)
+            if ctx.needs_input_grad[2]:
+                db = torch.einsum("noq,noj->qj", g, a_ @ x_).to(b.dtype)
+        return dx, da, db
+
+
 class KroneckerLinear(LoKrLinear):
-    """peft's LoKr Linear, its update applied without building it: x @ kron(w1, w2)^T is w1 @ X @ w2^T with the input
-    viewed as X (in1 x in2). peft builds the whole out x in update (fp32) every call and autograd keeps it for
-    backward; this keeps two activation-sized tensors and takes a few percent of the matmul's arithmetic. The same
-    parameters, scale and strength (peft's `scaling`); the rounding differs from peft's."""
+    """peft's LoKr Linear, its update applied without building it (`KroneckerProduct`). peft builds the whole out x in
+    update (fp32) every call and autograd keeps it for backward. The same parameters, scale and strength (peft's
+    `scaling`); the rounding differs from peft's."""
 
     def _get_delta_activations(self, adapter_name: str, input: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if self.training and self.rank_dropout[adapter_name]:  # peft's row dropout needs the built update
             return super()._get_delta_activations(adapter_name, input, *args, **kwargs)
         w1 = self.lokr_w1[adapter_name] if adapter_name in self.lokr_w1 else \
             self.lokr_w1_a[adapter_name] @ self.lokr_w1_b[adapter_name]
-        x = self._cast_input_dtype(input, w1.dtype).unflatten(-1, (w1.shape[1], -1))  # (..., in1, in2)
-        if adapter_name in self.lokr_w2:
-            t = x @ self.lokr_w2[adapter_name].t()  # (..., in1, out2)
-        else:  # w2 = a @ b at the rank: through b, then a
-            t = (x @ self.lokr_w2_b[adapter_name].t()) @ self.lokr_w2_a[adapter_name].t()
+        w2 = self.lokr_w2[adapter_name] if adapter_name in self.lokr_w2 else \
+            self.lokr_w2_a[adapter_name] @ self.lokr_w2_b[adapter_name]
         # the scale goes on w1: out1 x in1 numbers, not tokens x out
-        y = t.transpose(-1, -2) @ (w1 * self.scaling[adapter_name]).t()  # (..., out2, out1)
-        return y.transpose(-1, -2).flatten(-2)
+        return KroneckerProduct.apply(input, w1 * self.scaling[adapter_name], w2)
 
 
 def use_kronecker_forward(layer: LycorisLayer) -> None:
