@@ -90,8 +90,8 @@ class MemoryPreset:
 
     def for_network(self, network: str) -> MemoryPreset:
         """This preset for the adapter `network` (TrainConfig.network). A LoKr keeps for backward each Linear's input
-        and no product (`lora.lycoris.KroneckerProduct`), and fits each card with the preset's own partial
-        checkpointing (`bench/memory.py --network lokr`: 18-23% headroom). peft's LoHa keeps each Linear's whole
+        and no product (`lora.lycoris.KroneckerLinear`), about what a LoRA keeps, and fits each card with the preset's
+        own partial checkpointing (`bench/memory.py --network lokr`: 23-25% headroom). peft's LoHa keeps each Linear's whole
         update (out x in, fp32): every block is checkpointed for it (with the preset's own, the 24GB, 12GB and 8GB
         presets do not fit)."""
         if network != "loha":

@@ -86,12 +86,14 @@ class KroneckerProduct(torch.autograd.Function):
             x_ = x.unflatten(-1, (a.shape[1], b.shape[1])).flatten(0, -3)  # (n, in1, in2)
             g = grad.to(x.dtype).unflatten(-1, (a.shape[0], b.shape[0])).flatten(0, -3)  # (n, out1, out2)
             dx = da = db = None
+            at_g = a_.t() @ g  # (n, in1, out2): shared by dx and db
             if ctx.needs_input_grad[0]:
-                dx = (a_.t() @ (g @ b_)).reshape(grad.shape[:-1] + (-1,)).to(ctx.x_dtype)
-            if ctx.needs_input_grad[1]:
-                da = torch.einsum("noq,niq->oi", g, x_ @ b_.t()).to(a.dtype)
-            if ctx.needs_input_grad[2]:
-                db = torch.einsum("noq,noj->qj", g, a_ @ x_).to(b.dtype)
+                dx = (at_g @ b_).reshape(grad.shape[:-1] + (-1,)).to(ctx.x_dtype)
+            if ctx.needs_input_grad[1]:  # sum over tokens of G X_b^T, G laid out (out1, tokens * out2): one copy
+                da = (g.transpose(0, 1).reshape(a.shape[0], -1) @ (b_ @ x_.transpose(1, 2)).reshape(-1, a.shape[1]))
+                da = da.to(a.dtype)
+            if ctx.needs_input_grad[2]:  # sum over tokens of (a^T G)^T X
+                db = (at_g.reshape(-1, b.shape[0]).t() @ x_.reshape(-1, b.shape[1])).to(b.dtype)
         return dx, da, db
 
 
@@ -99,6 +101,18 @@ class KroneckerLinear(LoKrLinear):
     """peft's LoKr Linear, its update applied without building it (`KroneckerProduct`). peft builds the whole out x in
     update (fp32) every call and autograd keeps it for backward. The same parameters, scale and strength (peft's
     `scaling`); the rounding differs from peft's."""
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """peft's LyCORIS forward, its result in the base layer's dtype as peft's LoRA returns it. peft's returns its
+        input's: float32 after a LayerNorm under autocast, which every later op of the block then computes, and keeps
+        for backward, in float32."""
+        if self.disable_adapters or self.merged:
+            return super().forward(x, *args, **kwargs)
+        result = self.base_layer(x, *args, **kwargs)
+        for adapter in self.active_adapters:  # peft's module dropout, its draw included
+            if adapter in self._available_adapters and (not self.training or torch.rand(1) > self.module_dropout[adapter]):
+                result = result + self._get_delta_activations(adapter, x, *args, **kwargs).to(result.dtype)
+        return result
 
     def _get_delta_activations(self, adapter_name: str, input: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if self.training and self.rank_dropout[adapter_name]:  # peft's row dropout needs the built update
