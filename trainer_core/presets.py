@@ -90,10 +90,10 @@ class MemoryPreset:
 
     def for_network(self, network: str) -> MemoryPreset:
         """This preset for the adapter `network` (TrainConfig.network). A LoKr keeps for backward each Linear's input
-        and no product (`lora.lycoris.KroneckerLinear`), about what a LoRA keeps, and fits each card with the preset's
-        own partial checkpointing (`bench/memory.py --network lokr`: 23-25% headroom). peft's LoHa keeps each Linear's whole
-        update (out x in, fp32): every block is checkpointed for it (with the preset's own, the 24GB, 12GB and 8GB
-        presets do not fit)."""
+        and no product (`lora.lycoris.KroneckerLinear`), about what a LoRA keeps, and fits each card with the
+        preset's own partial checkpointing (`bench/memory.py --network lokr`: 23-25% headroom). peft's LoHa keeps each
+        Linear's whole update (out x in, fp32): every block is checkpointed for it (with the preset's own, the 24GB,
+        12GB and 8GB presets do not fit)."""
         if network != "loha":
             return self
         return dataclasses.replace(self, gradient_checkpointing=True, checkpoint_blocks=-1)

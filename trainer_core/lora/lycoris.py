@@ -66,9 +66,9 @@ class KroneckerProduct(torch.autograd.Function):
     (in1 x in2): two products as small as the factors, never the out x in matrix kron(a, b).
 
     Backward keeps only x, in the dtype the products take (autocast's: the copy a LoRA's down-projection keeps too),
-    and the factors; the products it needs (X b^T, a X) are recomputed, one matmul each. Autograd's own path would
-    also keep X b^T in every adapted Linear. The products are `F.linear`s, so autocast takes them as it takes the base
-    Linear's, and backward computes in that same dtype."""
+    and the factors; it recomputes X b^T for a's gradient, where autograd's own path would keep it from the forward
+    in every adapted Linear. The products are `F.linear`s, so autocast takes them as it takes the base Linear's, and
+    backward computes in that same dtype."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -110,7 +110,9 @@ class KroneckerLinear(LoKrLinear):
             return super().forward(x, *args, **kwargs)
         result = self.base_layer(x, *args, **kwargs)
         for adapter in self.active_adapters:  # peft's module dropout, its draw included
-            if adapter in self._available_adapters and (not self.training or torch.rand(1) > self.module_dropout[adapter]):
+            if adapter not in self._available_adapters:
+                continue
+            if not self.training or torch.rand(1) > self.module_dropout[adapter]:
                 result = result + self._get_delta_activations(adapter, x, *args, **kwargs).to(result.dtype)
         return result
 
