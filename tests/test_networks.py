@@ -94,15 +94,18 @@ def test_lokr_applies_its_update_as_peft_builds_it_with_the_same_gradients():
             torch.testing.assert_close(ours_grad, peft_grad, rtol=1e-4, atol=1e-5, msg=name)
 
 
-def test_lokr_returns_the_base_layers_dtype_under_autocast_as_a_lora_does():
-    """After a LayerNorm, autocast hands a Linear float32: peft's LoKr returns that dtype, so the rest of the block
-    would compute and keep float32 activations; `KroneckerLinear` returns the base layer's bf16, the same numbers."""
-    layers = lora._lora_layers(lycoris_transformer("lokr"))
+@NETWORKS
+def test_lycoris_layers_return_the_base_layers_dtype_under_autocast_as_a_lora_does(network):
+    """After a LayerNorm, autocast hands a Linear float32: peft's LoKr / LoHa return that dtype, so the rest of the
+    block would compute and keep float32 activations; ours return the base layer's bf16, the same numbers."""
+    layers = lora._lora_layers(lycoris_transformer(network))
+    peft_class = {"lokr": lora.lycoris.LoKrLinear, "loha": lora.lycoris.LoHaLinear}[network]
     g = torch.Generator().manual_seed(0)
     for name, layer in layers.items():
+        assert isinstance(layer, lora.lycoris.BaseDtypeOut) and isinstance(layer, peft_class), name
         x = torch.randn(2, 5, layer.in_features, generator=g)
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            ours, peft, base = layer(x), lora.lycoris.LoKrLinear.forward(layer, x), layer.base_layer(x)
+            ours, peft, base = layer(x), peft_class.forward(layer, x), layer.base_layer(x)
         assert ours.dtype == base.dtype == torch.bfloat16 and peft.dtype == torch.float32, name
         assert torch.equal(ours.float(), peft), name
         assert not torch.equal(ours, base), name  # the update is in it

@@ -25,8 +25,9 @@ from .masks import MASK_FOLDER, is_mask_file
 # the old code are then trained again instead of being handed back as if the new code had made them.
 NUMERICS_VERSION = 2  # 2: LoRA init drawn from the run's CPU generator
 # The same for one network's numbers alone, so that the stored runs of the others keep their keys.
-# lokr 1: KroneckerLinear applies the update without building it; 2: its own backward, the base layer's dtype out
-NETWORK_NUMERICS = {"lokr": 2}
+# lokr 1: KroneckerLinear applies the update without building it; 2: its own backward, the base layer's dtype out;
+# loha 1: the base layer's dtype out
+NETWORK_NUMERICS = {"lokr": 2, "loha": 1}
 # The same for the validation loss of runs whose data has masks or regularization images (it is in their stored loops)
 WEIGHTED_VALIDATION_NUMERICS = 1  # 1: the validation loss weighs masks and regularization images as training does
 

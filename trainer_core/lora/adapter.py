@@ -164,7 +164,7 @@ def add_lora(
                                 ADAPTER)
         for layer in _lora_layers(transformer).values():
             lycoris.init_lycoris(layer, lora_dtype, generator)
-            lycoris.use_kronecker_forward(layer)
+            lycoris.use_own_forward(layer)
         _log_added(transformer, network, rank, alpha, len(targeted), layout)
         return
     # Created without init: peft would init, then cast to the base dtype (rounding the init, or fp8).

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from peft import LoHaConfig, LoKrConfig
 from peft.tuners.loha import LoHaLayer
+from peft.tuners.loha.layer import Linear as LoHaLinear
 from peft.tuners.lokr import LoKrLayer
 from peft.tuners.lokr.layer import Linear as LoKrLinear
 from peft.tuners.lycoris_utils import LycorisLayer
@@ -97,24 +98,27 @@ class KroneckerProduct(torch.autograd.Function):
         return dx, da, db
 
 
-class KroneckerLinear(LoKrLinear):
-    """peft's LoKr Linear, its update applied without building it (`KroneckerProduct`). peft builds the whole out x in
-    update (fp32) every call and autograd keeps it for backward. The same parameters, scale and strength (peft's
-    `scaling`); the rounding differs from peft's."""
+class BaseDtypeOut:
+    """A peft LyCORIS Linear whose result is in the base layer's dtype, as peft's LoRA returns it. peft's LyCORIS
+    forward returns its input's: float32 after a LayerNorm under autocast, which every later op of the block then
+    computes, and keeps for backward, in float32. Otherwise peft's forward (its module-dropout draw included)."""
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        """peft's LyCORIS forward, its result in the base layer's dtype as peft's LoRA returns it. peft's returns its
-        input's: float32 after a LayerNorm under autocast, which every later op of the block then computes, and keeps
-        for backward, in float32."""
         if self.disable_adapters or self.merged:
             return super().forward(x, *args, **kwargs)
         result = self.base_layer(x, *args, **kwargs)
-        for adapter in self.active_adapters:  # peft's module dropout, its draw included
+        for adapter in self.active_adapters:
             if adapter not in self._available_adapters:
                 continue
             if not self.training or torch.rand(1) > self.module_dropout[adapter]:
                 result = result + self._get_delta_activations(adapter, x, *args, **kwargs).to(result.dtype)
         return result
+
+
+class KroneckerLinear(BaseDtypeOut, LoKrLinear):
+    """peft's LoKr Linear, its update applied without building it (`KroneckerProduct`). peft builds the whole out x in
+    update (fp32) every call and autograd keeps it for backward. The same parameters, scale and strength (peft's
+    `scaling`); the rounding differs from peft's."""
 
     def _get_delta_activations(self, adapter_name: str, input: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if self.training and self.rank_dropout[adapter_name]:  # peft's row dropout needs the built update
@@ -127,10 +131,18 @@ class KroneckerLinear(LoKrLinear):
         return KroneckerProduct.apply(input, w1 * self.scaling[adapter_name], w2)
 
 
-def use_kronecker_forward(layer: LycorisLayer) -> None:
-    """A peft LoKr Linear computes through `KroneckerLinear` from now on (the same module, parameters and state)."""
-    if type(layer) is LoKrLinear:
-        layer.__class__ = KroneckerLinear
+class HadamardLinear(BaseDtypeOut, LoHaLinear):
+    """peft's LoHa Linear (it builds each update), its result in the base layer's dtype."""
+
+
+OWN_FORWARD = {LoKrLinear: KroneckerLinear, LoHaLinear: HadamardLinear}
+
+
+def use_own_forward(layer: LycorisLayer) -> None:
+    """A peft LoKr / LoHa Linear computes through `KroneckerLinear` / `HadamardLinear` from now on (the same module,
+    parameters and state): peft's LyCORIS layers take no custom module class."""
+    if type(layer) in OWN_FORWARD:
+        layer.__class__ = OWN_FORWARD[type(layer)]
 
 
 def scale(layer: LycorisLayer) -> float:
