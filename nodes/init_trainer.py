@@ -8,7 +8,7 @@ from pathlib import Path
 
 from trainer_core.checkpoints import STATE_SUFFIX, TrainingState, latest_state_file, load_training_state
 from trainer_core.config import (LORA_FORMATS, LORA_LAYOUTS, LR_SCHEDULES, MIXED_PRECISIONS, MODEL_TYPES, NETWORKS,
-                                 OPTIMIZERS, DatasetEntry, TrainConfig)
+                                 OPTIMIZERS, DatasetEntry, TrainConfig, validation_entry)
 from trainer_core.flow_matching import TIMESTEP_SAMPLINGS
 from trainer_core.identity import check_resume, dataset_identity
 from trainer_core.models import KIND_DESCRIPTIONS, MODEL_ROLES, base_format, detect_file_kind
@@ -366,9 +366,8 @@ class InitTrainer:
             control = str(dataset_path(control_dir, "control_dir")) if control_dir.strip() else None
             entries = [dataclasses.replace(e, control_dir=control)
                        for e in parse_datasets(dataset_dir, trigger_word, resolutions, repeats)]
-            if validation_dir.strip():  # listed as one more folder: its files alone matter here
-                entries.append(dataclasses.replace(entries[0], dataset_dir=str(dataset_path(validation_dir,
-                                                                                            "validation_dir"))))
+            if validation_dir.strip():
+                entries.append(validation_entry(str(dataset_path(validation_dir, "validation_dir")), entries[0]))
             return dataset_identity(entries).key
         except (ValueError, OSError) as e:
             return str(e)  # init raises it, naming the widget

@@ -61,6 +61,11 @@ class DatasetEntry:
         check_fields(self)
 
 
+def validation_entry(validation_dir: str, first: DatasetEntry) -> DatasetEntry:
+    """`validation_dir` as a dataset folder: the first dataset's trigger word and resolutions, no repeats."""
+    return DatasetEntry(validation_dir, first.trigger_word, first.resolutions, 1)
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     # --- model files (paths; resolved by the caller: the CLI takes them as given, the nodes via ComfyUI's folders)
@@ -196,9 +201,7 @@ class TrainConfig:
                      for e in self.datasets) or (DatasetEntry(self.dataset_dir, *(getattr(self, n) for n in fields)),)
 
     def validation_entry(self) -> DatasetEntry:
-        """`validation_dir` as a dataset folder: the first dataset's trigger word and resolutions, no repeats."""
-        first = self.dataset_entries()[0]
-        return DatasetEntry(self.validation_dir, first.trigger_word, first.resolutions, 1)
+        return validation_entry(self.validation_dir, self.dataset_entries()[0])
 
     def _validate(self):
         def need(ok: bool, message: str):

@@ -181,12 +181,13 @@ def run_identity(config: TrainConfig, dataset: DatasetIdentity, index: ContentIn
 
 
 def _weighted(config: TrainConfig, datasets: list[DatasetIdentity | None]) -> bool:
-    """Whether a run's data has masks or regularization images, which weigh its loss, from the listings alone."""
-    listings = [f for d in datasets if d is not None for f in d.listing]
-    return config.alpha_mask or any(
-        f["settings"].endswith(", regularization") or any(is_mask_file(Path(f["folder"], name), Path(f["folder"]))
-                                                          for name in f["files"] if not name.startswith("control/"))
-        for f in listings)
+    """Whether a run's data has masks or regularization images, which weigh its loss: its settings, and mask files
+    in the listings (no image read)."""
+    if config.alpha_mask or any(e.is_reg for e in config.dataset_entries()):
+        return True
+    return any(is_mask_file(Path(f["folder"], name), Path(f["folder"]))
+               for d in datasets if d is not None for f in d.listing
+               for name in f["files"] if not name.startswith("control/"))
 
 
 def image_key(*parts) -> str:
